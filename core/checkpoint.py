@@ -1,0 +1,108 @@
+"""Run directories and atomic checkpoints.
+
+    RUN_DIR/spec.yaml                    the resolved pipeline (what `--resume` reads)
+    RUN_DIR/metrics.jsonl                one JSON object per logged step / evaluation
+    RUN_DIR/checkpoints/step-000200/     model.safetensors, trainer.pt, meta.json
+    RUN_DIR/checkpoints/latest           names the newest complete checkpoint
+
+Every file is written to a temporary name, fsynced and renamed into place, and
+``latest`` moves only after the whole checkpoint is on disk, so a process killed
+mid-save leaves the previous checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import safetensors.torch
+import torch
+
+from .errors import HybridlabError
+
+KEEP = 3  # checkpoints kept per run (the newest ones)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp_path)`` fills a temporary file beside ``path``; then fsync + rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, trainer_state: dict[str, Any]) -> Path:
+    """Write checkpoints/step-NNNNNN and then point ``latest`` at it."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:06d}"
+    final = root / name
+    if final.exists():  # a re-save of the same step (e.g. resumed, then finished)
+        shutil.rmtree(final)
+    staging = root / f".{name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    atomic_write(staging / "model.safetensors", lambda tmp: safetensors.torch.save_model(model, str(tmp)))
+    buffer = io.BytesIO()
+    torch.save(trainer_state, buffer)
+    atomic_write_bytes(staging / "trainer.pt", buffer.getvalue())
+    atomic_write_text(staging / "meta.json", json.dumps({"step": step}) + "\n")
+    os.replace(staging, final)
+    _fsync_dir(root)
+    atomic_write_text(root / "latest", name + "\n")
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
+    if not pointer.exists():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / "model.safetensors").exists() or not (path / "trainer.pt").exists():
+        raise HybridlabError(f"{pointer}: names {path.name}, which is incomplete; the run directory is damaged")
+    return path
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+    """Load weights into ``model`` (strict) and return the trainer state."""
+    missing, unexpected = safetensors.torch.load_model(model, str(path / "model.safetensors"), strict=False,
+                                                       device=str(device))
+    if missing or unexpected:
+        raise HybridlabError(f"{path}: checkpoint does not fit the model (missing: {sorted(missing)[:5]}, "
+                             f"unexpected: {sorted(unexpected)[:5]})")
+    # on the CPU: RNG states must stay there; the optimizer moves its state to the parameters
+    return torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)

@@ -1,0 +1,214 @@
+"""The ``hybridlab`` command line.
+
+Bad input anywhere (a missing file, bad YAML, a bad value, an unknown device) prints
+one line per problem naming what and where, and exits with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import hybridlab
+
+from .errors import HybridlabError
+
+DEFAULT_PIPELINE = "train/default.yaml"
+
+
+def default_pipeline() -> Path:
+    return Path(str(resources.files("hybridlab.specs") / DEFAULT_PIPELINE))
+
+
+def _registry():
+    from hybridlab.registry import default_registry
+
+    return default_registry()
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    registry = _registry()
+    if args.category and args.category not in registry.categories:
+        raise HybridlabError(f"unknown category {args.category!r}; categories: {', '.join(sorted(registry.categories))}")
+    rows = []
+    for kind in registry.kinds(args.category):
+        impls = ", ".join(i.name for i in registry.impls(kind.category, kind.name)) or "-"
+        rows.append((kind.category, kind.name, impls, str(kind.owner), kind.doc))
+    _table(("category", "kind", "implementations", "package", "description"), rows)
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    registry = _registry()
+    failed = 0
+    for record in registry.plugins:
+        version = f" {record.version}" if record.version else ""
+        print(f"{record.package}{version}  [{record.name}] {record.module}")
+        if record.error:
+            failed += 1
+            print(f"    ERROR: {record.error} (skipped)")
+        else:
+            print(f"    registered: {', '.join(record.registered) or 'nothing'}")
+    ok = len(registry.plugins) - failed
+    print(f"{ok} plugin(s) loaded, {failed} failed")
+    return 0
+
+
+def _load_any(path: str, overrides: list[str]) -> Any:
+    from .spec import is_pipeline, load_model_spec, load_pipeline
+
+    if is_pipeline(path):
+        return load_pipeline(path, overrides)
+    return load_model_spec(path, overrides)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .errors import SpecError
+    from .spec import PipelineSpec
+
+    status = 0
+    for path in args.specs:
+        try:
+            spec = _load_any(path, args.set)
+        except SpecError as exc:
+            for line in exc.lines():
+                print(line, file=sys.stderr)
+            status = 2
+            continue
+        except HybridlabError as exc:
+            print(exc, file=sys.stderr)
+            status = 2
+            continue
+        model = spec.model if isinstance(spec, PipelineSpec) else spec
+        what = "pipeline" if isinstance(spec, PipelineSpec) else "model"
+        print(f"{path}: OK ({what} {spec.name!r}, {len(model.layers)} blocks)")
+    return status
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from .dispatch import choose
+    from .model import Model, count_parameters
+    from .spec import PipelineSpec
+    from .train import resolve_device
+
+    spec = _load_any(args.spec, args.set)
+    model_spec = spec.model if isinstance(spec, PipelineSpec) else spec
+    registry = _registry()
+    device = resolve_device(args.device) if args.device != "cuda" else torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
+    with torch.device("meta"):
+        model = Model(model_spec, registry)
+    rows = []
+    for i, (block_spec, block) in enumerate(zip(model_spec.layers, model.blocks)):
+        mixer = block_spec.mixer
+        if registry.impls("mixer", mixer.kind):
+            c = choose("mixer", mixer.kind, mixer, device, dtype, training=True, registry=registry)
+            impl, why = c.impl.name, c.why
+        else:
+            impl, why = "module", "no separate implementations"
+        ffn = block_spec.ffn.kind if block_spec.ffn is not None else "-"
+        state = block.mixer.state_bytes(args.seq_len, dtype)
+        rows.append((str(i), mixer.kind, impl, ffn, f"{count_parameters(block):,}", _bytes(state), why))
+    print(f"model {model_spec.name!r}: d_model {model_spec.d_model}, vocab {model_spec.vocab_size}, "
+          f"{len(model_spec.layers)} blocks; implementations for {device.type} {args.dtype}, training")
+    _table(("layer", "mixer", "impl", "ffn", "params", f"state@{args.seq_len}", "why not the others"), rows)
+    total = count_parameters(model)
+    embed = count_parameters(model.embedding)
+    print(f"total parameters: {total:,} ({total - embed:,} without the embedding); "
+          f"decoding state per sequence at {args.seq_len} tokens: "
+          f"{_bytes(sum(b.mixer.state_bytes(args.seq_len, dtype) for b in model.blocks))}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    if args.resume and args.pipeline:
+        raise HybridlabError("give either a PIPELINE or --resume RUN_DIR, not both")
+    if args.resume and args.out:
+        raise HybridlabError("--out does not apply to --resume (the run continues in its own directory)")
+    pipeline = args.pipeline or (None if args.resume else default_pipeline())
+    run_dir, result = train(pipeline, overrides=args.set, out=args.out, resume=args.resume, device=args.device,
+                            progress=not args.quiet)
+    acc = result.get("eval/accuracy")
+    parts = [f"eval accuracy: {acc:.4f}" if acc is not None else "",
+             f"eval loss: {result['eval/loss']:.4f}" if "eval/loss" in result else "",
+             f"in {result['seconds']:.1f} s", f"run directory: {run_dir}"]
+    print("; ".join(p for p in parts if p))
+    return 0
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hybridlab", description="Compose, check and train hybrid sequence models.")
+    p.add_argument("--version", action="version", version=f"hybridlab {hybridlab.__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("list", help="registered kinds, their implementations and packages")
+    s.add_argument("category", nargs="?", help="only this category (mixer, ffn, normalization...)")
+    s.set_defaults(fn=cmd_list)
+
+    s = sub.add_parser("plugins", help="loaded plugins: package, version, what each registered, errors")
+    s.set_defaults(fn=cmd_plugins)
+
+    s = sub.add_parser("validate", help="check model specs or pipelines; every problem as FILE:LINE: path: message")
+    s.add_argument("specs", nargs="+", metavar="SPEC")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    s.set_defaults(fn=cmd_validate)
+
+    s = sub.add_parser("summary", help="per layer: kind, chosen implementation and why, parameters, state size")
+    s.add_argument("spec", metavar="SPEC")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--device", default="cpu", help="device to choose implementations for (default cpu)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--seq-len", type=int, default=4096, help="sequence length for the state size (default 4096)")
+    s.set_defaults(fn=cmd_summary)
+
+    s = sub.add_parser("train", help="train a pipeline (default: the built-in MQAR job)")
+    s.add_argument("pipeline", nargs="?", metavar="PIPELINE", help=f"pipeline YAML (default: specs/{DEFAULT_PIPELINE})")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set steps=100 --set model.d_model=128")
+    s.add_argument("--out", help="run directory (default runs/<name>-<timestamp>)")
+    s.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    s.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the pipeline)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except HybridlabError as exc:
+        for line in exc.lines():
+            print(line, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

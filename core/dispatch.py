@@ -1,0 +1,99 @@
+"""Which implementation runs each layer, and why the others do not.
+
+One visible function, :func:`choose`. Implementations are tried best first (highest
+``priority``); the first that can serve the layer's config, device, dtype and mode
+wins, and every other one gets a reason. ``HYBRIDLAB_IMPL=reference`` forces the
+references everywhere; ``HYBRIDLAB_IMPL=attention=sdpa,gated_deltanet=reference``
+pins per kind. Naming an implementation that cannot serve the layer is an error.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import HybridlabError
+
+ENV = "HYBRIDLAB_IMPL"
+
+
+@dataclass(frozen=True)
+class Choice:
+    impl: Any  # hybridlab.registry.Impl
+    passed_over: tuple[tuple[str, str], ...]  # (impl name, reason) for the others
+
+    @property
+    def why(self) -> str:
+        if not self.passed_over:
+            return "only implementation"
+        return "; ".join(f"{name}: {reason}" for name, reason in self.passed_over)
+
+
+def pins_from_env(value: str | None = None) -> dict[str, str]:
+    """Parse HYBRIDLAB_IMPL: 'reference' -> {'*': 'reference'}; 'a=x,b=y' -> {'a': 'x', 'b': 'y'}."""
+    value = os.environ.get(ENV, "") if value is None else value
+    pins: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        if "=" in part:
+            kind, impl = (s.strip() for s in part.split("=", 1))
+            pins[kind] = impl
+        else:
+            pins["*"] = part
+    return pins
+
+
+def choose(category: str, kind: str, config: Any, device: str | torch.device, dtype: torch.dtype, *,
+           training: bool, decoding: bool = False, registry: Any = None, pin: str | None = None) -> Choice:
+    """The implementation to run ``kind`` with, and why each other one was passed over.
+
+    ``pin`` (or the environment) names an implementation to use; it must be able to
+    serve, or this raises with the reason."""
+    if registry is None:
+        from hybridlab.registry import default_registry
+
+        registry = default_registry()
+    device = torch.device(device).type
+    impls = registry.impls(category, kind)
+    if not impls:
+        raise HybridlabError(f"{category} kind {kind!r} has no registered implementation")
+    if pin is None:
+        pins = pins_from_env()
+        pin = pins.get(kind, pins.get(f"{category}.{kind}", pins.get("*")))
+    reasons = [(i, i.cannot_serve(config, device, dtype, training=training, decoding=decoding)) for i in impls]
+    if pin is not None:
+        named = [(i, r) for i, r in reasons if i.name == pin]
+        if not named:
+            raise HybridlabError(f"{category} kind {kind!r} has no implementation {pin!r} "
+                                 f"(has: {', '.join(i.name for i in impls)}); check {ENV} or the spec's impl")
+        impl, reason = named[0]
+        if reason is not None:
+            raise HybridlabError(f"implementation {pin!r} of {kind!r} cannot serve this layer: {reason}")
+        return Choice(impl, tuple((i.name, f"pinned to {pin}") for i, _ in reasons if i is not impl))
+    for impl, reason in reasons:
+        if reason is None:
+            # one after the chosen one could have served too: it was simply not preferred
+            passed = tuple((i.name, r or f"lower priority than {impl.name}") for i, r in reasons if i is not impl)
+            return Choice(impl, passed)
+    detail = "; ".join(f"{i.name}: {r}" for i, r in reasons)
+    raise HybridlabError(f"no implementation of {kind!r} can serve this layer ({detail})")
+
+
+class Dispatched:
+    """Mixin for modules whose core op has implementations. The model builder sets
+    ``registry``; ``impl_for`` caches the choice per (device, dtype, mode, pins)."""
+
+    category: str = ""
+    kind: str = ""
+    registry: Any = None
+
+    def impl_for(self, config: Any, x: torch.Tensor, *, decoding: bool = False, pin: str | None = None) -> Any:
+        training = torch.is_grad_enabled()
+        key = (x.device.type, x.dtype, training, decoding, pin, os.environ.get(ENV, ""))
+        cache = self.__dict__.setdefault("_impl_cache", {})
+        if key not in cache:
+            cache[key] = choose(self.category, self.kind, config, x.device, x.dtype, training=training,
+                                decoding=decoding, registry=self.registry, pin=pin).impl
+        return cache[key]

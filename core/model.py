@@ -1,0 +1,158 @@
+"""Assembly: a validated :class:`ModelSpec` becomes a model.
+
+A block reads like the diagram: ``h = res(h, mixer∘norm)``, then ``h = res(h, ffn∘norm)``;
+the residual scheme is a plugin (``prenorm`` adds; hyper-connections keep several lanes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import Dims
+from .dispatch import Dispatched
+from .interfaces import Aux, ModelOutput, State
+from .spec import BlockSpec, ModelSpec
+
+
+def build(registry: Any, category: str, config: Any, *args: Any) -> Any:
+    """Construct the module of a validated config: ``Module(config, *args)``."""
+    if registry is None:
+        from hybridlab.registry import default_registry
+
+        registry = default_registry()
+    module = registry.kind(category, config.kind).module(config, *args)
+    if isinstance(module, nn.Module):
+        for sub in module.modules():
+            if isinstance(sub, Dispatched):
+                sub.registry = registry
+    return module
+
+
+class Block(nn.Module):
+    def __init__(self, spec: BlockSpec, dims: Dims, residual: Any) -> None:
+        super().__init__()
+        self.mixer_norm = dims.build("normalization", spec.norm, dims.d_model)
+        self.mixer = dims.build("mixer", spec.mixer)
+        self.mixer_residual = dims.build("residual", residual)
+        self.ffn = dims.build("ffn", spec.ffn) if spec.ffn is not None else None
+        if self.ffn is not None:
+            self.ffn_norm = dims.build("normalization", spec.norm, dims.d_model)
+            self.ffn_residual = dims.build("residual", residual)
+
+    def forward(self, h: Tensor, state: State | None = None, *, doc_ids: Tensor | None = None,
+                aux: Aux, step: bool = False) -> tuple[Tensor, State | None]:
+        out: list[State | None] = []
+
+        def mix(x: Tensor) -> Tensor:
+            args = (self.mixer_norm(x), state)
+            y, new_state = self.mixer.step(*args, aux=aux) if step else self.mixer(*args, doc_ids=doc_ids, aux=aux)
+            out.append(new_state)
+            return y
+
+        h = self.mixer_residual(h, mix)
+        if self.ffn is not None:
+            h = self.ffn_residual(h, lambda x: self.ffn(self.ffn_norm(x), aux=aux))
+        return h, out[0]
+
+
+class Model(nn.Module):
+    """embedding -> residual stream -> blocks -> norm -> head.
+
+    ``forward(tokens)`` runs in parallel; pass ``state=model.init_state(B)`` to also get
+    the state after the last token, and ``step(token, state)`` to decode one token."""
+
+    def __init__(self, spec: ModelSpec, registry: Any = None) -> None:
+        super().__init__()
+        if registry is None:
+            from hybridlab.registry import default_registry
+
+            registry = default_registry()
+        self.spec = spec
+        dims = spec.dims(registry=registry)
+        self.embedding = dims.build("embedding", spec.embedding)
+        self.stream = dims.build("residual", spec.residual)  # expand()/reduce() only
+        self.blocks = nn.ModuleList(Block(b, spec.dims(i, registry), spec.residual) for i, b in enumerate(spec.layers))
+        self.norm = dims.build("normalization", spec.norm, spec.d_model)
+        self.head = dims.build("head", spec.head)
+        self.init_weights()
+        if getattr(spec.head, "tied", False):
+            self.head.weight = self.embedding.weight  # [V, D], shared
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """All initialisation in one place: normal(0, init_std) for linear and embedding
+        weights, zero biases, and residual output projections scaled by 1/sqrt(2·layers)
+        (GPT-2). Modules with special parameters finish their own in ``init_weights``."""
+        std = self.spec.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            if getattr(module, "residual_out", False) and isinstance(module, nn.Linear):
+                module.weight.mul_((2 * len(self.blocks)) ** -0.5)
+        for module in self.modules():
+            if module is not self and hasattr(module, "init_weights"):
+                module.init_weights(std)
+
+    def forward(self, tokens: Tensor, state: list[State] | None = None, *,
+                doc_ids: Tensor | None = None) -> ModelOutput:
+        """tokens [B, T] -> ModelOutput(logits [B, T, V], state, aux_losses, metrics)"""
+        return self._run(tokens, state, doc_ids=doc_ids, step=False)
+
+    def step(self, tokens: Tensor, state: list[State]) -> ModelOutput:
+        """One token per sequence: tokens [B] or [B, 1] -> logits [B, 1, V] and the new state."""
+        if tokens.dim() == 1:
+            tokens = tokens[:, None]
+        if tokens.shape[1] != 1:
+            raise ValueError(f"step takes one token per sequence, got tokens of shape {tuple(tokens.shape)}")
+        return self._run(tokens, state, doc_ids=None, step=True)
+
+    def _run(self, tokens: Tensor, state: list[State] | None, *, doc_ids: Tensor | None, step: bool) -> ModelOutput:
+        aux = Aux()
+        h = self.stream.expand(self.embedding(tokens))
+        states: list[State | None] = []
+        for i, block in enumerate(self.blocks):
+            h, s = block(h, None if state is None else state[i], doc_ids=doc_ids, aux=aux.scope(f"layers.{i}"), step=step)
+            states.append(s)
+        logits = self.head(self.norm(self.stream.reduce(h)))
+        return ModelOutput(logits, None if state is None else states, aux.losses, aux.metrics)
+
+    def init_state(self, batch: int, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> list[State]:
+        """Empty decoding state (KV caches, recurrent matrices), one per block."""
+        param = next(self.parameters())
+        device = param.device if device is None else device
+        dtype = param.dtype if dtype is None else dtype
+        return [block.mixer.init_state(batch, device, dtype) for block in self.blocks]
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """prompt [B, T] -> [B, T + max_new_tokens]; prefill in parallel, then step from state.
+        temperature 0 is greedy."""
+        state = self.init_state(prompt.shape[0], prompt.device)
+        out = self.forward(prompt, state)
+        tokens = [prompt]
+        for _ in range(max_new_tokens):
+            logits = out.logits[:, -1].float()
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+            else:
+                nxt = logits.argmax(-1, keepdim=True)
+            tokens.append(nxt)
+            out = self.step(nxt, out.state)
+        return torch.cat(tokens, dim=1)
+
+
+def build_model(spec: ModelSpec, registry: Any = None) -> Model:
+    return Model(spec, registry)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Parameters counted once even when shared (tied embeddings)."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())

@@ -1,0 +1,474 @@
+"""From YAML text to a frozen, validated spec.
+
+Each step is a plain function:
+
+    read_yaml (positions kept) -> resolve_extends -> apply_overrides (--set)
+    -> expand_layers (repeat, defaults) -> validate (pydantic, unions from the registry)
+    -> config.check(dims) for checks that need model sizes
+
+Every error carries the file, line and YAML path of the value that caused it, and all
+errors of a spec are reported together.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from .config import Component, Config, Dims, component_category
+from .errors import HybridlabError, Problem, SpecError, format_path
+from .yamlio import Loc, LocDict, LocList, display_name, read_yaml, to_plain
+
+# ---------------------------------------------------------------- the spec models
+
+
+class BlockSpec(Config):
+    """One block: norm -> mixer -> residual, then norm -> ffn -> residual."""
+
+    mixer: Component("mixer")
+    """The sequence mixer (attention, a recurrence...)."""
+    ffn: Component("ffn") | None = Field(default_factory=lambda: {"kind": "swiglu"}, validate_default=True)
+    """The channel mixer; null for a block without one."""
+    norm: Component("normalization") = Field(default_factory=lambda: {"kind": "rmsnorm"}, validate_default=True)
+    """Normalization before each sub-layer."""
+
+
+class ModelSpec(Config):
+    """A whole model: embedding, blocks, final norm, head."""
+
+    name: str = "model"
+    """A name for runs and summaries."""
+    vocab_size: int = Field(ge=2)
+    """Number of token ids."""
+    d_model: int = Field(ge=1)
+    """Width of the residual stream."""
+    embedding: Component("embedding") = Field(default_factory=lambda: {"kind": "token"}, validate_default=True)
+    """Token ids -> vectors."""
+    residual: Component("residual") = Field(default_factory=lambda: {"kind": "prenorm"}, validate_default=True)
+    """How sub-layers join the residual stream (one scheme for the whole model)."""
+    layers: list[BlockSpec] = Field(min_length=1)
+    """The blocks, in order (after ``repeat`` expansion and ``defaults`` merging)."""
+    norm: Component("normalization") = Field(default_factory=lambda: {"kind": "rmsnorm"}, validate_default=True)
+    """Final normalization before the head."""
+    head: Component("head") = Field(default_factory=lambda: {"kind": "lm"}, validate_default=True)
+    """Hidden -> logits."""
+    init_std: float = Field(default=0.02, gt=0)
+    """Standard deviation of the normal init of linear and embedding weights."""
+
+    def dims(self, layer: int = 0, registry: Any = None) -> Dims:
+        return Dims(self.d_model, self.vocab_size, len(self.layers), layer, registry)
+
+
+class PipelineSpec(Config):
+    """A training pipeline: a model, a task, objectives and the optimisation settings."""
+
+    name: str = "run"
+    """Name of the run (the run directory is runs/<name>-<timestamp>)."""
+    model: ModelSpec
+    """The model: a path to a model spec (relative to this file) or a spec inline."""
+    data: Component("data")
+    """The task that yields training and evaluation batches."""
+    objectives: list[Component("loss")] = Field(
+        default_factory=lambda: [{"kind": "cross_entropy"}], validate_default=True, min_length=1)
+    """Weighted losses, summed (each loss kind has a ``weight``)."""
+    optimizer: Component("optimizer") = Field(default_factory=lambda: {"kind": "adamw"}, validate_default=True)
+    schedule: Component("schedule") = Field(default_factory=lambda: {"kind": "constant"}, validate_default=True)
+    steps: int = Field(default=1000, ge=1)
+    """Optimizer steps."""
+    batch_size: int = Field(default=32, ge=1)
+    eval_every: int = Field(default=0, ge=0)
+    """Evaluate every N steps (0: only at the end)."""
+    eval_batches: int = Field(default=8, ge=1)
+    """Batches per evaluation."""
+    checkpoint_every: int = Field(default=0, ge=0)
+    """Save a checkpoint every N steps (0: only at the end)."""
+    log_every: int = Field(default=10, ge=1)
+    """Write a line to metrics.jsonl every N steps."""
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 runs the forward under autocast; weights and optimizer stay fp32."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    """Clip the global gradient norm (null: no clipping)."""
+    threads: int | None = Field(default=None, ge=1)
+    """torch.set_num_threads for CPU runs (null: torch's default)."""
+    max_bad_steps: int = Field(default=5, ge=1)
+    """Stop after this many non-finite losses in a row."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+            raise ValueError(f"unknown device {value!r}; expected auto, cpu, cuda or cuda:N")
+        return value
+
+
+# ---------------------------------------------------------------- merging
+
+
+def deep_merge(base: Any, override: Any) -> Any:
+    """``override`` wins; mappings merge key by key, everything else is replaced. Two
+    mappings with different ``kind`` do not merge: the override replaces the base, so
+    options of one kind never leak into another."""
+    if not (isinstance(base, dict) and isinstance(override, dict)):
+        return override
+    if "kind" in base and "kind" in override and base["kind"] != override["kind"]:
+        return override
+    out = LocDict(loc=getattr(override, "loc", None) or getattr(base, "loc", None))
+    for key, value in base.items():
+        out[key] = value
+        if key in getattr(base, "locs", {}):
+            out.locs[key] = base.locs[key]
+    for key, value in override.items():
+        out[key] = deep_merge(out[key], value) if key in out else value
+        if key in getattr(override, "locs", {}):
+            out.locs[key] = override.locs[key]
+    return out
+
+
+def resolve_extends(path: Path, _stack: tuple[Path, ...] = ()) -> LocDict:
+    """Load a spec file and deep-merge the files it ``extends`` (relative paths, a list
+    or one string) underneath it. A cycle is an error at the ``extends`` line."""
+    data = read_yaml(path)
+    name = display_name(path)
+    if not isinstance(data, dict):
+        raise SpecError([Problem(name, 1, "", f"a spec must be a mapping, got {type(data).__name__}")])
+    if "extends" not in data:
+        return data
+    loc = data.locs["extends"]
+    targets = data.pop("extends")
+    targets = [targets] if isinstance(targets, str) else targets
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise SpecError([loc.problem("must be a path or a list of paths")])
+    here = (*_stack, path.resolve())
+    merged: Any = LocDict(loc=data.loc)
+    for target in targets:
+        base_path = (path.parent / target)
+        if base_path.resolve() in here:
+            chain = " -> ".join(display_name(p) for p in (*here, base_path.resolve()))
+            raise SpecError([loc.problem(f"extends cycle: {chain}")])
+        if not base_path.exists():
+            raise SpecError([loc.problem(f"extended file {target!r} not found (looked at {display_name(base_path)})")])
+        merged = deep_merge(merged, resolve_extends(base_path, here))
+    return deep_merge(merged, data)
+
+
+# ---------------------------------------------------------------- --set overrides
+
+_SEGMENT = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def parse_set_path(text: str) -> tuple:
+    """'layers[0].mixer.heads' -> ('layers', 0, 'mixer', 'heads')"""
+    parts, pos = [], 0
+    for m in _SEGMENT.finditer(text):
+        gap = text[pos:m.start()]
+        if gap not in ("", "."):
+            raise HybridlabError(f"--set {text}: cannot parse the path near {gap!r}")
+        parts.append(m.group(1) if m.group(1) is not None else int(m.group(2)))
+        pos = m.end()
+    if not parts or text[pos:]:
+        raise HybridlabError(f"--set {text}: cannot parse the path")
+    return tuple(parts)
+
+
+def apply_overrides(data: LocDict, overrides: Iterable[str]) -> LocDict:
+    """Apply ``a.b[0].c=value`` overrides; the value is parsed as YAML (``4``, ``true``,
+    ``{kind: rope}``). Intermediate mappings are created as needed."""
+    for item in overrides:
+        if "=" not in item:
+            raise HybridlabError(f"--set {item}: expected KEY=VALUE, e.g. --set steps=100")
+        key, raw = item.split("=", 1)
+        path = parse_set_path(key.strip())
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise HybridlabError(f"--set {item}: the value is not valid YAML ({exc})") from None
+        loc = Loc("--set", None, path)
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            where = format_path(path[:i + 1])
+            if isinstance(part, int):
+                if not isinstance(node, list) or part >= len(node):
+                    raise HybridlabError(f"--set {item}: {where}: no such list item")
+                node = node[part]
+            else:
+                if not isinstance(node, dict):
+                    raise HybridlabError(f"--set {item}: {where}: not a mapping")
+                if part not in node or not isinstance(node[part], (dict, list)):
+                    node[part] = LocDict(loc=loc)
+                    if isinstance(node, LocDict):
+                        node.locs[part] = loc
+                node = node[part]
+        last = path[-1]
+        if isinstance(last, int):
+            if not isinstance(node, list) or last >= len(node):
+                raise HybridlabError(f"--set {item}: {format_path(path)}: no such list item")
+        elif not isinstance(node, dict):
+            raise HybridlabError(f"--set {item}: {format_path(path[:-1])}: not a mapping")
+        node[last] = _located(value, loc)
+        if isinstance(node, LocDict):
+            node.locs[last] = loc
+        elif isinstance(node, LocList):
+            node.locs[last] = loc
+    return data
+
+
+def _located(value: Any, loc: Loc) -> Any:
+    if isinstance(value, dict):
+        out = LocDict({k: _located(v, Loc(loc.file, None, loc.path + (k,))) for k, v in value.items()}, loc=loc)
+        out.locs = {k: Loc(loc.file, None, loc.path + (k,)) for k in value}
+        return out
+    if isinstance(value, list):
+        out = LocList([_located(v, Loc(loc.file, None, loc.path + (i,))) for i, v in enumerate(value)], loc=loc)
+        out.locs = [Loc(loc.file, None, loc.path + (i,)) for i in range(len(value))]
+        return out
+    return value
+
+
+# ---------------------------------------------------------------- layers: repeat and defaults
+
+
+def expand_layers(model: LocDict) -> list[Problem]:
+    """In place: ``layers`` becomes a flat list of blocks (``repeat: N, blocks: [...]``
+    expanded, nested groups allowed) and ``defaults`` is merged under every block."""
+    problems: list[Problem] = []
+    defaults = model.pop("defaults", None)
+    defaults_loc = model.locs.pop("defaults", None)
+    if defaults is not None and not isinstance(defaults, dict):
+        problems.append(defaults_loc.problem("must be a mapping of block fields (norm, ffn, mixer...)"))
+        defaults = None
+    layers = model.get("layers")
+    if layers is None:
+        return problems
+    if not isinstance(layers, list):
+        problems.append(model.locs["layers"].problem("must be a list of blocks"))
+        return problems
+
+    flat = LocList(loc=layers.loc)
+
+    def walk(items: list, item_locs: list) -> None:
+        for item, loc in zip(items, item_locs):
+            if isinstance(item, dict) and ("repeat" in item or "blocks" in item):
+                repeat, blocks = item.get("repeat", 1), item.get("blocks")
+                rloc = item.locs.get("repeat", loc)
+                extra = set(item) - {"repeat", "blocks"}
+                if extra:
+                    problems.append(loc.problem(f"a repeat group takes only 'repeat' and 'blocks', got {sorted(extra)}"))
+                if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
+                    problems.append(rloc.problem(f"must be a positive integer, got {repeat!r}", ()))
+                    continue
+                if not isinstance(blocks, list) or not blocks:
+                    problems.append(item.locs.get("blocks", loc).problem("must be a non-empty list of blocks")
+                                    if "blocks" in item else loc.problem("a repeat group needs 'blocks'", ("blocks",)))
+                    continue
+                for _ in range(repeat):
+                    walk(blocks, blocks.locs)
+            else:
+                block = deep_merge(copy.deepcopy(defaults), item) if (defaults and isinstance(item, dict)) else item
+                flat.append(block)
+                flat.locs.append(loc)
+
+    walk(layers, layers.locs)
+    model["layers"] = flat
+    return problems
+
+
+# ---------------------------------------------------------------- validation and error mapping
+
+
+def _walk(data: Any, loc_path: tuple) -> tuple[Loc | None, tuple]:
+    """Follow a pydantic error location through the located data. Returns the Loc of
+    the deepest value reached and the part of the path left over."""
+    node, best, rest = data, getattr(data, "loc", None), tuple(loc_path)
+    while rest:
+        part = rest[0]
+        if isinstance(node, dict) and part in node:
+            best = node.locs.get(part, best) if isinstance(node, LocDict) else best
+            node, rest = node[part], rest[1:]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            best = (node.locs[part] if isinstance(node, LocList) and node.locs[part] else best)
+            node, rest = node[part], rest[1:]
+        else:
+            break
+    return best, rest
+
+
+def _model_at(root: type[BaseModel], data: Any, loc_path: tuple, registry: Any) -> type[BaseModel] | None:
+    """The config class that validated the mapping at ``loc_path`` (for field suggestions)."""
+    model: Any = root
+    node = data
+    for part in loc_path:
+        if isinstance(part, int):  # a list item: the element model stays
+            node = node[part] if isinstance(node, list) and 0 <= part < len(node) else None
+            continue
+        fld = model.model_fields.get(part) if model is not None else None
+        if fld is None:
+            return None
+        node = node.get(part) if isinstance(node, dict) else None
+        category = component_category(fld)
+        if category is not None:
+            kind = registry.find(category, node.get("kind")) if isinstance(node, dict) else None
+            model = kind.config if kind else None
+        else:
+            ann = fld.annotation
+            candidates = (ann, *typing.get_args(ann))
+            model = next((a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return model
+
+
+def _message(err: dict, root: type[BaseModel], data: Any, registry: Any) -> str:
+    kind = err["type"]
+    if kind == "value_error":
+        return str(err.get("ctx", {}).get("error", err["msg"]))
+    if kind == "extra_forbidden":
+        field = err["loc"][-1]
+        parent = _model_at(root, data, tuple(err["loc"][:-1]), registry)
+        allowed = [f for f in parent.model_fields] if parent is not None else []
+        msg = f"unknown field {field!r}"
+        close = difflib.get_close_matches(str(field), allowed, n=1, cutoff=0.6)
+        if close:
+            msg += f" (did you mean {close[0]!r}?)"
+        if allowed:
+            msg += f"; allowed: {', '.join(allowed)}"
+        return msg
+    if kind == "missing":
+        return "required field is missing"
+    if kind in ("literal_error", "enum") and "expected" in err.get("ctx", {}):
+        return f"must be one of {err['ctx']['expected']}, got {err.get('input')!r}"
+    msg = err["msg"]
+    return msg[0].lower() + msg[1:] + (f", got {err['input']!r}" if _show_input(err) else "")
+
+
+def _show_input(err: dict) -> bool:
+    return not isinstance(err.get("input"), (dict, list)) and err["type"] not in ("unknown_kind",)
+
+
+def validation_problems(exc: ValidationError, root: type[BaseModel], data: Any, registry: Any,
+                        prefix: tuple = ()) -> list[Problem]:
+    problems = []
+    for err in exc.errors():
+        loc_path = tuple(err["loc"])
+        loc, rest = _walk(data, loc_path)
+        msg = _message(err, root, data, registry)
+        if loc is None:
+            problems.append(Problem("<spec>", None, format_path(prefix + loc_path), msg))
+        else:
+            problems.append(loc.problem(msg, rest))
+    return problems
+
+
+def check_problems(model_spec: ModelSpec, data: Any, prefix: tuple = ()) -> list[Problem]:
+    """Run every component's ``check(dims)`` and locate what it reports."""
+    problems: list[Problem] = []
+
+    def visit(config: Any, path: tuple, dims: Dims) -> None:
+        if isinstance(config, Config):
+            for field, message in config.check(dims):
+                loc, rest = _walk(data, prefix + path + (field,))
+                problems.append(loc.problem(message, rest) if loc else
+                                Problem("<spec>", None, format_path(prefix + path + (field,)), message))
+            for name in type(config).model_fields:
+                visit(getattr(config, name), path + (name,), dims)
+        elif isinstance(config, (list, tuple)):
+            for i, item in enumerate(config):
+                visit(item, path + (i,), dims)
+
+    for i, block in enumerate(model_spec.layers):
+        visit(block, ("layers", i), model_spec.dims(i))
+    for name in ("embedding", "residual", "norm", "head"):
+        visit(getattr(model_spec, name), (name,), model_spec.dims())
+    return problems
+
+
+def validate(root: type[BaseModel], data: Any, registry: Any) -> Any:
+    try:
+        return root.model_validate(to_plain(data), context={"registry": registry})
+    except ValidationError as exc:
+        raise SpecError(validation_problems(exc, root, data, registry)) from None
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def _registry(registry: Any) -> Any:
+    if registry is None:
+        from hybridlab.registry import default_registry
+
+        registry = default_registry()
+    return registry
+
+
+def load_model_spec(path: str | Path, overrides: Iterable[str] = (), *, registry: Any = None) -> ModelSpec:
+    """Read, merge, expand and validate a model spec file."""
+    registry = _registry(registry)
+    data = resolve_extends(Path(path))
+    apply_overrides(data, overrides)
+    return model_spec_from_data(data, registry)
+
+
+def model_spec_from_data(data: LocDict, registry: Any, prefix: tuple = ()) -> ModelSpec:
+    problems = expand_layers(data)
+    try:
+        spec = validate(ModelSpec, data, registry)
+    except SpecError as exc:
+        raise SpecError(problems + exc.problems) from None
+    problems += check_problems(spec, data)
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: Any = None) -> PipelineSpec:
+    """Read and validate a training pipeline; ``model:`` may be a path (relative to the
+    pipeline file, errors point into that file) or an inline model spec."""
+    registry = _registry(registry)
+    path = Path(path)
+    data = resolve_extends(path)
+    model = data.get("model")
+    if isinstance(model, str):
+        model_path = path.parent / model
+        if not model_path.exists():
+            raise SpecError([data.locs["model"].problem(
+                f"model spec {model!r} not found (looked at {display_name(model_path)})")])
+        data["model"] = resolve_extends(model_path)
+    elif isinstance(model, dict) and "extends" in model:
+        raise SpecError([data.locs["model"].problem("an inline model cannot use 'extends'; give a path instead")])
+    apply_overrides(data, overrides)
+    problems: list[Problem] = []
+    if isinstance(data.get("model"), dict):
+        problems += expand_layers(data["model"])
+    try:
+        spec = validate(PipelineSpec, data, registry)
+    except SpecError as exc:
+        raise SpecError(problems + exc.problems) from None
+    problems += check_problems(spec.model, data, prefix=("model",))
+    needed = getattr(spec.data, "min_vocab_size", None)
+    if needed is not None and needed() > spec.model.vocab_size:
+        loc, rest = _walk(data, ("data",))
+        problems.append(loc.problem(f"the task uses {needed()} token ids but model.vocab_size is "
+                                    f"{spec.model.vocab_size}", rest))
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def is_pipeline(path: str | Path) -> bool:
+    """A pipeline has a ``model`` key and a ``data`` key; a model spec has ``layers``."""
+    data = read_yaml(path)
+    return isinstance(data, dict) and "model" in data
+
+
+def dump_spec(spec: BaseModel) -> str:
+    """The frozen, resolved spec as YAML (what the run directory stores)."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,251 @@
+"""The training loop: a pipeline spec in, a run directory out.
+
+Resuming is exact: the data of step ``s`` is a pure function of (seed, s), and a
+checkpoint holds weights, optimizer, schedule position and RNG states, so on the CPU a
+resumed run's losses equal the uninterrupted run's, bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from .errors import HybridlabError
+from .model import Model, count_parameters
+from .spec import PipelineSpec, dump_spec, load_pipeline
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise HybridlabError(f"device {name!r} requested but CUDA is not available "
+                             f"(torch {torch.__version__}); use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise HybridlabError("device 'mps' requested but MPS is not available; use --device cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise HybridlabError(f"unknown device {name!r}: {exc}") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise HybridlabError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
+def new_run_dir(name: str, base: Path = Path("runs")) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = base / f"{name}-{stamp}", 1
+    while path.exists():
+        n += 1
+        path = base / f"{name}-{stamp}-{n}"
+    return path
+
+
+class Trainer:
+    """Holds what one run needs; ``run()`` trains to ``spec.steps``."""
+
+    def __init__(self, spec: PipelineSpec, run_dir: Path, *, registry: Any = None, resume: bool = False,
+                 device: str | None = None, progress: bool = True) -> None:
+        from hybridlab.registry import default_registry
+
+        self.spec, self.run_dir, self.progress = spec, Path(run_dir), progress
+        self.registry = registry or default_registry()
+        self.device = resolve_device(device or spec.device)
+        if spec.threads is not None:
+            torch.set_num_threads(spec.threads)
+        torch.manual_seed(spec.seed)
+        random.seed(spec.seed)
+        self.model = Model(spec.model, self.registry).to(self.device)
+        self.forward = torch.compile(self.model) if spec.compile else self.model
+        kind = lambda category, config: self.registry.kind(category, config.kind).module  # noqa: E731
+        self.task = kind("data", spec.data)(spec.data, seed=spec.seed)
+        self.objectives = [(cfg.weight, kind("loss", cfg)(cfg)) for cfg in spec.objectives]
+        self.optimizer = kind("optimizer", spec.optimizer)(spec.optimizer, self.model.named_parameters())
+        for group in self.optimizer.param_groups:
+            group["peak_lr"] = group["lr"]
+        self.schedule = kind("schedule", spec.schedule)(spec.schedule, spec.steps)
+        self.step = 0
+        self.bad_steps = 0
+        if resume:
+            self._resume()
+        else:
+            self._start()
+
+    # ---- run directory ----
+    def _start(self) -> None:
+        if (self.run_dir / "checkpoints").exists():
+            raise HybridlabError(f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir} "
+                                 "or choose another --out")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "spec.yaml", dump_spec(self.spec))
+        atomic_write_text(self.run_dir / "metrics.jsonl", "")
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            raise HybridlabError(f"{self.run_dir}: no checkpoint to resume from")
+        state = load_checkpoint(path, self.model, self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.bad_steps = state["step"], state.get("bad_steps", 0)
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        random.setstate(_tuple(state["rng"]["python"]))
+        # the lines after the checkpoint are about to be computed again
+        metrics = self.run_dir / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
+        atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+        atomic_write_text(self.run_dir / "spec.yaml", dump_spec(self.spec))
+
+    def save(self) -> Path:
+        rng = {"torch": torch.get_rng_state(), "python": list(random.getstate())}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        state = {"step": self.step, "bad_steps": self.bad_steps, "optimizer": self.optimizer.state_dict(), "rng": rng}
+        return save_checkpoint(self.run_dir, self.step, self.model, state)
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ---- steps ----
+    def _autocast(self):
+        if self.spec.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _batch(self, split: str, index: int) -> dict[str, torch.Tensor]:
+        batch = self.task.batch(split, index, self.spec.batch_size)
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        with self._autocast():
+            out = self.forward(batch["inputs"])
+        total, metrics = torch.zeros((), device=self.device), {}
+        for weight, objective in self.objectives:
+            loss, m = objective(out, batch)
+            total = total + weight * loss
+            metrics.update(m)
+        for name, aux_loss in out.aux_losses.items():
+            total = total + aux_loss
+            metrics[name] = aux_loss.detach()
+        metrics.update(out.metrics)
+        return total, metrics
+
+    def train_step(self) -> dict[str, float] | None:
+        """One optimizer step; None when the loss was not finite and the step was skipped."""
+        self.model.train()
+        batch = self._batch("train", self.step)
+        lr_scale = self.schedule(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * lr_scale
+        loss, metrics = self._loss(batch)
+        if not torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            self.log({"step": self.step + 1, "skipped": True, "loss": float(loss)})
+            if self.bad_steps >= self.spec.max_bad_steps:
+                where = latest_checkpoint(self.run_dir)
+                raise HybridlabError(
+                    f"stopped at step {self.step + 1}: {self.bad_steps} non-finite losses in a row "
+                    f"(lower optimizer.lr or set grad_clip); last good checkpoint: {where or 'none'}")
+            self.step += 1
+            return None
+        self.bad_steps = 0
+        loss.backward()
+        if self.spec.grad_clip is not None:
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        out = {k: float(v) for k, v in metrics.items()}
+        out["loss"] = float(loss.detach())
+        out["lr"] = self.optimizer.param_groups[0]["lr"]
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        results: dict[str, float] = {}
+        for split in self.task.splits():
+            sums: dict[str, float] = {}
+            for i in range(self.spec.eval_batches):
+                loss, metrics = self._loss(self._batch(split, i))
+                for k, v in {"loss": loss, **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            results.update({f"{split}/{k}": v / self.spec.eval_batches for k, v in sums.items()})
+        return results
+
+    def run(self) -> dict[str, float]:
+        spec = self.spec
+        tokens_per_step = spec.batch_size * _seq_len(self.task, self.device)
+        bar = tqdm(total=spec.steps, initial=self.step, disable=not self.progress, unit="step",
+                   dynamic_ncols=True, desc=spec.name)
+        start, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
+        result: dict[str, float] = {}
+        while self.step < spec.steps:
+            metrics = self.train_step()
+            window_steps += 1
+            if metrics is not None and (self.step % spec.log_every == 0 or self.step == spec.steps):
+                elapsed = time.perf_counter() - window_start
+                metrics["tokens_per_s"] = tokens_per_step * window_steps / max(elapsed, 1e-9)
+                self.log({"step": self.step, **metrics})
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics.get('accuracy', math.nan):.3f}",
+                                tok_s=f"{metrics['tokens_per_s']:.0f}")
+                window_start, window_steps = time.perf_counter(), 0
+            bar.update(1)
+            last = self.step == spec.steps
+            if (spec.eval_every and self.step % spec.eval_every == 0) or last:
+                result = self.evaluate()
+                self.log({"step": self.step, **result})
+                if not last:
+                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+            if (spec.checkpoint_every and self.step % spec.checkpoint_every == 0) or last:
+                self.save()
+        bar.close()
+        if not result:  # resumed a finished run: nothing trained, evaluate what is there
+            result = self.evaluate()
+        result["seconds"] = time.perf_counter() - start
+        return result
+
+
+def _seq_len(task: Any, device: torch.device) -> int:
+    return task.batch("train", 0, 1)["inputs"].shape[1]
+
+
+def _tuple(value: Any) -> Any:
+    """random.setstate wants tuples where the checkpoint has lists."""
+    return tuple(_tuple(v) for v in value) if isinstance(value, list) else value
+
+
+def train(pipeline: str | Path | PipelineSpec, *, overrides: list[str] = (), out: str | Path | None = None,
+          resume: str | Path | None = None, device: str | None = None, progress: bool = True,
+          registry: Any = None) -> tuple[Path, dict[str, float]]:
+    """Train a pipeline (a path or a spec) or resume a run directory. Returns the run
+    directory and the final evaluation metrics."""
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "spec.yaml").exists():
+            raise HybridlabError(f"{run_dir}: not a run directory (no spec.yaml)")
+        spec = load_pipeline(run_dir / "spec.yaml", overrides, registry=registry)
+    else:
+        spec = pipeline if isinstance(pipeline, PipelineSpec) else load_pipeline(pipeline, overrides, registry=registry)
+        run_dir = Path(out) if out is not None else new_run_dir(spec.name)
+    trainer = Trainer(spec, run_dir, registry=registry, resume=resume is not None, device=device, progress=progress)
+    if progress:
+        n = count_parameters(trainer.model)
+        print(f"run directory: {run_dir}", flush=True)
+        print(f"model {spec.model.name}: {len(spec.model.layers)} blocks, {n:,} parameters on {trainer.device}",
+              flush=True)
+    return run_dir, trainer.run()

@@ -1,0 +1,130 @@
+"""YAML loading that remembers where every value came from.
+
+Mappings load as :class:`LocDict`, sequences as :class:`LocList`: plain ``dict`` /
+``list`` subclasses that also carry the :class:`Loc` (file, line, YAML path) of
+themselves and of each child. Merging and expansion keep these, so an error found
+after ``extends``/``defaults``/``repeat`` still points at the line that wrote the value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import HybridlabError, Problem, SpecError, format_path
+
+
+@dataclass(frozen=True)
+class Loc:
+    file: str
+    line: int | None
+    path: tuple  # YAML path in the file that wrote the value
+
+    def problem(self, message: str, extra: tuple = ()) -> Problem:
+        return Problem(self.file, self.line, format_path(self.path + extra), message)
+
+
+class LocDict(dict):
+    def __init__(self, *args: Any, loc: Loc | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loc = loc
+        self.locs: dict[Any, Loc] = {}
+
+
+class LocList(list):
+    def __init__(self, *args: Any, loc: Loc | None = None) -> None:
+        super().__init__(*args)
+        self.loc = loc
+        self.locs: list[Loc | None] = [None] * len(self)
+
+
+def display_name(path: str | Path) -> str:
+    """A path as the user would write it: relative to the working directory if inside it."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
+class _Builder:
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.constructor = yaml.SafeLoader("")  # only its construct_* helpers are used
+        self.problems: list[Problem] = []
+
+    def line(self, node: yaml.Node) -> int:
+        return node.start_mark.line + 1
+
+    def build(self, node: yaml.Node, path: tuple) -> Any:
+        loc = Loc(self.file, self.line(node), path)
+        if isinstance(node, yaml.MappingNode):
+            self.constructor.flatten_mapping(node)  # YAML merge keys (<<: *anchor)
+            out = LocDict(loc=loc)
+            for key_node, value_node in node.value:
+                key = self.constructor.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int)) or isinstance(key, bool):
+                    key = str(key)
+                if key in out:
+                    self.problems.append(Loc(self.file, self.line(key_node), path).problem(
+                        f"duplicate key {key!r} (first at line {out.locs[key].line})", (key,)))
+                    continue
+                out[key] = self.build(value_node, path + (key,))
+                out.locs[key] = Loc(self.file, self.line(key_node), path + (key,))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            items = [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
+            out = LocList(items, loc=loc)
+            out.locs = [Loc(self.file, self.line(item), path + (i,)) for i, item in enumerate(node.value)]
+            return out
+        return self.constructor.construct_object(node, deep=True)
+
+
+def parse_yaml(text: str, file: str) -> Any:
+    """Parse YAML text into LocDict/LocList/scalars. Raises SpecError on bad syntax."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        what = " ".join(filter(None, [exc.context, exc.problem]))
+        raise SpecError([Problem(file, line, "", f"invalid YAML: {what}")]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError([Problem(file, None, "", f"invalid YAML: {exc}")]) from None
+    if node is None:
+        return LocDict(loc=Loc(file, 1, ()))
+    builder = _Builder(file)
+    try:
+        data = builder.build(node, ())
+    except yaml.YAMLError as exc:  # e.g. a bad !!tag
+        mark = getattr(exc, "problem_mark", None)
+        raise SpecError([Problem(file, mark.line + 1 if mark else None, "", f"invalid YAML: {exc}")]) from None
+    if builder.problems:
+        raise SpecError(builder.problems)
+    return data
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    name = display_name(path)
+    if not path.exists():
+        raise HybridlabError(f"{name}: no such file")
+    if path.is_dir():
+        raise HybridlabError(f"{name}: is a directory, expected a YAML file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HybridlabError(f"{name}: cannot read: {exc}") from None
+    return parse_yaml(text, name)
+
+
+def to_plain(value: Any) -> Any:
+    """LocDict/LocList -> dict/list (for dumping)."""
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_plain(v) for v in value]
+    return value

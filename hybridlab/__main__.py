@@ -1,0 +1,3 @@
+from hybridlab.core.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""data ``mqar``: multi-query associative recall (Arora et al. 2023, "Zoology").
+
+A sequence lists key-value pairs, then asks for some of the keys again; the model must
+answer each query with the value that followed that key. Only the answers are scored:
+
+    k1 v1 k2 v2 ... kN vN  0 ... 0  q1 a1 q2 a2 ... qQ aQ
+    targets: -100 everywhere except at each q_i, where the target is a_i
+
+Token ids: 0 pads, keys are 1..K, values K+1..vocab-1 (K = (vocab-1)//2). Every batch is
+a pure function of (seed, split, index), so a resumed run sees exactly the same data.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from hybridlab.core.config import Config
+from hybridlab.registry import hookimpl
+
+SPLIT_SEEDS = {"train": 0, "eval": 1}
+
+
+class MQARConfig(Config):
+    """Associative recall: key-value pairs, then queries answered by the matching value."""
+
+    kind: Literal["mqar"] = "mqar"
+    vocab: int = Field(default=64, ge=5)
+    """Token ids the task uses (0..vocab-1); the model's vocab_size must be at least this."""
+    pairs: int = Field(default=8, ge=1)
+    """Key-value pairs per sequence."""
+    queries: int | None = Field(default=None, ge=1)
+    """Queries per sequence (default: pairs; at most pairs, each key asked once)."""
+    seq_len: int | None = Field(default=None, ge=2)
+    """Sequence length (default 2·pairs + 2·queries; extra length pads between context and queries)."""
+
+    @model_validator(mode="after")
+    def _fits(self):
+        keys = (self.vocab - 1) // 2
+        if self.pairs > keys:
+            raise ValueError(f"pairs ({self.pairs}) exceeds the number of distinct keys ({keys}) for vocab {self.vocab}")
+        if self.n_queries > self.pairs:
+            raise ValueError(f"queries ({self.n_queries}) must be at most pairs ({self.pairs})")
+        if self.length < 2 * (self.pairs + self.n_queries):
+            raise ValueError(f"seq_len ({self.length}) is shorter than 2·pairs + 2·queries "
+                             f"({2 * (self.pairs + self.n_queries)})")
+        return self
+
+    @property
+    def n_queries(self) -> int:
+        return self.queries or self.pairs
+
+    @property
+    def length(self) -> int:
+        return self.seq_len or 2 * (self.pairs + self.n_queries)
+
+    def min_vocab_size(self) -> int:
+        return self.vocab
+
+
+class MQAR:
+    def __init__(self, config: MQARConfig, seed: int = 0) -> None:
+        self.config, self.seed = config, seed
+
+    def splits(self) -> list[str]:
+        return ["eval"]
+
+    def batch(self, split: str, index: int, batch_size: int) -> dict[str, torch.Tensor]:
+        """-> {'inputs': [B, T] long, 'targets': [B, T] long (-100 where not scored)}"""
+        if split not in SPLIT_SEEDS:
+            raise KeyError(f"mqar has splits {sorted(SPLIT_SEEDS)}, not {split!r}")
+        c = self.config
+        g = torch.Generator().manual_seed(((self.seed * 7919 + SPLIT_SEEDS[split]) << 32) + index)
+        B, N, Q, T = batch_size, c.pairs, c.n_queries, c.length
+        K = (c.vocab - 1) // 2
+        keys = torch.rand(B, K, generator=g).argsort(dim=1)[:, :N] + 1  # [B, N] distinct keys
+        values = torch.randint(K + 1, c.vocab, (B, N), generator=g)  # [B, N]
+        asked = torch.rand(B, N, generator=g).argsort(dim=1)[:, :Q]  # [B, Q] which pairs are queried
+        inputs = torch.zeros(B, T, dtype=torch.long)
+        inputs[:, 0:2 * N:2], inputs[:, 1:2 * N:2] = keys, values
+        start = T - 2 * Q
+        inputs[:, start::2] = keys.gather(1, asked)
+        inputs[:, start + 1::2] = values.gather(1, asked)
+        targets = torch.full((B, T), -100, dtype=torch.long)
+        targets[:, start::2] = inputs[:, start + 1::2]
+        return {"inputs": inputs, "targets": targets}
+
+
+@hookimpl
+def hybridlab_register(register):
+    register.kind("data", "mqar", config=MQARConfig, module=MQAR)

@@ -1,0 +1,35 @@
+"""head ``lm``: a linear map from the hidden state to next-token logits."""
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from hybridlab.core.config import Config, Dims
+from hybridlab.registry import hookimpl
+
+
+class LMHeadConfig(Config):
+    """Hidden [B, T, D] -> logits [B, T, V]."""
+
+    kind: Literal["lm"] = "lm"
+    tied: bool = True
+    """Share the weight with the embedding (which must expose weight [V, D])."""
+
+
+class LMHead(nn.Module):
+    def __init__(self, config: LMHeadConfig, dims: Dims) -> None:
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(dims.vocab_size, dims.d_model))
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.weight, 0.0, std)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h @ self.weight.t()  # [B, T, D] @ [D, V]
+
+
+@hookimpl
+def hybridlab_register(register):
+    register.kind("head", "lm", config=LMHeadConfig, module=LMHead)
