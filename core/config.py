@@ -79,6 +79,9 @@ def Component(category: str) -> Any:
         if "kind" not in value:
             kinds = ", ".join(k.name for k in registry.kinds(category)) or "none registered"
             raise PydanticCustomError("missing_kind", "missing 'kind' (one of: {kinds})", {"kinds": kinds})
+        if not isinstance(value["kind"], str):
+            raise PydanticCustomError("kind_type", "kind must be a name (a string), got {got}",
+                                      {"got": repr(value["kind"])})
         kind = registry.find(category, value["kind"])
         if kind is None:
             raise PydanticCustomError("unknown_kind", "{message}",

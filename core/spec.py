@@ -142,7 +142,8 @@ def resolve_extends(path: Path, _stack: tuple[Path, ...] = ()) -> LocDict:
     data = read_yaml(path)
     name = display_name(path)
     if not isinstance(data, dict):
-        raise SpecError([Problem(name, 1, "", f"a spec must be a mapping, got {type(data).__name__}")])
+        got = "list" if isinstance(data, list) else type(data).__name__
+        raise SpecError([Problem(name, 1, "", f"a spec must be a mapping, got {got}")])
     if "extends" not in data:
         return data
     loc = data.locs["extends"]
@@ -193,7 +194,8 @@ def apply_overrides(data: LocDict, overrides: Iterable[str]) -> LocDict:
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
-            raise HybridlabError(f"--set {item}: the value is not valid YAML ({exc})") from None
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise HybridlabError(f"--set {item}: the value is not valid YAML ({problem})") from None
         loc = Loc("--set", None, path)
         node: Any = data
         for i, part in enumerate(path[:-1]):
@@ -205,10 +207,13 @@ def apply_overrides(data: LocDict, overrides: Iterable[str]) -> LocDict:
             else:
                 if not isinstance(node, dict):
                     raise HybridlabError(f"--set {item}: {where}: not a mapping")
-                if part not in node or not isinstance(node[part], (dict, list)):
-                    node[part] = LocDict(loc=loc)
+                if node.get(part) is None:  # absent (or null): create the mapping
+                    here = Loc("--set", None, path[:i + 1])
+                    node[part] = LocDict(loc=here)
                     if isinstance(node, LocDict):
-                        node.locs[part] = loc
+                        node.locs[part] = here
+                elif not isinstance(node[part], (dict, list)):
+                    raise HybridlabError(f"--set {item}: {where} is {node[part]!r}, not a mapping or list")
                 node = node[part]
         last = path[-1]
         if isinstance(last, int):
@@ -252,8 +257,7 @@ def expand_layers(model: LocDict) -> list[Problem]:
     if layers is None:
         return problems
     if not isinstance(layers, list):
-        problems.append(model.locs["layers"].problem("must be a list of blocks"))
-        return problems
+        return problems  # validation says it must be a list
 
     flat = LocList(loc=layers.loc)
 
@@ -301,6 +305,9 @@ def _walk(data: Any, loc_path: tuple) -> tuple[Loc | None, tuple]:
             node, rest = node[part], rest[1:]
         else:
             break
+    own = getattr(node, "loc", None)
+    if rest and own is not None and best is not None and own.file != best.file and own.file != "--set":
+        return own, rest  # e.g. a key missing in a model file that a pipeline names
     return best, rest
 
 
@@ -308,16 +315,22 @@ def _model_at(root: type[BaseModel], data: Any, loc_path: tuple, registry: Any) 
     """The config class that validated the mapping at ``loc_path`` (for field suggestions)."""
     model: Any = root
     node = data
+    pending: str | None = None  # category of a list of components, resolved at the item
     for part in loc_path:
         if isinstance(part, int):  # a list item: the element model stays
             node = node[part] if isinstance(node, list) and 0 <= part < len(node) else None
+            if pending is not None:
+                kind = registry.find(pending, node.get("kind")) if isinstance(node, dict) else None
+                model, pending = (kind.config if kind else None), None
             continue
         fld = model.model_fields.get(part) if model is not None else None
         if fld is None:
             return None
         node = node.get(part) if isinstance(node, dict) else None
         category = component_category(fld)
-        if category is not None:
+        if category is not None and isinstance(node, list):
+            pending = category
+        elif category is not None:
             kind = registry.find(category, node.get("kind")) if isinstance(node, dict) else None
             model = kind.config if kind else None
         else:
@@ -351,7 +364,9 @@ def _message(err: dict, root: type[BaseModel], data: Any, registry: Any) -> str:
 
 
 def _show_input(err: dict) -> bool:
-    return not isinstance(err.get("input"), (dict, list)) and err["type"] not in ("unknown_kind",)
+    """Append ', got X' unless the message already says what arrived."""
+    custom = err["type"] in ("unknown_kind", "component_type", "missing_kind", "kind_type")
+    return not isinstance(err.get("input"), (dict, list)) and not custom
 
 
 def validation_problems(exc: ValidationError, root: type[BaseModel], data: Any, registry: Any,
@@ -435,16 +450,21 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: 
     registry = _registry(registry)
     path = Path(path)
     data = resolve_extends(path)
+    overrides = list(overrides)
+    model_overrides = [o for o in overrides if o.split("=", 1)[0].strip() == "model"]
+    apply_overrides(data, model_overrides)  # a new model path is relative to the working directory
     model = data.get("model")
     if isinstance(model, str):
-        model_path = path.parent / model
+        wrote = data.locs["model"].file
+        base = Path.cwd() if wrote == "--set" else Path(wrote).parent
+        model_path = base / model
         if not model_path.exists():
             raise SpecError([data.locs["model"].problem(
                 f"model spec {model!r} not found (looked at {display_name(model_path)})")])
         data["model"] = resolve_extends(model_path)
     elif isinstance(model, dict) and "extends" in model:
         raise SpecError([data.locs["model"].problem("an inline model cannot use 'extends'; give a path instead")])
-    apply_overrides(data, overrides)
+    apply_overrides(data, [o for o in overrides if o not in model_overrides])
     problems: list[Problem] = []
     if isinstance(data.get("model"), dict):
         problems += expand_layers(data["model"])

@@ -154,7 +154,7 @@ class Trainer:
         if not torch.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
-            self.log({"step": self.step + 1, "skipped": True, "loss": float(loss)})
+            self.log({"step": self.step + 1, "skipped": True, "loss": None})  # NaN is not JSON
             if self.bad_steps >= self.spec.max_bad_steps:
                 where = latest_checkpoint(self.run_dir)
                 raise HybridlabError(
@@ -187,7 +187,9 @@ class Trainer:
             results.update({f"{split}/{k}": v / self.spec.eval_batches for k, v in sums.items()})
         return results
 
-    def run(self) -> dict[str, float]:
+    def run(self, stop_at: int | None = None) -> dict[str, float]:
+        """Train to ``spec.steps`` (or stop after step ``stop_at``, with a checkpoint there,
+        as an interrupted run would have left it)."""
         spec = self.spec
         tokens_per_step = spec.batch_size * _seq_len(self.task, self.device)
         bar = tqdm(total=spec.steps, initial=self.step, disable=not self.progress, unit="step",
@@ -209,10 +211,12 @@ class Trainer:
             if (spec.eval_every and self.step % spec.eval_every == 0) or last:
                 result = self.evaluate()
                 self.log({"step": self.step, **result})
-                if not last:
+                if not last and self.progress:
                     bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
             if (spec.checkpoint_every and self.step % spec.checkpoint_every == 0) or last:
                 self.save()
+            if stop_at is not None and self.step >= stop_at:
+                break
         bar.close()
         if not result:  # resumed a finished run: nothing trained, evaluate what is there
             result = self.evaluate()

@@ -62,16 +62,23 @@ class _Builder:
     def build(self, node: yaml.Node, path: tuple) -> Any:
         loc = Loc(self.file, self.line(node), path)
         if isinstance(node, yaml.MappingNode):
-            self.constructor.flatten_mapping(node)  # YAML merge keys (<<: *anchor)
+            # YAML merge keys (<<: *anchor): merged pairs come first and explicit keys
+            # override them; only an explicit key written twice is a duplicate
+            explicit = {id(k) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"}
+            self.constructor.flatten_mapping(node)
             out = LocDict(loc=loc)
+            explicit_keys: set = set()
             for key_node, value_node in node.value:
                 key = self.constructor.construct_object(key_node, deep=True)
                 if not isinstance(key, (str, int)) or isinstance(key, bool):
                     key = str(key)
-                if key in out:
+                is_explicit = id(key_node) in explicit
+                if key in out and not (is_explicit and key not in explicit_keys):
                     self.problems.append(Loc(self.file, self.line(key_node), path).problem(
                         f"duplicate key {key!r} (first at line {out.locs[key].line})", (key,)))
                     continue
+                if is_explicit:
+                    explicit_keys.add(key)
                 out[key] = self.build(value_node, path + (key,))
                 out.locs[key] = Loc(self.file, self.line(key_node), path + (key,))
             return out

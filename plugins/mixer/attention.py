@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from hybridlab.core.config import Component, Config, Dims
 from hybridlab.core.dispatch import Dispatched
 from hybridlab.core.interfaces import SequenceMixer
+from hybridlab.core.numerics import upcast
 from hybridlab.registry import hookimpl
 
 
@@ -78,9 +79,9 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale:
     """q [B, H, Tq, D], k/v [B, Hkv, Tk, D] -> [B, H, Tq, D]. Explicit fp32 softmax."""
     _check(q, k, v)
     group = q.shape[1] // k.shape[1]
-    kf = k.float().repeat_interleave(group, dim=1)  # [B, H, Tk, D]
-    vf = v.float().repeat_interleave(group, dim=1)
-    scores = (q.float() @ kf.transpose(-1, -2)) * scale  # [B, H, Tq, Tk]
+    kf = upcast(k).repeat_interleave(group, dim=1)  # [B, H, Tk, D]
+    vf = upcast(v).repeat_interleave(group, dim=1)
+    scores = (upcast(q) @ kf.transpose(-1, -2)) * scale  # [B, H, Tq, Tk]
     if causal:
         scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
     return (scores.softmax(dim=-1) @ vf).to(q.dtype)

@@ -7,6 +7,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from hybridlab.core.config import Config, Dims
+from hybridlab.core.numerics import upcast
 from hybridlab.registry import hookimpl
 
 
@@ -27,8 +28,10 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # statistics in fp32 even under bf16 autocast, like the rmsnorm reference
-        return F.layer_norm(x.float(), self.norm.normalized_shape, self.norm.weight, self.norm.bias,
-                            self.norm.eps).to(x.dtype)
+        xf = upcast(x)
+        weight = self.norm.weight.to(xf.dtype) if self.norm.weight is not None else None
+        bias = self.norm.bias.to(xf.dtype) if self.norm.bias is not None else None
+        return F.layer_norm(xf, self.norm.normalized_shape, weight, bias, self.norm.eps).to(x.dtype)
 
 
 @hookimpl

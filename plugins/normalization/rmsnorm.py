@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from hybridlab.core.config import Config, Dims
 from hybridlab.core.dispatch import Dispatched
+from hybridlab.core.numerics import upcast
 from hybridlab.registry import hookimpl
 
 
@@ -23,11 +24,11 @@ class RMSNormConfig(Config):
 
 
 def rmsnorm_reference(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-    """x [..., D] -> same shape; computed in fp32, returned in x's dtype."""
-    xf = x.float()
+    """x [..., D] -> same shape; computed in fp32 (fp64 for fp64 input), returned in x's dtype."""
+    xf = upcast(x)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(xf.dtype)
     return y.to(x.dtype)
 
 

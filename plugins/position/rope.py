@@ -8,6 +8,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from hybridlab.core.config import Config, Dims
+from hybridlab.core.numerics import compute_dtype
 from hybridlab.registry import hookimpl
 
 
@@ -33,15 +34,16 @@ class RoPE(nn.Module):
 
     def rotate(self, x: Tensor, offset: int | Tensor = 0) -> Tensor:
         """x [B, H, T, D]; positions offset + 0..T-1 (offset an int or [B] per sequence)."""
-        T = x.shape[2]
-        pos = torch.arange(T, device=x.device, dtype=torch.float32)
+        T, dtype = x.shape[2], compute_dtype(x.dtype)
+        inv_freq = self.inv_freq.to(dtype)
+        pos = torch.arange(T, device=x.device, dtype=dtype)
         if isinstance(offset, Tensor):
-            pos = pos[None, :] + offset.to(x.device, torch.float32)[:, None]  # [B, T]
-            angles = (pos[..., None] * self.inv_freq)[:, None]  # [B, 1, T, rot/2]
+            pos = pos[None, :] + offset.to(x.device, dtype)[:, None]  # [B, T]
+            angles = (pos[..., None] * inv_freq)[:, None]  # [B, 1, T, rot/2]
         else:
-            angles = ((pos + offset)[:, None] * self.inv_freq)[None, None]  # [1, 1, T, rot/2]
+            angles = ((pos + offset)[:, None] * inv_freq)[None, None]  # [1, 1, T, rot/2]
         cos, sin = angles.cos(), angles.sin()
-        xr, xp = x[..., : self.rot].float(), x[..., self.rot:]
+        xr, xp = x[..., : self.rot].to(dtype), x[..., self.rot:]
         x1, x2 = xr.chunk(2, dim=-1)  # rotate-half convention
         rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
         return torch.cat([rotated, xp], dim=-1)

@@ -1,0 +1,110 @@
+"""The hybridlab command line: exit status 2 and one clear line for bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hybridlab.core.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "specs" / "models" / "tiny-hybrid.yaml"
+
+
+def run(*args, cwd=None):
+    """The CLI in a subprocess, as a user runs it (checks for tracebacks too)."""
+    proc = subprocess.run([sys.executable, "-m", "hybridlab", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_version():
+    code, out, _ = run("--version")
+    assert code == 0 and out.startswith("hybridlab 0.")
+
+
+def test_list_shows_kinds_implementations_and_package(capsys):
+    assert main(["list", "mixer"]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("mixer") and " attention " in l)
+    assert "sdpa, reference" in line and "hybridlab 0.1.0" in line
+
+
+def test_list_unknown_category_exits_2(capsys):
+    assert main(["list", "mixers"]) == 2
+    assert "unknown category 'mixers'" in capsys.readouterr().err
+
+
+def test_plugins_lists_builtins_with_what_they_registered(capsys):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "[attention] hybridlab.plugins.mixer.attention" in out
+    assert "mixer.attention:sdpa" in out
+
+
+def test_validate_reports_every_problem_with_file_line_and_path(tmp_path):
+    bad = tmp_path / "tiny.yaml"
+    bad.write_text(TINY.read_text()
+                   .replace("heads: 4, kv_heads: 2}", "heads: 4, kv_heads: 3}")
+                   .replace("{kind: rmsnorm}\nhead", "{kind: rmsnrm}\nhead"))
+    code, out, err = run("validate", bad.name, cwd=tmp_path)
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert "tiny.yaml:13: layers[0].blocks[0].mixer.kv_heads: must divide heads (4), got 3" in lines
+    assert any(l.startswith("tiny.yaml:15: norm: unknown normalization kind 'rmsnrm' (did you mean 'rmsnorm'?)")
+               for l in lines)
+
+
+def test_validate_ok_and_set_override(capsys):
+    assert main(["validate", str(TINY), "--set", "layers[0].blocks[0].mixer.heads=8"]) == 0
+    assert "OK (model 'tiny-hybrid', 2 blocks)" in capsys.readouterr().out
+    assert main(["validate", str(TINY), "--set", "layers[0].blocks[0].mixer.heads=3"]) == 2
+    # the override made the file's kv_heads wrong: the error points at the file's line
+    assert "tiny-hybrid.yaml:13: layers[0].blocks[0].mixer.kv_heads: must divide heads (3), got 2" in capsys.readouterr().err
+    assert main(["validate", str(TINY), "--set", "d_model=-4"]) == 2
+    assert "--set: d_model: input should be greater than or equal to 1, got -4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["validate", "missing.yaml"], "missing.yaml: no such file"),
+    (["train", "missing.yaml"], "missing.yaml: no such file"),
+    (["train", "--device", "tpu"], "unknown device 'tpu'"),
+    (["train", "--set", "steps"], "--set steps: expected KEY=VALUE"),
+    (["train", "--set", "steps=-1", "--out", "x"], "steps: input should be greater than or equal to 1, got -1"),
+    (["train", "--resume", "nowhere"], "nowhere: not a run directory"),
+    (["summary", str(TINY), "--device", "cuda:7"], "cuda"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+    code, out, err = run(*args, cwd=tmp_path)
+    assert code == 2, err
+    assert message in err and "Traceback" not in err
+
+
+def test_invalid_yaml_syntax_names_the_line(tmp_path):
+    (tmp_path / "broken.yaml").write_text("name: x\nlayers:\n  - mixer: {kind: attention, heads: 4\nnorm: 1\n")
+    code, _, err = run("validate", "broken.yaml", cwd=tmp_path)
+    assert code == 2 and err.startswith("broken.yaml:") and "invalid YAML" in err
+
+
+def test_summary_prints_chosen_implementation_params_and_state(capsys):
+    assert main(["summary", str(TINY), "--seq-len", "1000"]) == 0
+    out = capsys.readouterr().out
+    rows = [l for l in out.splitlines() if l.split()[:2] in (["0", "attention"], ["1", "attention"])]
+    assert len(rows) == 2 and all(" sdpa " in r and "reference: lower priority than sdpa" in r for r in rows)
+    # layer 0: 2 kv heads x head_dim 32 x 2 (k and v) x 1000 tokens x 4 bytes (float32)
+    assert "500.0 KiB" in rows[0]
+    assert "total parameters:" in out
+
+
+def test_train_a_few_steps_writes_a_run_directory(tmp_path):
+    code, out, err = run("train", "--set", "steps=3", "--set", "eval_batches=1", "--out", tmp_path / "r", "--quiet")
+    assert code == 0, err
+    assert "eval accuracy:" in out
+    rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3 and "eval/accuracy" in rows[-1]
+    assert (tmp_path / "r" / "checkpoints" / "latest").read_text().strip() == "step-000003"
+    code, out, err = run("train", "--resume", tmp_path / "r", "--set", "steps=5", "--quiet")
+    assert code == 0, err
+    assert (tmp_path / "r" / "checkpoints" / "latest").read_text().strip() == "step-000005"

@@ -1,0 +1,102 @@
+"""Model assembly: parallel forward, step decoding from state, impl parity, side channel."""
+
+import pytest
+import torch
+
+from hybridlab.core.dispatch import choose
+from hybridlab.core.errors import HybridlabError
+from hybridlab.core.model import Model, count_parameters
+from hybridlab.core.spec import ModelSpec
+
+BASE = {
+    "name": "t", "vocab_size": 37, "d_model": 48,
+    "layers": [
+        {"mixer": {"kind": "attention", "heads": 6, "kv_heads": 2}},
+        {"mixer": {"kind": "attention", "heads": 3, "kv_heads": 1, "position": {"kind": "rope", "fraction": 0.5}},
+         "ffn": {"kind": "mlp", "hidden": 70}, "norm": {"kind": "layernorm"}},
+        {"mixer": {"kind": "attention", "heads": 2, "position": {"kind": "none"}}, "ffn": None},
+    ],
+}
+
+
+def make(registry, **changes):
+    spec = ModelSpec.model_validate({**BASE, **changes}, context={"registry": registry})
+    return Model(spec, registry).double()
+
+
+def test_step_decoding_equals_parallel_forward(registry):
+    model = make(registry)
+    tokens = torch.randint(0, 37, (3, 29))
+    full = model(tokens).logits
+    state = model.init_state(3)
+    out = model(tokens[:, :11], state)  # prefill with a state...
+    logits = [out.logits]
+    for t in range(11, 29):  # ...then one token at a time
+        out = model.step(tokens[:, t], out.state)
+        logits.append(out.logits)
+    torch.testing.assert_close(torch.cat(logits, dim=1), full, rtol=1e-9, atol=1e-9)
+
+
+def test_two_pieces_with_state_equal_whole(registry):
+    model = make(registry)
+    tokens = torch.randint(0, 37, (2, 40))
+    full = model(tokens).logits
+    first = model(tokens[:, :17], model.init_state(2))
+    second = model(tokens[:, 17:], first.state)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full, rtol=1e-9, atol=1e-9)
+
+
+def test_sdpa_and_reference_agree_on_logits_and_gradients(registry, monkeypatch):
+    model = make(registry)
+    tokens = torch.randint(0, 37, (2, 33))
+    assert choose("mixer", "attention", model.spec.layers[0].mixer, "cpu", torch.float64,
+                  training=True, registry=registry).impl.name == "sdpa"
+    outs = {}
+    for pin in ("", "reference"):
+        monkeypatch.setenv("HYBRIDLAB_IMPL", pin)
+        model.zero_grad()
+        logits = model(tokens).logits
+        logits.square().mean().backward()
+        outs[pin] = (logits.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(outs[""][0], outs["reference"][0], rtol=1e-10, atol=1e-10)
+    for a, b in zip(outs[""][1], outs["reference"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_causality_future_tokens_do_not_change_past_logits(registry):
+    model = make(registry)
+    tokens = torch.randint(0, 37, (1, 20))
+    changed = tokens.clone()
+    changed[0, 12:] = (changed[0, 12:] + 1) % 37
+    torch.testing.assert_close(model(tokens).logits[:, :12], model(changed).logits[:, :12])
+    assert not torch.allclose(model(tokens).logits[:, 12:], model(changed).logits[:, 12:])
+
+
+def test_tied_head_shares_the_embedding_weight(registry):
+    tied = make(registry)
+    untied = make(registry, head={"kind": "lm", "tied": False})
+    assert tied.head.weight is tied.embedding.weight
+    assert count_parameters(untied) - count_parameters(tied) == 37 * 48
+
+
+def test_generate_greedy_matches_argmax_of_parallel_forward(registry):
+    model = make(registry)
+    prompt = torch.randint(0, 37, (2, 5))
+    out = model.generate(prompt, 6)
+    assert out.shape == (2, 11)
+    logits = model(out[:, :-1]).logits
+    torch.testing.assert_close(out[:, 5:], logits[:, 4:].argmax(-1))
+
+
+def test_pinning_an_unknown_or_unfit_implementation_is_an_error(registry, monkeypatch):
+    cfg = make(registry).spec.layers[0].mixer
+    with pytest.raises(HybridlabError, match="no implementation 'flash'.*has: sdpa, reference"):
+        choose("mixer", "attention", cfg, "cpu", torch.float32, training=True, registry=registry, pin="flash")
+    monkeypatch.setenv("HYBRIDLAB_IMPL", "attention=reference")
+    assert choose("mixer", "attention", cfg, "cpu", torch.float32, training=True, registry=registry).impl.name == "reference"
+
+
+def test_state_bytes_counts_the_kv_cache(registry):
+    model = make(registry)
+    # block 0: 2 kv heads x head_dim 8, keys and values, 100 tokens, bf16
+    assert model.blocks[0].mixer.state_bytes(100, torch.bfloat16) == 2 * 2 * 8 * 100 * 2

@@ -1,0 +1,778 @@
+"""Spec loading: YAML with positions -> extends -> --set -> repeat/defaults -> validation
+-> check(dims). Every error must carry the file, the line and the YAML path of the value
+that caused it, and a file's errors are reported together.
+
+Fixture specs live in tests/fixtures/specs/; tests that load them chdir there so file
+names in messages are short and exact. Generated specs go to tmp_path.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hybridlab.core.errors import HybridlabError, Problem, SpecError, format_path
+from hybridlab.core.spec import (ModelSpec, PipelineSpec, apply_overrides, deep_merge, dump_spec,
+                                 expand_layers, load_model_spec, load_pipeline, parse_set_path,
+                                 resolve_extends)
+from hybridlab.core.yamlio import LocDict, parse_yaml, read_yaml, to_plain
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "specs"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def fixtures(monkeypatch):
+    monkeypatch.chdir(FIXTURES)
+    return FIXTURES
+
+
+@pytest.fixture
+def tmp_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+    return path
+
+
+def spec_errors(load, *args, **kwargs) -> list[Problem]:
+    with pytest.raises(SpecError) as info:
+        load(*args, **kwargs)
+    return info.value.problems
+
+
+def assert_problems(problems: list[Problem], expected: list[tuple]) -> None:
+    """``expected``: (file, line, path, message fragment) per problem, in any order; the
+    problems must be exactly these (no more, no fewer)."""
+    got = {(p.file, p.line, p.path): p.message for p in problems}
+    assert len(got) == len(problems), f"two problems at one place: {problems}"
+    want = {(f, line, path): frag for f, line, path, frag in expected}
+    assert set(got) == set(want), "\n".join(str(p) for p in problems)
+    for where, fragment in want.items():
+        assert fragment in got[where], f"{where}: {got[where]!r} lacks {fragment!r}"
+
+
+TINY = """
+    name: tiny
+    vocab_size: 64
+    d_model: 64
+    layers:
+      - mixer: {kind: attention, heads: 4}
+"""
+
+
+# ---------------------------------------------------------------- errors: one fixture each
+
+
+def test_load_model_spec_kv_heads_not_dividing_heads(fixtures):
+    problems = spec_errors(load_model_spec, "bad_kv_heads.yaml")
+    assert [str(p) for p in problems] == [
+        "bad_kv_heads.yaml:11: layers[0].blocks[3].mixer.kv_heads: must divide heads (4), got 3"]
+
+
+def test_load_model_spec_unknown_kind_lists_kinds_with_package_and_did_you_mean(fixtures):
+    problems = spec_errors(load_model_spec, "bad_unknown_kind.yaml")
+    assert_problems(problems, [
+        ("bad_unknown_kind.yaml", 6, "layers[0].mixer", "unknown mixer kind 'atention'"),
+        ("bad_unknown_kind.yaml", 7, "layers[0].norm", "unknown normalization kind 'rmsnrm'"),
+        ("bad_unknown_kind.yaml", 8, "layers[1].mixer", "unknown mixer kind 'mamba9000'"),
+    ])
+    by_line = {p.line: p.message for p in problems}
+    assert "(did you mean 'attention'?)" in by_line[6]
+    assert "registered mixer kinds: attention (hybridlab)" in by_line[6]
+    assert "(did you mean 'rmsnorm'?)" in by_line[7]
+    assert "layernorm (hybridlab)" in by_line[7] and "rmsnorm (hybridlab)" in by_line[7]
+    assert "did you mean" not in by_line[8]  # nothing is close to mamba9000
+    assert "registered mixer kinds: attention (hybridlab)" in by_line[8]
+
+
+def test_load_model_spec_unknown_field_suggests_the_close_one(fixtures):
+    problems = spec_errors(load_model_spec, "bad_unknown_field.yaml")
+    assert_problems(problems, [
+        ("bad_unknown_field.yaml", 8, "layers[0].mixer.kv_head",
+         "unknown field 'kv_head' (did you mean 'kv_heads'?); allowed: kind, heads, kv_heads, head_dim, "
+         "causal, position, bias"),
+        ("bad_unknown_field.yaml", 9, "layers[0].ffn.hiden",
+         "unknown field 'hiden' (did you mean 'hidden'?); allowed: kind, hidden, bias"),
+        ("bad_unknown_field.yaml", 10, "nrom", "unknown field 'nrom' (did you mean 'norm'?)"),
+    ])
+
+
+def test_load_model_spec_wrong_types(fixtures):
+    problems = spec_errors(load_model_spec, "bad_wrong_type.yaml")
+    assert_problems(problems, [
+        ("bad_wrong_type.yaml", 3, "d_model", "valid integer"),
+        ("bad_wrong_type.yaml", 5, "layers[0].mixer.causal", "valid boolean"),
+        ("bad_wrong_type.yaml", 6, "layers[0].ffn.activation",
+         "must be one of 'gelu', 'relu', 'silu' or 'relu2', got 'tanh'"),
+    ])
+    by_line = {p.line: p.message for p in problems}
+    assert by_line[3].endswith("got 'wide'")  # what arrived is shown
+    assert by_line[5].endswith("got 'maybe'")
+
+
+def test_load_model_spec_values_out_of_range(fixtures):
+    problems = spec_errors(load_model_spec, "bad_out_of_range.yaml")
+    assert_problems(problems, [
+        ("bad_out_of_range.yaml", 2, "vocab_size", "greater than or equal to 2, got 1"),
+        ("bad_out_of_range.yaml", 4, "init_std", "greater than 0, got 0"),
+        ("bad_out_of_range.yaml", 8, "layers[0].mixer.heads", "greater than or equal to 1, got 0"),
+        ("bad_out_of_range.yaml", 9, "layers[0].mixer.position.fraction", "less than or equal to 1, got 1.5"),
+    ])
+
+
+def test_load_model_spec_missing_required_field_points_at_the_mapping(fixtures):
+    problems = spec_errors(load_model_spec, "bad_missing_heads.yaml")
+    assert [str(p) for p in problems] == [
+        "bad_missing_heads.yaml:6: layers[1].mixer.heads: required field is missing"]
+
+
+def test_load_model_spec_missing_top_level_fields(tmp_cwd):
+    write(tmp_cwd, "m.yaml", "name: nothing-else\n")
+    problems = spec_errors(load_model_spec, "m.yaml")
+    assert_problems(problems, [
+        ("m.yaml", 1, "vocab_size", "required field is missing"),
+        ("m.yaml", 1, "d_model", "required field is missing"),
+        ("m.yaml", 1, "layers", "required field is missing"),
+    ])
+
+
+def test_load_model_spec_invalid_yaml_reports_the_line(fixtures):
+    problems = spec_errors(load_model_spec, "bad_syntax.yaml")
+    assert len(problems) == 1
+    assert (problems[0].file, problems[0].line, problems[0].path) == ("bad_syntax.yaml", 3, "")
+    assert problems[0].message.startswith("invalid YAML: ")
+    assert "mapping values are not allowed here" in problems[0].message
+    assert str(problems[0]).startswith("bad_syntax.yaml:3: invalid YAML")
+
+
+def test_load_model_spec_tab_indentation_is_invalid_yaml(tmp_cwd):
+    write(tmp_cwd, "tab.yaml", "name: a\nvocab_size: 64\n\td_model: 64\n")
+    [problem] = spec_errors(load_model_spec, "tab.yaml")
+    assert (problem.file, problem.line) == ("tab.yaml", 3)
+    assert "invalid YAML" in problem.message and "'\\t'" in problem.message
+
+
+def test_load_model_spec_duplicate_keys(fixtures):
+    problems = spec_errors(load_model_spec, "bad_duplicate_keys.yaml")
+    assert_problems(problems, [
+        ("bad_duplicate_keys.yaml", 5, "layers[0].mixer.heads", "duplicate key 'heads' (first at line 5)"),
+        ("bad_duplicate_keys.yaml", 6, "d_model", "duplicate key 'd_model' (first at line 3)"),
+    ])
+
+
+def test_load_model_spec_file_that_is_a_list(fixtures):
+    [problem] = spec_errors(load_model_spec, "bad_not_mapping.yaml")
+    assert (problem.file, problem.line, problem.path) == ("bad_not_mapping.yaml", 1, "")
+    # the user wrote a YAML list; the loader's own LocList class is not theirs to know
+    assert problem.message == "a spec must be a mapping, got list"
+
+
+def test_load_model_spec_scalar_file(tmp_cwd):
+    write(tmp_cwd, "s.yaml", "just a string\n")
+    [problem] = spec_errors(load_model_spec, "s.yaml")
+    assert (problem.file, problem.line, problem.message) == ("s.yaml", 1, "a spec must be a mapping, got str")
+
+
+def test_load_model_spec_errors_in_defaults_reported_once_at_the_defaults_line(fixtures):
+    problems = spec_errors(load_model_spec, "bad_defaults.yaml")
+    # merged into 3 blocks, but each problem is reported once, where it was written
+    assert_problems(problems, [
+        ("bad_defaults.yaml", 7, "defaults.norm.eps", "greater than 0, got -1"),
+        ("bad_defaults.yaml", 8, "defaults.ffn.hiden", "unknown field 'hiden' (did you mean 'hidden'?)"),
+    ])
+
+
+def test_load_model_spec_errors_in_repeated_group_reported_once(fixtures):
+    problems = spec_errors(load_model_spec, "bad_repeat_group.yaml")
+    assert_problems(problems, [
+        ("bad_repeat_group.yaml", 8, "layers[0].blocks[0].mixer.causal", "got 'sometimes'"),
+    ])
+
+
+def test_load_model_spec_check_errors_in_repeated_group_reported_once(tmp_cwd):
+    write(tmp_cwd, "m.yaml", """
+        vocab_size: 64
+        d_model: 64
+        layers:
+          - repeat: 3
+            blocks:
+              - mixer: {kind: attention, heads: 4}
+              - repeat: 2
+                blocks:
+                  - mixer: {kind: attention, heads: 3}
+    """)
+    problems = spec_errors(load_model_spec, "m.yaml")
+    assert [str(p) for p in problems] == [
+        "m.yaml:9: layers[0].blocks[1].blocks[0].mixer.heads: "
+        "must divide d_model (64) unless head_dim is set, got 3"]
+
+
+def test_load_model_spec_reports_all_errors_not_just_the_first(fixtures):
+    problems = spec_errors(load_model_spec, "bad_many.yaml")
+    assert_problems(problems, [
+        ("bad_many.yaml", 5, "embedding.size", "unknown field 'size'; allowed: kind"),
+        ("bad_many.yaml", 7, "layers[0].mixer.kv_heads", "must divide heads (4), got 3"),
+        ("bad_many.yaml", 9, "layers[1].ffn.hidden", "greater than or equal to 1, got -5"),
+        ("bad_many.yaml", 10, "layers[2].mixer", "unknown mixer kind 'attenton' (did you mean 'attention'?)"),
+        ("bad_many.yaml", 11, "head.tied", "got 'perhaps'"),
+    ])
+
+
+def test_spec_error_str_is_one_line_per_problem(fixtures):
+    with pytest.raises(SpecError) as info:
+        load_model_spec("bad_many.yaml")
+    exc = info.value
+    assert str(exc).splitlines() == [str(p) for p in exc.problems] == exc.lines()
+    assert isinstance(exc, HybridlabError)
+
+
+def test_load_model_spec_check_needs_dims(fixtures):
+    problems = spec_errors(load_model_spec, "bad_heads_d_model.yaml")
+    assert_problems(problems, [
+        ("bad_heads_d_model.yaml", 7, "layers[1].mixer.heads",
+         "must divide d_model (48) unless head_dim is set, got 5"),
+        ("bad_heads_d_model.yaml", 9, "layers[3].mixer.position", "rope rotates no dims at head_dim 1"),
+    ])
+
+
+def test_load_model_spec_component_not_a_mapping(tmp_cwd):
+    write(tmp_cwd, "m.yaml", """
+        vocab_size: 64
+        d_model: 64
+        layers:
+          - mixer: attention
+          - mixer: {heads: 4}
+          - 5
+    """)
+    problems = spec_errors(load_model_spec, "m.yaml")
+    assert_problems(problems, [
+        ("m.yaml", 4, "layers[0].mixer", "expected a mapping with a 'kind' key (a mixer config)"),
+        ("m.yaml", 5, "layers[1].mixer", "missing 'kind' (one of: attention)"),
+        ("m.yaml", 6, "layers[2]", "valid dictionary"),
+    ])
+    message = next(p.message for p in problems if p.line == 4)
+    assert message.count("got") == 1, message  # not "got str, got 'attention'"
+
+
+def test_load_model_spec_kind_that_is_not_a_string(tmp_cwd):
+    write(tmp_cwd, "m.yaml", """
+        vocab_size: 64
+        d_model: 64
+        layers:
+          - mixer: {kind: 3, heads: 4}
+          - mixer: {kind: [attention], heads: 4}
+    """)
+    problems = spec_errors(load_model_spec, "m.yaml")  # an error, not a TypeError traceback
+    assert [(p.line, p.path) for p in problems if p.line == 4] == [(4, "layers[0].mixer")]
+    assert "kind must be a name (a string), got 3" in problems[0].message
+    assert any(p.line == 5 and p.path.startswith("layers[1].mixer") for p in problems), problems
+
+
+def test_load_model_spec_missing_file_is_a_hybridlab_error(tmp_cwd):
+    with pytest.raises(HybridlabError, match=r"^nowhere\.yaml: no such file$") as info:
+        load_model_spec("nowhere.yaml")
+    assert not isinstance(info.value, SpecError)
+
+
+def test_load_model_spec_directory_is_a_hybridlab_error(tmp_cwd):
+    (tmp_cwd / "d.yaml").mkdir()
+    with pytest.raises(HybridlabError, match="is a directory"):
+        load_model_spec("d.yaml")
+
+
+def test_file_names_outside_the_working_directory_are_absolute(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    path = write(tmp_path, "elsewhere.yaml", "vocab_size: 1\nd_model: 64\nlayers: [{mixer: {kind: attention, heads: 4}}]\n")
+    [problem] = spec_errors(load_model_spec, path)
+    assert problem.file == str(path)
+    assert problem.line == 1 and problem.path == "vocab_size"
+
+
+# ---------------------------------------------------------------- yaml positions
+
+
+def test_parse_yaml_keeps_lines_and_paths():
+    data = parse_yaml("a: 1\nb:\n  c: [x, {d: 2}]\n", "f.yaml")
+    assert data == {"a": 1, "b": {"c": ["x", {"d": 2}]}}
+    assert data.locs["a"].line == 1 and data.locs["b"].line == 2
+    inner = data["b"]["c"]
+    assert inner.locs[1].line == 3 and inner.locs[1].path == ("b", "c", 1)
+    assert inner[1].locs["d"].path == ("b", "c", 1, "d")
+    assert to_plain(data) == {"a": 1, "b": {"c": ["x", {"d": 2}]}}
+    assert type(to_plain(data)) is dict
+
+
+def test_parse_yaml_empty_text_is_an_empty_mapping():
+    data = parse_yaml("", "e.yaml")
+    assert data == {} and isinstance(data, LocDict)
+
+
+def test_yaml_merge_key_with_override_is_not_a_duplicate(tmp_cwd):
+    # YAML merge keys (<<: *anchor) are supported; a key written next to the merge
+    # overrides the merged one (YAML 1.1 merge semantics), it is not a duplicate.
+    write(tmp_cwd, "m.yaml", """
+        norm_base: &n {kind: rmsnorm, eps: 0.5}
+        vocab_size: 64
+        d_model: 64
+        layers:
+          - mixer: {kind: attention, heads: 4}
+            norm: {<<: *n, eps: 0.25}
+    """)
+    data = read_yaml("m.yaml")
+    assert to_plain(data["layers"][0]["norm"]) == {"kind": "rmsnorm", "eps": 0.25}
+
+
+def test_format_path():
+    assert format_path(("layers", 0, "blocks", 3, "mixer", "kv_heads")) == "layers[0].blocks[3].mixer.kv_heads"
+    assert format_path(()) == ""
+    assert format_path((0, "a")) == "[0].a"
+
+
+def test_problem_str():
+    assert str(Problem("a.yaml", 3, "x.y", "bad")) == "a.yaml:3: x.y: bad"
+    assert str(Problem("--set", None, "x", "bad")) == "--set: x: bad"
+    assert str(Problem("a.yaml", 1, "", "bad")) == "a.yaml:1: bad"
+
+
+def test_spec_error_deduplicates_problems():
+    p = Problem("a.yaml", 3, "x", "bad")
+    q = Problem("a.yaml", 4, "x", "bad")
+    assert SpecError([p, q, p, q]).problems == [p, q]
+
+
+# ---------------------------------------------------------------- extends and deep_merge
+
+
+def test_deep_merge_rules():
+    base = {"a": 1, "m": {"x": 1, "y": {"p": 1, "q": 2}}, "l": [1, 2, 3], "c": {"kind": "rope", "theta": 5.0}}
+    over = {"a": 2, "m": {"y": {"q": 3}, "z": 4}, "l": [9], "c": {"kind": "none"}, "new": True}
+    assert deep_merge(base, over) == {
+        "a": 2,
+        "m": {"x": 1, "y": {"p": 1, "q": 3}, "z": 4},  # nested mappings merge
+        "l": [9],  # lists are replaced
+        "c": {"kind": "none"},  # a different kind replaces, theta does not leak
+        "new": True,
+    }
+    assert base["m"]["y"] == {"p": 1, "q": 2}  # inputs untouched
+    assert deep_merge({"kind": "rope", "theta": 5.0}, {"kind": "rope", "fraction": 0.5}) == {
+        "kind": "rope", "theta": 5.0, "fraction": 0.5}  # same kind merges
+    assert deep_merge({"a": {"b": 1}}, {"a": None}) == {"a": None}
+    assert deep_merge({"a": 1}, {"a": {"b": 1}}) == {"a": {"b": 1}}
+
+
+def test_load_model_spec_extends_relative_to_the_extending_file(fixtures):
+    spec = load_model_spec("extends/sub/child.yaml")
+    assert spec.name == "child"
+    assert (spec.vocab_size, spec.d_model, spec.init_std) == (64, 64, 0.01)  # from the base
+    # lists are replaced: the child's one layer, not the base's two
+    assert len(spec.layers) == 1 and spec.layers[0].mixer.heads == 2
+    # defaults.norm: layernorm in the base, rmsnorm in the child -> replaced, so the
+    # base's layernorm-only `bias: false` does not leak into rmsnorm (it would be an error)
+    assert spec.layers[0].norm.kind == "rmsnorm" and spec.layers[0].norm.eps == 1e-6
+    # defaults.ffn: same kind (given by the base only) -> merged, the child's hidden wins
+    assert (spec.layers[0].ffn.kind, spec.layers[0].ffn.hidden, spec.layers[0].ffn.bias) == ("swiglu", 256, True)
+    # head: merged mapping, override wins
+    assert (spec.head.kind, spec.head.tied) == ("lm", True)
+
+
+def test_load_model_spec_extends_a_list_of_bases(fixtures):
+    spec = load_model_spec("extends/multi.yaml")
+    assert spec.name == "multi"  # the file itself wins over both bases
+    assert spec.d_model == 32  # the later base wins over the earlier
+    assert spec.vocab_size == 64 and len(spec.layers) == 2  # from the first base
+
+
+def test_resolve_extends_drops_the_extends_key(fixtures):
+    data = resolve_extends(Path("extends/multi.yaml"))
+    assert "extends" not in data
+    assert data["name"] == "multi" and data["d_model"] == 32
+
+
+def test_load_model_spec_errors_in_base_name_the_base_file(fixtures):
+    problems = spec_errors(load_model_spec, "extends/sub/bad_child.yaml")
+    assert_problems(problems, [
+        ("extends/bad_base.yaml", 5, "layers[0].mixer.kv_heads", "must divide heads (4), got 3"),
+        # the child re-states head (merged); the bad value still comes from the base's line
+        ("extends/bad_base.yaml", 6, "head.tied", "got 'perhaps'"),
+    ])
+
+
+def test_load_model_spec_extends_cycle(fixtures):
+    [problem] = spec_errors(load_model_spec, "extends/cycle_a.yaml")
+    assert str(problem) == (
+        "extends/cycle_b.yaml:4: extends: extends cycle: "
+        "extends/cycle_a.yaml -> extends/cycle_b.yaml -> extends/cycle_a.yaml")
+
+
+def test_load_model_spec_extends_itself(tmp_cwd):
+    write(tmp_cwd, "self.yaml", "name: me\nextends: self.yaml\n")
+    [problem] = spec_errors(load_model_spec, "self.yaml")
+    assert str(problem) == "self.yaml:2: extends: extends cycle: self.yaml -> self.yaml"
+
+
+def test_load_model_spec_extends_missing_base(fixtures):
+    [problem] = spec_errors(load_model_spec, "extends/missing_base.yaml")
+    assert str(problem) == ("extends/missing_base.yaml:2: extends: extended file 'sub/nowhere.yaml' not found "
+                            "(looked at extends/sub/nowhere.yaml)")
+
+
+def test_load_model_spec_extends_must_be_paths(tmp_cwd):
+    write(tmp_cwd, "m.yaml", "name: x\nextends: {a: 1}\n")
+    [problem] = spec_errors(load_model_spec, "m.yaml")
+    assert str(problem) == "m.yaml:2: extends: must be a path or a list of paths"
+
+
+def test_load_model_spec_diamond_extends_is_not_a_cycle(tmp_cwd):
+    write(tmp_cwd, "root.yaml", TINY)
+    write(tmp_cwd, "left.yaml", "extends: root.yaml\nd_model: 32\n")
+    write(tmp_cwd, "right.yaml", "extends: root.yaml\nname: right\n")
+    write(tmp_cwd, "top.yaml", "extends: [left.yaml, right.yaml]\n")
+    spec = load_model_spec("top.yaml")
+    # right re-states root's d_model (64) after left set 32: the later base wins
+    assert (spec.name, spec.d_model) == ("right", 64)
+
+
+# ---------------------------------------------------------------- defaults and repeat
+
+
+def test_load_model_spec_defaults_and_nested_repeat(fixtures):
+    spec = load_model_spec("good_hybrid.yaml")
+    heads = [b.mixer.heads for b in spec.layers]
+    # 1, then 2 x (2, 2 x 4, 8), then 16: expansion keeps the written order
+    assert heads == [1, 2, 4, 4, 8, 2, 4, 4, 8, 16]
+    norms = [(b.norm.kind, b.norm.eps) for b in spec.layers]
+    assert norms == [("layernorm", 0.001)] * 4 + [("rmsnorm", 1e-6)] + [("layernorm", 0.001)] * 3 + [
+        ("rmsnorm", 1e-6), ("layernorm", 0.001)]
+    ffns = [None if b.ffn is None else (b.ffn.kind, b.ffn.hidden, b.ffn.bias) for b in spec.layers]
+    default, narrow, mlp = ("swiglu", 64, True), ("swiglu", 48, True), ("mlp", None, False)
+    assert ffns == [default, default, narrow, narrow, mlp, default, narrow, narrow, mlp, None]
+    assert spec.layers[4].ffn.activation == "relu"
+    assert spec.layers[4].mixer.position.kind == "none"
+    assert spec.layers[0].mixer.position.kind == "rope"
+
+
+def test_expand_layers_directly():
+    data = parse_yaml(textwrap.dedent("""\
+        defaults: {ffn: {kind: mlp}}
+        layers:
+          - repeat: 3
+            blocks:
+              - {mixer: a}
+              - {mixer: b, ffn: {hidden: 8}}
+          - {mixer: c}
+    """), "x.yaml")
+    assert expand_layers(data) == []
+    assert "defaults" not in data
+    assert to_plain(data["layers"]) == (
+        [{"ffn": {"kind": "mlp"}, "mixer": "a"}, {"ffn": {"kind": "mlp", "hidden": 8}, "mixer": "b"}] * 3
+        + [{"ffn": {"kind": "mlp"}, "mixer": "c"}])
+    # expanded blocks remember where they were written
+    assert [loc.line for loc in data["layers"].locs] == [5, 6] * 3 + [7]
+
+
+def test_load_model_spec_bad_repeat_values(fixtures):
+    problems = spec_errors(load_model_spec, "bad_repeat_values.yaml")
+    assert_problems(problems, [
+        ("bad_repeat_values.yaml", 5, "layers[0].repeat", "must be a positive integer, got 0"),
+        ("bad_repeat_values.yaml", 8, "layers[1].repeat", "must be a positive integer, got 'x'"),
+        ("bad_repeat_values.yaml", 11, "layers[2].blocks", "a repeat group needs 'blocks'"),
+        ("bad_repeat_values.yaml", 13, "layers[3].blocks", "must be a non-empty list of blocks"),
+        ("bad_repeat_values.yaml", 14, "layers[4]",
+         "a repeat group takes only 'repeat' and 'blocks', got ['mixer']"),
+    ])
+
+
+def test_load_model_spec_repeat_true_is_not_one(tmp_cwd):
+    write(tmp_cwd, "m.yaml", """
+        vocab_size: 64
+        d_model: 64
+        layers:
+          - repeat: true
+            blocks: [{mixer: {kind: attention, heads: 4}}]
+          - mixer: {kind: attention, heads: 4}
+    """)
+    [problem] = spec_errors(load_model_spec, "m.yaml")
+    assert str(problem) == "m.yaml:4: layers[0].repeat: must be a positive integer, got True"
+
+
+def test_load_model_spec_bad_layers_and_defaults_shapes(tmp_cwd):
+    write(tmp_cwd, "m.yaml", """
+        vocab_size: 64
+        d_model: 64
+        defaults: 3
+        layers: {mixer: {kind: attention, heads: 4}}
+    """)
+    problems = spec_errors(load_model_spec, "m.yaml")
+    assert {(p.line, p.path) for p in problems} == {(3, "defaults"), (4, "layers")}
+    assert "defaults: must be a mapping of block fields (norm, ffn, mixer...)" in str(problems[0])
+    assert "m.yaml:4: layers: input should be a valid list" in [str(p) for p in problems]
+
+
+def test_load_model_spec_empty_layers(tmp_cwd):
+    write(tmp_cwd, "m.yaml", "vocab_size: 64\nd_model: 64\nlayers: []\n")
+    [problem] = spec_errors(load_model_spec, "m.yaml")
+    assert (problem.line, problem.path) == (3, "layers")
+    assert "at least 1 item" in problem.message
+
+
+def test_load_model_spec_defaults_from_the_model(tmp_cwd):
+    write(tmp_cwd, "m.yaml", TINY)
+    spec = load_model_spec("m.yaml")
+    assert isinstance(spec, ModelSpec)
+    block = spec.layers[0]
+    assert (block.norm.kind, block.ffn.kind, block.mixer.position.kind) == ("rmsnorm", "swiglu", "rope")
+    assert (spec.embedding.kind, spec.residual.kind, spec.norm.kind, spec.head.kind) == (
+        "token", "prenorm", "rmsnorm", "lm")
+    assert spec.dims().n_layers == 1 and spec.dims().d_model == 64
+
+
+# ---------------------------------------------------------------- --set
+
+
+def test_parse_set_path():
+    assert parse_set_path("layers[0].blocks[1].mixer.heads") == ("layers", 0, "blocks", 1, "mixer", "heads")
+    assert parse_set_path("steps") == ("steps",)
+    assert parse_set_path("a[2][3]") == ("a", 2, 3)
+    for bad in ("", "a..b", "a[x]", "a[-1]", "a."):
+        with pytest.raises(HybridlabError, match="cannot parse the path"):
+            parse_set_path(bad)
+
+
+def test_load_model_spec_set_nested_path_with_indices(fixtures):
+    spec = load_model_spec("models/small.yaml", ["layers[0].blocks[1].mixer.heads=2"])
+    # applied before repeat expansion: both repetitions see it
+    assert [b.mixer.heads for b in spec.layers] == [4, 2, 4, 2]
+    assert [b.mixer.kv_heads for b in spec.layers] == [None, 2, None, 2]
+
+
+def test_load_model_spec_set_values_are_yaml(fixtures):
+    spec = load_model_spec("models/small.yaml", [
+        "vocab_size=128",
+        "name=renamed",
+        "head.tied=false",  # creates the head mapping; lm's default kind is not implied
+        "head.kind=lm",
+        "norm={kind: layernorm, eps: 0.5}",
+        "layers[0].blocks[0].mixer.causal=false",
+        "layers[0].blocks[0].mixer.position={kind: rope, fraction: 0.5}",
+        "init_std=1e-3",
+    ])
+    assert (spec.vocab_size, spec.name, spec.head.tied) == (128, "renamed", False)
+    assert (spec.norm.kind, spec.norm.eps) == ("layernorm", 0.5)
+    assert spec.layers[0].mixer.causal is False and spec.layers[1].mixer.causal is True
+    assert spec.layers[0].mixer.position.fraction == 0.5
+    assert spec.init_std == 1e-3
+
+
+def test_apply_overrides_creates_intermediate_mappings():
+    data = parse_yaml("a: 1\nlist: [{x: 1}]\n", "f.yaml")
+    apply_overrides(data, ["b.c.d=3", "list[0].y.z=[1, 2]", "a=", "e=x=y"])
+    assert to_plain(data) == {"a": None, "list": [{"x": 1, "y": {"z": [1, 2]}}], "b": {"c": {"d": 3}}, "e": "x=y"}
+    assert data.locs["b"].file == "--set"
+
+
+def test_load_model_spec_set_errors_are_reported_as_set(fixtures):
+    problems = spec_errors(load_model_spec, "models/small.yaml",
+                           ["layers[0].blocks[1].mixer.kv_heads=3", "d_model=abc"])
+    assert_problems(problems, [
+        ("--set", None, "layers[0].blocks[1].mixer.kv_heads", "must divide heads (4), got 3"),
+        ("--set", None, "d_model", "got 'abc'"),
+    ])
+    assert str(problems[0]).startswith("--set: ")
+
+
+def test_load_model_spec_set_check_error(fixtures):
+    [problem] = spec_errors(load_model_spec, "models/small.yaml", ["layers[0].blocks[0].mixer.heads=3"])
+    assert str(problem) == ("--set: layers[0].blocks[0].mixer.heads: "
+                            "must divide d_model (64) unless head_dim is set, got 3")
+
+
+def test_load_model_spec_set_that_breaks_a_file_value_points_at_the_file(fixtures):
+    # heads=3 is fine by itself; the file's kv_heads: 2 no longer divides it
+    [problem] = spec_errors(load_model_spec, "models/small.yaml", ["layers[0].blocks[1].mixer.heads=3"])
+    assert str(problem).startswith("models/small.yaml:8: layers[0].blocks[1].mixer.kv_heads: must divide heads (3)")
+
+
+def test_load_model_spec_set_created_mapping_error_names_the_mapping(fixtures):
+    # small.yaml has no head: --set creates head: {tied: false}, which lacks a kind.
+    # The problem is the mapping `head`, not the value `head.tied`.
+    [problem] = spec_errors(load_model_spec, "models/small.yaml", ["head.tied=false"])
+    assert (problem.file, problem.line) == ("--set", None)
+    assert problem.message == "missing 'kind' (one of: lm)"
+    assert problem.path == "head"
+
+
+@pytest.mark.parametrize("item, message", [
+    ("foo", "--set foo: expected KEY=VALUE, e.g. --set steps=100"),
+    ("layers[5].mixer.heads=2", "--set layers[5].mixer.heads=2: layers[5]: no such list item"),
+    ("layers[1]=3", "--set layers[1]=3: layers[1]: no such list item"),
+    ("name[0]=3", "--set name[0]=3: name is 'small', not a mapping or list"),
+    ("layers.mixer=3", "--set layers.mixer=3: layers: not a mapping"),
+    ("a..b=1", "--set a..b: cannot parse the path near '..'"),
+])
+def test_load_model_spec_bad_set_raises_hybridlab_error(fixtures, item, message):
+    with pytest.raises(HybridlabError) as info:
+        load_model_spec("models/small.yaml", [item])
+    assert not isinstance(info.value, SpecError)
+    assert str(info.value) == message
+
+
+def test_load_model_spec_set_invalid_yaml_value_is_one_line(fixtures):
+    with pytest.raises(HybridlabError) as info:
+        load_model_spec("models/small.yaml", ["d_model=[1"])
+    assert str(info.value).startswith("--set d_model=[1: the value is not valid YAML")
+    assert "\n" not in str(info.value)  # HybridlabError messages are one line
+
+
+# ---------------------------------------------------------------- pipelines
+
+
+def test_load_pipeline_default_job_validates(monkeypatch):
+    monkeypatch.chdir(REPO)
+    spec = load_pipeline("specs/train/default.yaml")
+    assert isinstance(spec, PipelineSpec)
+    # the job's numbers get tuned; compare with the file rather than restating them
+    raw = yaml.safe_load(Path("specs/train/default.yaml").read_text())
+    assert (spec.name, spec.steps, spec.batch_size) == (raw["name"], raw["steps"], raw["batch_size"])
+    assert spec.optimizer.lr == raw["optimizer"]["lr"]
+    assert spec.model.name == "tiny-hybrid" and len(spec.model.layers) == 2
+    assert (spec.data.kind, spec.optimizer.kind, spec.schedule.kind) == ("mqar", "adamw", "cosine")
+    assert [o.kind for o in spec.objectives] == ["cross_entropy"]
+    assert spec.model == load_model_spec("specs/models/tiny-hybrid.yaml")
+
+
+def test_load_pipeline_model_path_is_relative_to_the_pipeline(fixtures):
+    spec = load_pipeline("train/path_model.yaml")
+    assert spec.model == load_model_spec("models/small.yaml")
+    assert spec.steps == 5
+
+
+def test_load_pipeline_model_errors_point_into_the_model_file(fixtures):
+    problems = spec_errors(load_pipeline, "train/broken_model.yaml")
+    assert_problems(problems, [
+        ("models/broken.yaml", 6, "layers[1].mixer.kv_heads", "must divide heads (4), got 3"),
+        ("train/broken_model.yaml", 4, "device", "unknown device 'gpu'; expected auto, cpu, cuda or cuda:N"),
+    ])
+
+
+def test_load_pipeline_inline_model(fixtures):
+    problems = spec_errors(load_pipeline, "train/inline_model.yaml")
+    assert_problems(problems, [
+        ("train/inline_model.yaml", 10, "model.layers[0].blocks[0].mixer.heads",
+         "must divide d_model (32) unless head_dim is set, got 3"),
+        ("train/inline_model.yaml", 11, "data", "the task uses 64 token ids but model.vocab_size is 32"),
+    ])
+    spec = load_pipeline("train/inline_model.yaml", ["model.layers[0].blocks[0].mixer.heads=4",
+                                                     "model.vocab_size=64"])
+    assert [b.mixer.heads for b in spec.model.layers] == [4, 4]
+    assert [(b.ffn.kind, b.ffn.hidden) for b in spec.model.layers] == [("mlp", 64)] * 2
+
+
+def test_load_pipeline_set_through_a_path_model(fixtures):
+    spec = load_pipeline("train/path_model.yaml", ["model.d_model=32", "steps=9"])
+    assert (spec.model.d_model, spec.steps) == (32, 9)
+    [problem] = spec_errors(load_pipeline, "train/path_model.yaml",
+                            ["model.d_model=32", "model.layers[0].blocks[0].mixer.heads=3"])
+    assert str(problem) == ("--set: model.layers[0].blocks[0].mixer.heads: "
+                            "must divide d_model (32) unless head_dim is set, got 3")
+
+
+def test_load_pipeline_missing_model_file(fixtures):
+    [problem] = spec_errors(load_pipeline, "train/missing_model.yaml")
+    assert str(problem) == ("train/missing_model.yaml:2: model: model spec '../models/nowhere.yaml' not found "
+                            "(looked at models/nowhere.yaml)")
+
+
+@pytest.mark.parametrize("device, ok", [
+    ("auto", True), ("cpu", True), ("cuda", True), ("cuda:1", True), ("mps", True),
+    ("gpu", False), ("cuda0", False), ("CPU", False), ("cuda:x", False),
+])
+def test_load_pipeline_device(fixtures, device, ok):
+    if ok:
+        assert load_pipeline("train/path_model.yaml", [f"device={device}"]).device == device
+    else:
+        [problem] = spec_errors(load_pipeline, "train/path_model.yaml", [f"device={device}"])
+        assert (problem.file, problem.path) == ("--set", "device")
+        assert problem.message == f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N"
+
+
+def test_load_pipeline_inline_model_cannot_extend(tmp_cwd):
+    write(tmp_cwd, "m.yaml", TINY)
+    write(tmp_cwd, "p.yaml", "data: {kind: mqar}\nmodel: {extends: m.yaml}\n")
+    [problem] = spec_errors(load_pipeline, "p.yaml")
+    assert str(problem) == "p.yaml:2: model: an inline model cannot use 'extends'; give a path instead"
+
+
+def test_load_pipeline_unknown_fields_and_ranges(tmp_cwd):
+    write(tmp_cwd, "m.yaml", TINY)
+    write(tmp_cwd, "p.yaml", """
+        model: m.yaml
+        data: {kind: mqar}
+        stepz: 3
+        grad_clip: 0
+        precision: fp8
+        objectives: []
+    """)
+    problems = spec_errors(load_pipeline, "p.yaml")
+    assert_problems(problems, [
+        ("p.yaml", 3, "stepz", "unknown field 'stepz' (did you mean 'steps'?)"),
+        ("p.yaml", 4, "grad_clip", "greater than 0, got 0"),
+        ("p.yaml", 5, "precision", "must be one of 'fp32' or 'bf16', got 'fp8'"),
+        ("p.yaml", 6, "objectives", "at least 1 item"),
+    ])
+
+
+def test_load_pipeline_unknown_field_in_an_objective_suggests(tmp_cwd):
+    write(tmp_cwd, "m.yaml", TINY)
+    write(tmp_cwd, "p.yaml", """
+        model: m.yaml
+        data: {kind: mqar}
+        objectives:
+          - {kind: cross_entropy, weigth: 2}
+    """)
+    [problem] = spec_errors(load_pipeline, "p.yaml")
+    assert (problem.file, problem.line, problem.path) == ("p.yaml", 4, "objectives[0].weigth")
+    assert problem.message.startswith("unknown field 'weigth' (did you mean 'weight'?); allowed: ")
+
+
+def test_load_pipeline_model_path_in_a_base_pipeline_is_relative_to_the_base(tmp_cwd):
+    # `model:` is "relative to this file": the file that wrote it, not the one extending it
+    write(tmp_cwd, "models/m.yaml", TINY)
+    write(tmp_cwd, "train/base.yaml", "model: ../models/m.yaml\ndata: {kind: mqar}\n")
+    write(tmp_cwd, "train/sub/child.yaml", "extends: ../base.yaml\nsteps: 7\n")
+    spec = load_pipeline("train/sub/child.yaml")
+    assert spec.steps == 7 and spec.model.name == "tiny"
+
+
+# ---------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("name", ["good_hybrid.yaml", "extends/sub/child.yaml", "models/small.yaml"])
+def test_dump_spec_round_trips_model_specs(fixtures, tmp_path, name):
+    spec = load_model_spec(name)
+    out = tmp_path / "resolved.yaml"
+    out.write_text(dump_spec(spec), encoding="utf-8")
+    again = load_model_spec(out)
+    assert again == spec
+    assert dump_spec(again) == dump_spec(spec)
+
+
+def test_dump_spec_round_trips_pipelines(monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    spec = load_pipeline("specs/train/default.yaml")
+    out = tmp_path / "resolved.yaml"
+    out.write_text(dump_spec(spec), encoding="utf-8")
+    again = load_pipeline(out)
+    assert again == spec
+    assert dump_spec(again) == dump_spec(spec)
+    assert "extends" not in dump_spec(spec) and "repeat" not in dump_spec(spec)
