@@ -7,6 +7,7 @@ one line per problem naming what and where, and exits with status 2, no tracebac
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from importlib import resources
 from pathlib import Path
@@ -146,6 +147,63 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from .spec import PipelineSpec
+    from .train import resolve_device
+    from .verify import Report, verify_all, verify_model
+
+    device = resolve_device(args.device).type
+    report = Report()
+    if args.specs:
+        if args.kind or args.impl:
+            raise HybridlabError("--kind/--impl select components; give either SPEC... or --kind/--impl")
+        for path in args.specs:
+            spec = _load_any(path, args.set)
+            model_spec = spec.model if isinstance(spec, PipelineSpec) else spec
+            part = verify_model(model_spec, device=device, dtype=getattr(torch, args.dtype))
+            report.extend(part)
+            report.seconds += part.seconds
+    else:
+        report = verify_all(kind=args.kind, impl=args.impl, device=device)
+    _print_report(report, show_all=args.all)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0 if report.passed else 1
+
+
+def _print_report(report: Any, *, show_all: bool) -> None:
+    """One row per (kind, impl, dtype): its worst check; then every failing check."""
+    header = ("kind", "impl", "dtype", "shape", "quantity", "error", "ref error", "ratio", "verdict")
+
+    def row(c: Any, count: str = "") -> tuple[str, ...]:
+        return (c.kind, c.impl, c.dtype, c.case, c.quantity + count, f"{c.error:.2e}", f"{c.ref_error:.2e}",
+                f"{c.ratio:.2f}" if c.ref_error else "-", "PASS" if c.passed else "FAIL")
+
+    if show_all:
+        _table(header, [row(c) for c in report.checks])
+    else:
+        groups: dict[tuple, list] = {}
+        for c in report.checks:
+            groups.setdefault((c.kind, c.impl, c.dtype), []).append(c)
+        worst = [max(cs, key=lambda c: (not c.passed, c.error / c.allowed if c.allowed else math.inf))
+                 for cs in groups.values()]
+        rows = [row(w, f" (worst of {len(groups[(w.kind, w.impl, w.dtype)])})") for w in worst]
+        _table(header, rows)
+        failures = report.failures()
+        if failures:
+            print(f"\nfailing checks ({len(failures)}):")
+            _table(header, [row(c) for c in failures])
+    for problem in report.problems:
+        print(f"PROBLEM: {problem}")
+    n, bad = len(report.checks), len(report.failures())
+    verdict = "PASSED" if report.passed else "FAILED"
+    print(f"{verdict}: {n - bad}/{n} checks passed in {report.seconds:.1f} s")
+
+
 # ---------------------------------------------------------------- helpers
 
 
@@ -188,6 +246,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     s.add_argument("--seq-len", type=int, default=4096, help="sequence length for the state size (default 4096)")
     s.set_defaults(fn=cmd_summary)
+
+    s = sub.add_parser("verify", help="check fast implementations against references (components or a model)")
+    s.add_argument("specs", nargs="*", metavar="SPEC", help="model specs or pipelines: verify the whole model")
+    s.add_argument("--kind", help="only this kind")
+    s.add_argument("--impl", help="only this implementation")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="model-level dtype (components run every dtype they declare)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--json", metavar="PATH", help="write the full report as JSON")
+    s.add_argument("--all", action="store_true", help="print every check, not the worst per group")
+    s.set_defaults(fn=cmd_verify)
 
     s = sub.add_parser("train", help="train a pipeline (default: the built-in MQAR job)")
     s.add_argument("pipeline", nargs="?", metavar="PIPELINE", help=f"pipeline YAML (default: specs/{DEFAULT_PIPELINE})")

@@ -9,15 +9,35 @@ pins per kind. Naming an implementation that cannot serve the layer is an error.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from .errors import HybridlabError
 
 ENV = "HYBRIDLAB_IMPL"
+_FORCED: ContextVar[tuple[tuple[str, str], ...]] = ContextVar("hybridlab_forced_impls", default=())
+
+
+@contextlib.contextmanager
+def forced(pins: str | dict[str, str]) -> Iterator[None]:
+    """Pin implementations inside a ``with`` block, over the environment:
+    ``forced("reference")`` everywhere, ``forced({"attention": "sdpa"})`` per kind."""
+    pins = pins_from_env(pins) if isinstance(pins, str) else dict(pins)
+    token = _FORCED.set(tuple(pins.items()))
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def current_pins() -> dict[str, str]:
+    """The environment's pins, overridden by any ``forced`` block."""
+    return {**pins_from_env(), **dict(_FORCED.get())}
 
 
 @dataclass(frozen=True)
@@ -60,7 +80,7 @@ def choose(category: str, kind: str, config: Any, device: str | torch.device, dt
     if not impls:
         raise HybridlabError(f"{category} kind {kind!r} has no registered implementation")
     if pin is None:
-        pins = pins_from_env()
+        pins = current_pins()
         pin = pins.get(kind, pins.get(f"{category}.{kind}", pins.get("*")))
     reasons = [(i, i.cannot_serve(config, device, dtype, training=training, decoding=decoding)) for i in impls]
     if pin is not None:
@@ -91,7 +111,7 @@ class Dispatched:
 
     def impl_for(self, config: Any, x: torch.Tensor, *, decoding: bool = False, pin: str | None = None) -> Any:
         training = torch.is_grad_enabled()
-        key = (x.device.type, x.dtype, training, decoding, pin, os.environ.get(ENV, ""))
+        key = (x.device.type, x.dtype, training, decoding, pin, os.environ.get(ENV, ""), _FORCED.get())
         cache = self.__dict__.setdefault("_impl_cache", {})
         if key not in cache:
             cache[key] = choose(self.category, self.kind, config, x.device, x.dtype, training=training,

@@ -67,6 +67,12 @@ class Kind:
     module: Any  # a class (or callable) built as module(config, ...), see CORE_CATEGORIES
     owner: Owner
     doc: str
+    # cases(dtype, device) -> iterable of hybridlab.core.verify.Case: inputs on which every
+    # implementation of the kind's op is checked against the reference (required with impls)
+    cases: Callable[[torch.dtype, str], Any] | None = None
+    # config mappings (without 'kind') of small modules for module-level checks such as
+    # step decoding; default: the config with all defaults, if that validates
+    examples: tuple[dict[str, Any], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -215,7 +221,8 @@ class Register:
         self._categories.append(Category(name, doc, self.owner))
 
     def kind(self, category: str, name: str, *, config: type[BaseModel], module: Any,
-             doc: str | None = None) -> None:
+             doc: str | None = None, cases: Callable | None = None,
+             examples: list[dict[str, Any]] | None = None) -> None:
         where = f"{category} kind {name!r}"
         if not self._has_category(category):
             raise RegistrationError(
@@ -237,8 +244,13 @@ class Register:
             raise RegistrationError(
                 f"{where} is registered twice: by {clash.owner} (plugin {clash.owner.plugin!r}) "
                 f"and by {self.owner} (plugin {self.owner.plugin!r})")
+        if cases is not None and not callable(cases):
+            raise RegistrationError(f"{where}: cases must be a function (dtype, device) -> cases, got {cases!r}")
+        if examples is not None and not all(isinstance(e, dict) for e in examples):
+            raise RegistrationError(f"{where}: examples must be a list of config mappings")
         text = doc if doc is not None else inspect.getdoc(config) or ""
-        self._kinds.append(Kind(category, name, config, module, self.owner, text.split("\n")[0]))
+        self._kinds.append(Kind(category, name, config, module, self.owner, text.split("\n")[0], cases,
+                                None if examples is None else tuple(examples)))
 
     def impl(self, category: str, kind: str, name: str, *, fn: Callable, **options: Any) -> None:
         where = f"implementation {name!r} of {category} kind {kind!r}"
@@ -273,6 +285,11 @@ class Register:
                 raise RegistrationError(
                     f"{category} kind {kind!r} has implementations {sorted(names)} but no 'reference': "
                     "every fast implementation needs a reference to be checked against")
+            owner = self._existing_kind(category, kind)
+            if owner is not None and owner.cases is None:
+                raise RegistrationError(
+                    f"{category} kind {kind!r} has implementations but no cases: pass "
+                    "register.kind(..., cases=fn) so verify can check them against the reference")
 
     def summary(self) -> list[str]:
         out = [f"category {c.name}" for c in self._categories]

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from hybridlab.core.config import Config, Dims
 from hybridlab.core.dispatch import Dispatched
 from hybridlab.core.numerics import upcast
+from hybridlab.core.verify import BATCHES, SEQ_LENS, Case
 from hybridlab.registry import hookimpl
 
 
@@ -37,6 +38,18 @@ def rmsnorm_torch(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
+def rmsnorm_cases(dtype: torch.dtype, device: str):
+    """Verification inputs: odd and even widths, with and without a learned scale, and
+    inputs small enough (or eps large enough) that where eps enters the formula matters."""
+    for i, T in enumerate(SEQ_LENS):
+        for B in BATCHES:
+            D = (33, 64, 7)[(i + B) % 3]
+            weight = 1 + 0.1 * torch.randn(D) if (i + B) % 2 else None
+            scale, eps = ((3.0, 1e-6), (1e-3, 1e-6), (0.5, 0.1))[(i + 2 * B) % 3]
+            yield Case(f"B{B} T{T} D{D} |x|~{scale} eps {eps}{'' if weight is not None else ' no-affine'}",
+                       {"x": torch.randn(B, T, D) * scale, "weight": weight}, {"eps": eps})
+
+
 class RMSNorm(Dispatched, nn.Module):
     category, kind = "normalization", "rmsnorm"
 
@@ -51,7 +64,7 @@ class RMSNorm(Dispatched, nn.Module):
 
 @hookimpl
 def hybridlab_register(register):
-    register.kind("normalization", "rmsnorm", config=RMSNormConfig, module=RMSNorm)
+    register.kind("normalization", "rmsnorm", config=RMSNormConfig, module=RMSNorm, cases=rmsnorm_cases)
     register.impl("normalization", "rmsnorm", "reference", fn=rmsnorm_reference)
     register.impl("normalization", "rmsnorm", "torch", fn=rmsnorm_torch, priority=10,
                   doc="torch.nn.functional.rms_norm (fused on CUDA)")

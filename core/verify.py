@@ -1,0 +1,413 @@
+"""Verification: every fast implementation against its kind's reference.
+
+The oracle (FlexAttention's rule): run the reference in float64 on the same inputs
+(rounded to the low dtype first, so input rounding is not counted as error); then an
+implementation at dtype d passes a quantity (an output, a final state, an input
+gradient) when
+
+    rel_rms(impl@d - ref@f64) <= tolerance * rel_rms(ref@d - ref@f64) + floor
+
+with ``tolerance`` and ``floor`` declared on the implementation. ``rel_rms(e)`` is
+``rms(e) / rms(ref@f64)``.
+
+Module-level checks (kinds whose modules decode): step-by-step decoding from a state
+equals the parallel forward, and two pieces carrying the state equal the whole. These
+are identities, so they run in float64 with a fixed tight bound (``EXACT``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from .config import Dims
+from .dispatch import forced
+from .errors import HybridlabError
+
+SEQ_LENS = (1, 2, 63, 64, 65, 100, 257)  # around chunk sizes and powers of two, and odd
+BATCHES = (1, 3)
+EXACT = 1e-9  # float64 identities (decode == parallel): only reordered rounding remains
+LOW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class Case:
+    """One input for a kind's op: ``fn(**inputs, **options)``. Floating tensors in
+    ``inputs`` are cast to the dtype under test and receive gradients; others (ids,
+    masks) pass unchanged. The op returns a tensor or a tuple of tensors (or None)."""
+
+    label: str
+    inputs: dict[str, Any]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Check:
+    kind: str
+    impl: str
+    dtype: str
+    case: str
+    quantity: str
+    error: float
+    ref_error: float
+    allowed: float
+    passed: bool
+
+    @property
+    def ratio(self) -> float:
+        return self.error / self.ref_error if self.ref_error > 0 else (0.0 if self.error == 0 else math.inf)
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # could not run at all
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems and all(c.passed for c in self.checks)
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def extend(self, other: "Report") -> None:
+        self.checks += other.checks
+        self.problems += other.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {"passed": self.passed, "seconds": round(self.seconds, 2), "problems": self.problems,
+                "checks": [{**asdict(c), "ratio": _finite(c.ratio)} for c in self.checks]}
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def rel_rms(x: Tensor, ref: Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    scale = ref.pow(2).mean().sqrt().item()
+    err = (x - ref).pow(2).mean().sqrt().item()
+    if scale == 0.0:
+        return err
+    return err / scale
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------- running an op
+
+
+def _as_tuple(out: Any) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _run(fn: Callable, case: Case, dtype: torch.dtype, grad_outs: list | None, backward: bool):
+    """Run ``fn`` on the case cast to ``dtype``; returns (outputs, input grads)."""
+    inputs = {}
+    for name, value in case.inputs.items():
+        if isinstance(value, Tensor) and value.is_floating_point():
+            value = value.detach().to(dtype).requires_grad_(backward)
+        inputs[name] = value
+    outs = _as_tuple(fn(**inputs, **case.options))
+    grads: dict[str, Tensor] = {}
+    if backward:
+        pairs = [(o, g) for o, g in zip(outs, grad_outs) if isinstance(o, Tensor) and o.requires_grad]
+        wrt = [(n, v) for n, v in inputs.items() if isinstance(v, Tensor) and v.requires_grad]
+        if pairs and wrt:
+            got = torch.autograd.grad([o for o, _ in pairs], [v for _, v in wrt],
+                                      [g.to(o.dtype) for o, g in pairs], allow_unused=True)
+            grads = {n: g for (n, _), g in zip(wrt, got) if g is not None}
+    return [o.detach() if isinstance(o, Tensor) else o for o in outs], grads
+
+
+def verify_impl(kind: Any, impl: Any, reference: Any, *, device: str = "cpu",
+                dtypes: Iterable[torch.dtype] | None = None) -> Report:
+    """Check one implementation of a kind against the kind's reference."""
+    report = Report()
+    chosen = [d for d in (dtypes or LOW_DTYPES) if d in impl.dtypes and d in reference.dtypes]
+    if device not in impl.devices:
+        return report
+    for dtype in chosen:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        torch.manual_seed(0)
+        for case in kind.cases(dtype, device):
+            case.inputs = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in case.inputs.items()}
+            reason = impl.cannot_serve(case.options.get("config"), device, dtype, training=impl.backward)
+            if reason is not None:
+                continue
+            # the oracle sees the inputs already rounded to dtype
+            rounded = Case(case.label, {k: (v.to(dtype).double() if isinstance(v, Tensor) and v.is_floating_point()
+                                            else v) for k, v in case.inputs.items()}, case.options)
+            probe, _ = _run(reference.fn, rounded, torch.float64, None, False)
+            grad_outs = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(device)
+                         if isinstance(o, Tensor) and o.is_floating_point() else None for o in probe]
+            backward = impl.backward
+            oracle = _run(reference.fn, rounded, torch.float64, grad_outs, backward)
+            ref_low = _run(reference.fn, rounded, dtype, grad_outs, backward)
+            try:
+                fast = _run(impl.fn, rounded, dtype, grad_outs, backward)
+            except Exception as exc:  # noqa: BLE001 - an implementation's crash is a failed check
+                report.checks.append(Check(kind.name, impl.name, dtype_name(dtype), case.label,
+                                           f"raised {type(exc).__name__}: {exc}", math.inf, 0, 0, False))
+                continue
+            for quantity, got, ref, expect in _quantities(fast, ref_low, oracle):
+                if expect is None:
+                    continue
+                if got is None or got.shape != expect.shape:
+                    report.checks.append(Check(kind.name, impl.name, dtype_name(dtype), case.label, quantity,
+                                               math.inf, 0, 0, False))
+                    continue
+                error, ref_error = rel_rms(got, expect), rel_rms(ref, expect)
+                allowed = impl.tolerance * ref_error + impl.floor
+                report.checks.append(Check(kind.name, impl.name, dtype_name(dtype), case.label, quantity,
+                                           error, ref_error, allowed, error <= allowed))
+    return report
+
+
+def _quantities(fast, ref_low, oracle):
+    (f_out, f_grad), (r_out, r_grad), (o_out, o_grad) = fast, ref_low, oracle
+    names = ["out"] if len(o_out) == 1 else [f"out[{i}]" for i in range(len(o_out))]
+    for i, name in enumerate(names):
+        expect = o_out[i] if isinstance(o_out[i], Tensor) else None
+        got = f_out[i] if i < len(f_out) and isinstance(f_out[i], Tensor) else None
+        yield name, got, r_out[i], expect
+    for name, expect in o_grad.items():
+        yield f"grad {name}", f_grad.get(name), r_grad.get(name), expect
+
+
+# ---------------------------------------------------------------- module-level checks
+
+
+def _examples(kind: Any, registry: Any) -> list[Any]:
+    raw = list(kind.examples) if kind.examples is not None else [{}]
+    configs = []
+    for example in raw:
+        try:
+            configs.append(kind.config.model_validate({"kind": kind.name, **example},
+                                                      context={"registry": registry}))
+        except Exception:  # noqa: BLE001 - no usable default config: nothing to check here
+            if kind.examples is not None:
+                raise
+    return configs
+
+
+def verify_decoding(kind: Any, registry: Any, *, device: str = "cpu", impl: str | None = None) -> Report:
+    """For a mixer kind: step decoding == parallel forward; two pieces == whole."""
+    report = Report()
+    label_impl = impl or "module"
+    for n, config in enumerate(_examples(kind, registry)):
+        dims = Dims(d_model=48, vocab_size=11, n_layers=1, registry=registry)
+        torch.manual_seed(n)
+        module = registry.kind("mixer", kind.name).module(config, dims)
+        for sub in module.modules():
+            if hasattr(sub, "registry") and hasattr(sub, "impl_for"):
+                sub.registry = registry
+        module = module.to(device=device, dtype=torch.float64).eval()
+        case = f"example {n} B3 T37"
+        x = torch.randn(3, 37, 48, dtype=torch.float64, device=device)
+        with torch.no_grad(), forced({kind.name: impl} if impl else {}):
+            try:
+                whole, _ = module(x)
+                state = module.init_state(3, device, torch.float64)
+                steps = []
+                for t in range(x.shape[1]):
+                    y, state = module.step(x[:, t:t + 1], state)
+                    steps.append(y)
+                first, s = module(x[:, :20], module.init_state(3, device, torch.float64))
+                second, _ = module(x[:, 20:], s)
+            except NotImplementedError:
+                continue  # this kind does not decode
+            except Exception as exc:  # noqa: BLE001
+                report.checks.append(Check(kind.name, label_impl, "float64", case,
+                                           f"decode raised {type(exc).__name__}: {exc}", math.inf, 0, EXACT, False))
+                continue
+        for quantity, got in (("step == parallel", torch.cat(steps, 1)),
+                              ("two pieces == whole", torch.cat([first, second], 1))):
+            error = rel_rms(got, whole)
+            report.checks.append(Check(kind.name, label_impl, "float64", case, quantity, error, 0.0, EXACT,
+                                       error <= EXACT))
+    return report
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def verify_kind(name: str, *, category: str | None = None, impl: str | None = None, device: str = "cpu",
+                registry: Any = None, dtypes: Iterable[torch.dtype] | None = None) -> Report:
+    """Verify every implementation (or ``impl``) of kind ``name`` and, for mixers, decoding."""
+    if registry is None:
+        from hybridlab.registry import default_registry
+
+        registry = default_registry()
+    kinds = [k for k in registry.kinds(category) if k.name == name]
+    if not kinds:
+        known = sorted({k.name for k in registry.kinds(category)})
+        raise HybridlabError(f"unknown kind {name!r}; registered: {', '.join(known)}")
+    start = time.perf_counter()
+    report = Report()
+    for kind in kinds:
+        impls = registry.impls(kind.category, kind.name)
+        reference = next((i for i in impls if i.name == "reference"), None)
+        if impl is not None and impl not in [i.name for i in impls]:
+            raise HybridlabError(f"{kind.category} kind {kind.name!r} has no implementation {impl!r} "
+                                 f"(has: {', '.join(i.name for i in impls) or 'none'})")
+        for candidate in impls:
+            if impl is not None and candidate.name != impl:
+                continue
+            if kind.cases is not None:
+                report.extend(verify_impl(kind, candidate, reference, device=device, dtypes=dtypes))
+            if kind.category == "mixer" and candidate.decode:
+                report.extend(verify_decoding(kind, registry, device=device, impl=candidate.name))
+        if kind.category == "mixer" and not impls:
+            report.extend(verify_decoding(kind, registry, device=device))
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def verify_all(*, kind: str | None = None, impl: str | None = None, device: str = "cpu",
+               registry: Any = None) -> Report:
+    if registry is None:
+        from hybridlab.registry import default_registry
+
+        registry = default_registry()
+    if kind is not None:
+        return verify_kind(kind, impl=impl, device=device, registry=registry)
+    start = time.perf_counter()
+    report = Report()
+    names = sorted({k.name for k in registry.kinds()
+                    if registry.impls(k.category, k.name) or k.category == "mixer"})
+    for name in names:
+        report.extend(verify_kind(name, impl=impl, device=device, registry=registry)
+                      if impl is None or impl in {i.name for k in registry.kinds() if k.name == name
+                                                  for i in registry.impls(k.category, k.name)} else Report())
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+# ---------------------------------------------------------------- model level
+
+
+def _block_outputs(model: Any) -> tuple[list[Tensor], list[Any]]:
+    outs: list[Tensor] = []
+    hooks = [b.register_forward_hook(lambda mod, args, out: outs.append(out[0].detach())) for b in model.blocks]
+    return outs, hooks
+
+
+def _model_run(model: Any, tokens: Tensor):
+    outs, hooks = _block_outputs(model)
+    try:
+        model.zero_grad(set_to_none=True)
+        logits = model(tokens).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).double(), tokens[:, 1:].flatten())
+        loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), loss.detach(), grads, outs
+
+
+def verify_model(spec: Any, *, device: str = "cpu", dtype: torch.dtype = torch.float32, registry: Any = None,
+                 batch: int = 2, seq_len: int = 45, decode_tokens: int = 8) -> Report:
+    """Fast implementations vs references on one model, same weights and batch: logits,
+    loss and every parameter's gradient under the oracle rule; names the first block that
+    diverges. Then greedy decoding from state vs the parallel forward (float64)."""
+    from .model import Model
+
+    if registry is None:
+        from hybridlab.registry import default_registry
+
+        registry = default_registry()
+    start = time.perf_counter()
+    report = Report()
+    name = f"model {spec.name}"
+
+    def build(target_dtype: torch.dtype) -> Any:
+        torch.manual_seed(0)
+        return Model(spec, registry).to(device=device, dtype=target_dtype)
+
+    master = build(torch.float32)
+    weights = master.state_dict()
+    tokens = torch.randint(0, spec.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def run(target_dtype: torch.dtype, pins: str | dict):
+        model = build(target_dtype)
+        model.load_state_dict(weights)
+        with forced(pins):
+            return _model_run(model, tokens)
+
+    oracle = run(torch.float64, "reference")
+    ref_low = run(dtype, "reference")
+    fast = run(dtype, {})
+    from .dispatch import Dispatched
+
+    used = {(m.category, m.kind) for m in master.modules() if isinstance(m, Dispatched)}
+    impls = [i for c, k in used for i in registry.impls(c, k)]
+    tolerance = max((i.tolerance for i in impls), default=2.0)
+    floor = max((i.floor for i in impls), default=1e-6)
+    label = f"B{batch} T{seq_len}"
+
+    def check(quantity: str, got: Tensor, ref: Tensor, expect: Tensor) -> Check:
+        error, ref_error = rel_rms(got, expect), rel_rms(ref, expect)
+        allowed = tolerance * ref_error + floor
+        return Check(name, "dispatched", dtype_name(dtype), label, quantity, error, ref_error, allowed, error <= allowed)
+
+    report.checks.append(check("logits", fast[0], ref_low[0], oracle[0]))
+    report.checks.append(check("loss", fast[1].reshape(1), ref_low[1].reshape(1), oracle[1].reshape(1)))
+    grad_checks = [check(f"grad {n}", fast[2][n], ref_low[2][n], oracle[2][n]) for n in oracle[2]]
+    worst = max(grad_checks, key=lambda c: c.error / c.allowed if c.allowed else math.inf)
+    report.checks += [c for c in grad_checks if not c.passed] or [worst]
+    if not all(c.passed for c in report.checks):
+        for i, (got, ref, expect) in enumerate(zip(fast[3], ref_low[3], oracle[3])):
+            c = check(f"block {i} output", got, ref, expect)
+            if not c.passed:
+                kind = spec.layers[i].mixer.kind
+                report.problems.append(f"{name}: the first block whose output diverges is layers[{i}] "
+                                       f"(mixer {kind}): error {c.error:.3g} > allowed {c.allowed:.3g}")
+                report.checks.append(c)
+                break
+    report.extend(verify_model_decoding(spec, device=device, registry=registry, decode_tokens=decode_tokens,
+                                        weights=weights))
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def verify_model_decoding(spec: Any, *, device: str = "cpu", registry: Any = None, decode_tokens: int = 8,
+                          weights: dict | None = None, prompt_len: int = 7) -> Report:
+    """Greedy decoding of N tokens from state gives the parallel forward's logits (float64)."""
+    from .model import Model
+
+    report = Report()
+    torch.manual_seed(0)
+    model = Model(spec, registry).to(device=device, dtype=torch.float64).eval()
+    if weights is not None:
+        model.load_state_dict(weights)
+    prompt = torch.randint(0, spec.vocab_size, (2, prompt_len), generator=torch.Generator().manual_seed(1)).to(device)
+    label = f"B2 prompt {prompt_len} + {decode_tokens}"
+    try:
+        with torch.no_grad():
+            state = model.init_state(2)
+            out = model(prompt, state)
+            logits, tokens = [out.logits], [prompt]
+            for _ in range(decode_tokens):
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(nxt)
+                out = model.step(nxt, out.state)
+                logits.append(out.logits)
+            stepped = torch.cat(logits, 1)
+            parallel = model(torch.cat(tokens, 1)).logits
+    except NotImplementedError as exc:
+        report.problems.append(f"model {spec.name}: cannot decode from state: {exc}")
+        return report
+    error = rel_rms(stepped, parallel)
+    report.checks.append(Check(f"model {spec.name}", "dispatched", "float64", label, "greedy decode == parallel",
+                               error, 0.0, EXACT, error <= EXACT))
+    return report

@@ -1,0 +1,30 @@
+"""Verification for plugin authors' own test suites.
+
+    from hybridlab.testing import assert_verified
+
+    def test_my_kind_matches_its_reference():
+        assert_verified("my_kind")   # every implementation, every declared dtype, decoding
+
+The same machinery as ``hybridlab verify``; see :mod:`hybridlab.core.verify`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hybridlab.core.verify import Case, Report, verify_kind, verify_model
+
+__all__ = ["Case", "Report", "assert_verified", "verify_kind", "verify_model"]
+
+
+def assert_verified(kind: str, *, impl: str | None = None, device: str = "cpu", registry: Any = None) -> Report:
+    """Verify ``kind`` (optionally one implementation) and raise AssertionError listing
+    every failing check. Returns the report when everything passed."""
+    report = verify_kind(kind, impl=impl, device=device, registry=registry)
+    if not report.checks and not report.problems:
+        raise AssertionError(f"verify ran no checks for {kind!r}: register cases= (or examples= for a mixer)")
+    if not report.passed:
+        lines = [f"{c.kind}/{c.impl} {c.dtype} [{c.case}] {c.quantity}: error {c.error:.3g} > allowed {c.allowed:.3g}"
+                 for c in report.failures()]
+        raise AssertionError("verification failed:\n" + "\n".join(lines + report.problems))
+    return report

@@ -1,0 +1,191 @@
+"""The checker must be able to fail: planted bugs are flagged, each alone."""
+
+import types
+from typing import Literal
+
+import pytest
+import torch
+
+from hybridlab.core.cli import main
+from hybridlab.core.errors import HybridlabError
+from hybridlab.core.spec import ModelSpec
+from hybridlab.core.verify import rel_rms, verify_kind, verify_model
+from hybridlab.plugins.mixer.attention import Attention, AttentionConfig, causal_mask
+from hybridlab.registry import hookimpl, load_registry
+from hybridlab.testing import assert_verified
+
+# ---------------------------------------------------------------- planted bugs
+
+
+def attention_off_by_one(q, k, v, *, causal, scale):
+    """Each query also sees the next key."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if causal:
+        Tq, Tk = q.shape[2], k.shape[2]
+        mask = causal_mask(Tq, Tk, q.device) | causal_mask(Tq, Tk, q.device).roll(1, dims=1)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
+def attention_no_scale(q, k, v, *, causal, scale):
+    from hybridlab.plugins.mixer.attention import attention_sdpa
+
+    return attention_sdpa(q, k, v, causal=causal, scale=1.0)
+
+
+def rmsnorm_eps_outside(x, weight, eps):
+    """eps added to the root, not to the mean square."""
+    xf = x.float()
+    y = xf / (xf.pow(2).mean(-1, keepdim=True).sqrt() + eps)
+    return (y * weight.float() if weight is not None else y).to(x.dtype)
+
+
+class _WrongBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, eps):
+        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(rstd)
+        return (x.float() * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rstd,) = ctx.saved_tensors
+        return (grad.float() * rstd).to(grad.dtype), None  # forgets the term through rstd
+
+
+def rmsnorm_wrong_backward(x, weight, eps):
+    y = _WrongBackward.apply(x, eps)
+    return y * weight.to(y.dtype) if weight is not None else y
+
+
+class AmnesiacConfig(AttentionConfig):
+    """Attention whose decode step drops the state."""
+
+    kind: Literal["amnesiac_attention"] = "amnesiac_attention"
+
+
+class AmnesiacAttention(Attention):
+    kind = "attention"
+
+    def step(self, x, state, *, aux=None):
+        y, new_state = self.forward(x, self.init_state(x.shape[0], x.device, x.dtype), aux=aux)
+        return y, state
+
+
+def planted_plugin():
+    @hookimpl
+    def hybridlab_register(register):
+        register.impl("mixer", "attention", "off_by_one", fn=attention_off_by_one, decode=False)
+        register.impl("mixer", "attention", "no_scale", fn=attention_no_scale, decode=False)
+        register.impl("normalization", "rmsnorm", "eps_outside", fn=rmsnorm_eps_outside)
+        register.impl("normalization", "rmsnorm", "wrong_backward", fn=rmsnorm_wrong_backward)
+        register.kind("mixer", "amnesiac_attention", config=AmnesiacConfig, module=AmnesiacAttention,
+                      examples=[{"heads": 2}])
+
+    return types.SimpleNamespace(hybridlab_register=hybridlab_register)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    registry = load_registry([("planted", planted_plugin())])
+    assert all(p.ok for p in registry.plugins), [p.error for p in registry.plugins if not p.ok]
+    return registry
+
+
+def failing(report):
+    return {(c.kind, c.impl) for c in report.failures()}
+
+
+@pytest.mark.parametrize("kind, impl, quantity", [
+    ("attention", "off_by_one", "out"),
+    ("attention", "no_scale", "out"),
+    ("rmsnorm", "eps_outside", "out"),
+    ("rmsnorm", "wrong_backward", "grad x"),
+])
+def test_each_planted_implementation_is_flagged(planted, kind, impl, quantity):
+    report = verify_kind(kind, impl=impl, registry=planted, dtypes=[torch.float32])
+    assert failing(report) == {(kind, impl)}
+    assert any(c.quantity == quantity for c in report.failures())
+
+
+def test_the_wrong_backward_has_a_correct_forward(planted):
+    report = verify_kind("rmsnorm", impl="wrong_backward", registry=planted, dtypes=[torch.float32])
+    assert all(c.passed for c in report.checks if c.quantity == "out")
+
+
+def test_a_decode_step_that_drops_the_state_is_flagged(planted):
+    report = verify_kind("amnesiac_attention", registry=planted)
+    assert failing(report) == {("amnesiac_attention", "module")}
+    assert {c.quantity for c in report.failures()} == {"step == parallel"}
+
+
+def test_only_the_planted_ones_fail_over_everything(planted):
+    failed = set()
+    for kind in ("attention", "rmsnorm", "amnesiac_attention"):
+        failed |= failing(verify_kind(kind, registry=planted, dtypes=[torch.float32, torch.bfloat16]))
+    assert failed == {("attention", "off_by_one"), ("attention", "no_scale"), ("rmsnorm", "eps_outside"),
+                      ("rmsnorm", "wrong_backward"), ("amnesiac_attention", "module")}
+
+
+def test_builtins_pass_through_the_library_function():
+    report = assert_verified("attention")
+    assert len(report.checks) > 100 and {c.impl for c in report.checks} == {"sdpa", "reference"}
+    assert {c.dtype for c in report.checks} >= {"float32", "bfloat16", "float16", "float64"}
+
+
+def test_assert_verified_raises_with_the_failures(planted):
+    with pytest.raises(AssertionError, match="off_by_one float32 .* out: error"):
+        assert_verified("attention", impl="off_by_one", registry=planted)
+
+
+def test_rel_rms_is_relative_and_zero_for_equal():
+    ref = torch.tensor([3.0, 4.0])
+    assert rel_rms(ref, ref) == 0
+    assert rel_rms(ref * 1.1, ref) == pytest.approx(0.1)
+
+
+def test_unknown_kind_or_impl_is_a_clear_error(planted):
+    with pytest.raises(HybridlabError, match="unknown kind 'atention'"):
+        verify_kind("atention", registry=planted)
+    with pytest.raises(HybridlabError, match="no implementation 'flash'"):
+        verify_kind("attention", impl="flash", registry=planted)
+
+
+# ---------------------------------------------------------------- model level
+
+MODEL = {"name": "m", "vocab_size": 29, "d_model": 24,
+         "layers": [{"mixer": {"kind": "attention", "heads": 3, "kv_heads": 1}},
+                    {"mixer": {"kind": "attention", "heads": 2}}]}
+
+
+def test_model_level_passes_for_builtins(registry):
+    spec = ModelSpec.model_validate(MODEL, context={"registry": registry})
+    report = verify_model(spec, registry=registry)
+    assert report.passed, report.failures()
+    assert {c.quantity for c in report.checks} >= {"logits", "loss", "greedy decode == parallel"}
+
+
+def test_model_level_names_the_first_diverging_block():
+    @hookimpl
+    def hybridlab_register(register):  # a wrong implementation the dispatcher prefers
+        register.impl("mixer", "attention", "no_scale", fn=attention_no_scale, priority=100)
+
+    registry = load_registry([("preferred", types.SimpleNamespace(hybridlab_register=hybridlab_register))])
+    spec = ModelSpec.model_validate(MODEL, context={"registry": registry})
+    report = verify_model(spec, registry=registry)
+    assert not report.passed
+    assert {c.quantity for c in report.failures()} >= {"logits", "block 0 output"}
+    assert any("first block whose output diverges is layers[0] (mixer attention)" in p for p in report.problems)
+
+
+def test_cli_verify_exit_status_and_json(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert main(["verify", "--kind", "rmsnorm", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "PASSED" in text and "rmsnorm" in text
+    import json
+
+    data = json.loads(out.read_text())
+    assert data["passed"] is True and len(data["checks"]) > 50
