@@ -108,9 +108,14 @@ class Dispatched:
     category: str = ""
     kind: str = ""
     registry: Any = None
+    spec_pin: str | None = None  # from the block's ``impl:`` in the spec; the environment wins
 
     def impl_for(self, config: Any, x: torch.Tensor, *, decoding: bool = False, pin: str | None = None) -> Any:
         training = torch.is_grad_enabled()
+        if pin is None and self.spec_pin is not None:
+            pins = current_pins()
+            if not any(k in pins for k in ("*", self.kind, f"{self.category}.{self.kind}")):
+                pin = self.spec_pin
         key = (x.device.type, x.dtype, training, decoding, pin, os.environ.get(ENV, ""), _FORCED.get())
         cache = self.__dict__.setdefault("_impl_cache", {})
         if key not in cache:

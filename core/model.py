@@ -41,6 +41,9 @@ class Block(nn.Module):
         if self.ffn is not None:
             self.ffn_norm = dims.build("normalization", spec.norm, dims.d_model)
             self.ffn_residual = dims.build("residual", residual)
+        for module in self.modules():  # the block's ``impl:`` pins
+            if isinstance(module, Dispatched) and module.kind in spec.impl:
+                module.spec_pin = spec.impl[module.kind]
 
     def forward(self, h: Tensor, state: State | None = None, *, doc_ids: Tensor | None = None,
                 aux: Aux, step: bool = False) -> tuple[Tensor, State | None]:

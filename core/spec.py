@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
 
 from .config import Component, Config, Dims, component_category
 from .errors import HybridlabError, Problem, SpecError, format_path
@@ -38,6 +38,24 @@ class BlockSpec(Config):
     """The channel mixer; null for a block without one."""
     norm: Component("normalization") = Field(default_factory=lambda: {"kind": "rmsnorm"}, validate_default=True)
     """Normalization before each sub-layer."""
+    impl: dict[str, str] = Field(default_factory=dict)
+    """Pin implementations inside this block, by kind: ``{attention: reference}``. The
+    environment (HYBRIDLAB_IMPL) still overrides; a pin that cannot serve is an error."""
+
+    @field_validator("impl")
+    @classmethod
+    def _known_impls(cls, pins: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        registry = (info.context or {}).get("registry")
+        if registry is None:
+            return pins
+        for kind, name in pins.items():
+            kinds = [k for k in registry.kinds() if k.name == kind]
+            if not kinds:
+                raise ValueError(f"unknown kind {kind!r} (pins are by kind name, e.g. attention: sdpa)")
+            names = [i.name for k in kinds for i in registry.impls(k.category, k.name)]
+            if name not in names:
+                raise ValueError(f"{kind} has no implementation {name!r} (has: {', '.join(names) or 'none'})")
+        return pins
 
 
 class ModelSpec(Config):

@@ -100,3 +100,22 @@ def test_state_bytes_counts_the_kv_cache(registry):
     model = make(registry)
     # block 0: 2 kv heads x head_dim 8, keys and values, 100 tokens, bf16
     assert model.blocks[0].mixer.state_bytes(100, torch.bfloat16) == 2 * 2 * 8 * 100 * 2
+
+
+def test_a_block_may_pin_an_implementation_and_the_environment_wins(registry, monkeypatch):
+    layers = [dict(BASE["layers"][0], impl={"attention": "reference"}), BASE["layers"][1]]
+    model = make(registry, layers=layers)
+    x = torch.randint(0, 37, (1, 9))
+    model(x)
+    chosen = [b.mixer._impl_cache for b in model.blocks]
+    assert [next(iter(c.values())).name for c in chosen] == ["reference", "sdpa"]
+    monkeypatch.setenv("HYBRIDLAB_IMPL", "attention=sdpa")
+    model(x)
+    assert {i.name for i in model.blocks[0].mixer._impl_cache.values()} == {"reference", "sdpa"}
+
+
+def test_pinning_an_unknown_implementation_in_a_spec_is_a_spec_error(registry):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="attention has no implementation 'flash' \\(has: sdpa, reference\\)"):
+        make(registry, layers=[dict(BASE["layers"][0], impl={"attention": "flash"})])
