@@ -191,7 +191,7 @@ class Trainer:
         """Train to ``spec.steps`` (or stop after step ``stop_at``, with a checkpoint there,
         as an interrupted run would have left it)."""
         spec = self.spec
-        tokens_per_step = spec.batch_size * _seq_len(self.task, self.device)
+        tokens_per_step = spec.batch_size * self.task.batch("train", 0, 1)["inputs"].shape[1]
         bar = tqdm(total=spec.steps, initial=self.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True, desc=spec.name)
         start, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
@@ -222,10 +222,6 @@ class Trainer:
             result = self.evaluate()
         result["seconds"] = time.perf_counter() - start
         return result
-
-
-def _seq_len(task: Any, device: torch.device) -> int:
-    return task.batch("train", 0, 1)["inputs"].shape[1]
 
 
 def _tuple(value: Any) -> Any:
