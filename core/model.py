@@ -41,12 +41,22 @@ class Block(nn.Module):
         if self.ffn is not None:
             self.ffn_norm = dims.build("normalization", spec.norm, dims.d_model)
             self.ffn_residual = dims.build("residual", residual)
+        # optional, generic: a block wrapper decides how the block runs (see forward)
+        self.wrapper = dims.build("block_wrapper", spec.wrapper) if spec.wrapper is not None else None
         for module in self.modules():  # the block's ``impl:`` pins
             if isinstance(module, Dispatched) and module.kind in spec.impl:
                 module.spec_pin = spec.impl[module.kind]
 
     def forward(self, h: Tensor, state: State | None = None, *, doc_ids: Tensor | None = None,
                 aux: Aux, step: bool = False) -> tuple[Tensor, State | None]:
+        """A wrapper (e.g. mixture-of-depths) gets this block and the same arguments; it runs
+        ``block.inner`` on what it chooses and returns ``(h, state)`` like ``inner``."""
+        if self.wrapper is not None:
+            return self.wrapper(self, h, state, doc_ids=doc_ids, aux=aux, step=step)
+        return self.inner(h, state, doc_ids=doc_ids, aux=aux, step=step)
+
+    def inner(self, h: Tensor, state: State | None = None, *, doc_ids: Tensor | None = None,
+              aux: Aux, step: bool = False) -> tuple[Tensor, State | None]:
         out: list[State | None] = []
 
         def mix(x: Tensor) -> Tensor:
@@ -59,6 +69,11 @@ class Block(nn.Module):
         if self.ffn is not None:
             h = self.ffn_residual(h, lambda x: self.ffn(self.ffn_norm(x), aux=aux))
         return h, out[0]
+
+    def init_state(self, batch: int, device: torch.device | str, dtype: torch.dtype) -> State:
+        if self.wrapper is not None:  # the wrapper owns the block's decoding state
+            return self.wrapper.init_state(self, batch, device, dtype)
+        return self.mixer.init_state(batch, device, dtype)
 
 
 class Model(nn.Module):
@@ -118,19 +133,36 @@ class Model(nn.Module):
         aux = Aux()
         h = self.stream.expand(self.embedding(tokens))
         states: list[State | None] = []
+        taps = hasattr(self.embedding, "inject")  # optional, generic: see Model.init_state
+        if taps:
+            context, tap_state = self.embedding.context(tokens, None if state is None else state[len(self.blocks)])
         for i, block in enumerate(self.blocks):
+            if taps:
+                h = self.embedding.inject(i, h, context, self.stream)
             h, s = block(h, None if state is None else state[i], doc_ids=doc_ids, aux=aux.scope(f"layers.{i}"), step=step)
             states.append(s)
+        if taps:
+            states.append(tap_state)
         logits = self.head(self.norm(self.stream.reduce(h)))
         return ModelOutput(logits, None if state is None else states, aux.losses, aux.metrics)
 
     def init_state(self, batch: int, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> list[State]:
-        """Empty decoding state (KV caches, recurrent matrices), one per block."""
+        """Empty decoding state (KV caches, recurrent matrices), one per block.
+
+        An embedding may also write into the stream before later blocks (e.g. hashed
+        n-gram memories): it defines ``context(tokens, state) -> (context, state)``, run
+        once per forward on the tokens (its state: what it keeps of earlier tokens),
+        ``inject(layer, h, context, stream) -> h``, run before each block (``stream`` is the
+        model's residual module, for ``expand``/``reduce``), and ``init_state``; its state
+        is the last entry of the list."""
         param = next(self.parameters())
         device = param.device if device is None else device
         dtype = param.dtype if dtype is None else dtype
-        return [block.mixer.init_state(batch, device, dtype) for block in self.blocks]
+        states = [block.init_state(batch, device, dtype) for block in self.blocks]
+        if hasattr(self.embedding, "inject"):
+            states.append(self.embedding.init_state(batch, device, dtype))
+        return states
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 0.0,

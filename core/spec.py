@@ -38,6 +38,9 @@ class BlockSpec(Config):
     """The channel mixer; null for a block without one."""
     norm: Component("normalization") = Field(default_factory=lambda: {"kind": "rmsnorm"}, validate_default=True)
     """Normalization before each sub-layer."""
+    wrapper: Component("block_wrapper") | None = None
+    """Wraps the whole block and decides how it runs (e.g. mixture-of-depths routes some
+    tokens around it); null: the block runs on every token."""
     impl: dict[str, str] = Field(default_factory=dict)
     """Pin implementations inside this block, by kind: ``{attention: reference}``. The
     environment (HYBRIDLAB_IMPL) still overrides; a pin that cannot serve is an error."""

@@ -432,7 +432,7 @@ def test_unknown_kind_message():
         "unknown mixer kind 'transformer'; registered mixer kinds: other (other), toy (acme)")
     assert registry.unknown_kind_message("ffn", "mlp") == (
         "unknown ffn kind 'mlp'; registered ffn kinds: none registered")
-    assert registry.unknown_kind_message("mixr", "toy").startswith("unknown category 'mixr'; categories: data, ")
+    assert registry.unknown_kind_message("mixr", "toy").startswith("unknown category 'mixr'; categories: block_wrapper, data, ")
     with pytest.raises(KeyError, match="did you mean 'toy'"):
         registry.kind("mixer", "tyo")
 
