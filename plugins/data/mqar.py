@@ -8,6 +8,10 @@ answer each query with the value that followed that key. Only the answers are sc
 
 Token ids: 0 pads, keys are 1..K, values K+1..vocab-1 (K = (vocab-1)//2). Every batch is
 a pure function of (seed, split, index), so a resumed run sees exactly the same data.
+
+Evaluation: one split ``eval`` at the training length, or with ``eval_lengths`` one split
+``len{N}`` per length (same pairs and queries, a longer gap before the queries: recall over
+a longer distance than any seen in training).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from pydantic import Field, model_validator
 
 from hybridlab.core.config import Config
+from hybridlab.core.tasks import generator, length_splits, split_length, unknown_split
 from hybridlab.registry import hookimpl
 
 SPLIT_SEEDS = {"train": 0, "eval": 1}
@@ -35,6 +40,9 @@ class MQARConfig(Config):
     """Queries per sequence (default: pairs; at most pairs, each key asked once)."""
     seq_len: int | None = Field(default=None, ge=2)
     """Sequence length (default 2·pairs + 2·queries; extra length pads between context and queries)."""
+    eval_lengths: list[int] | None = Field(default=None, min_length=1)
+    """Evaluate at these sequence lengths, one split ``len{N}`` each (default: one split ``eval``
+    at the training length)."""
 
     @model_validator(mode="after")
     def _fits(self):
@@ -46,6 +54,10 @@ class MQARConfig(Config):
         if self.length < 2 * (self.pairs + self.n_queries):
             raise ValueError(f"seq_len ({self.length}) is shorter than 2·pairs + 2·queries "
                              f"({2 * (self.pairs + self.n_queries)})")
+        for n in self.eval_lengths or ():
+            if n < 2 * (self.pairs + self.n_queries):
+                raise ValueError(f"eval_lengths: {n} is shorter than 2·pairs + 2·queries "
+                                 f"({2 * (self.pairs + self.n_queries)})")
         return self
 
     @property
@@ -65,15 +77,19 @@ class MQAR:
         self.config, self.seed = config, seed
 
     def splits(self) -> list[str]:
-        return ["eval"]
+        return length_splits(self.config.eval_lengths) if self.config.eval_lengths else ["eval"]
 
     def batch(self, split: str, index: int, batch_size: int) -> dict[str, torch.Tensor]:
         """-> {'inputs': [B, T] long, 'targets': [B, T] long (-100 where not scored)}"""
-        if split not in SPLIT_SEEDS:
-            raise KeyError(f"mqar has splits {sorted(SPLIT_SEEDS)}, not {split!r}")
         c = self.config
-        g = torch.Generator().manual_seed(((self.seed * 7919 + SPLIT_SEEDS[split]) << 32) + index)
-        B, N, Q, T = batch_size, c.pairs, c.n_queries, c.length
+        if split == "train" or (split == "eval" and not c.eval_lengths):
+            g = torch.Generator().manual_seed(((self.seed * 7919 + SPLIT_SEEDS[split]) << 32) + index)
+            T = c.length
+        elif split in self.splits():
+            g, T = generator(self.seed, split, index), split_length(split)
+        else:
+            raise unknown_split("mqar", split, self.splits())
+        B, N, Q = batch_size, c.pairs, c.n_queries
         K = (c.vocab - 1) // 2
         keys = torch.rand(B, K, generator=g).argsort(dim=1)[:, :N] + 1  # [B, N] distinct keys
         values = torch.randint(K + 1, c.vocab, (B, N), generator=g)  # [B, N]

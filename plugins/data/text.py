@@ -1,0 +1,100 @@
+"""data ``text``: byte-level language modelling over local text files.
+
+A sanity check on real data: token ids are the 256 byte values, the target at every
+position is the next byte. The files are read once and joined; the last
+``eval_fraction`` of the bytes is held out for evaluation. A batch is ``batch_size``
+windows at offsets drawn from (seed, split, index), so it is a pure function of them.
+
+``files`` are paths or glob patterns relative to the working directory at load time; the
+resolved spec (and so the run directory) keeps them as absolute paths.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from hybridlab.core.config import Config
+from hybridlab.core.errors import HybridlabError
+from hybridlab.core.tasks import generator, length_splits, split_length, unknown_split
+from hybridlab.registry import hookimpl
+
+
+class TextConfig(Config):
+    """Byte-level next-token prediction over local text files."""
+
+    kind: Literal["text"] = "text"
+    files: list[str] = Field(min_length=1)
+    """Paths or glob patterns (``data/*.txt``), relative to the working directory."""
+    length: int = Field(default=128, ge=1)
+    """Bytes per training window."""
+    eval_lengths: list[int] | None = Field(default=None, min_length=1)
+    """Evaluate on windows of these lengths, one split ``len{N}`` each (default: [length])."""
+    eval_fraction: float = Field(default=0.1, gt=0, lt=1)
+    """The last part of the joined bytes, held out for evaluation."""
+
+    @field_validator("files")
+    @classmethod
+    def _resolve(cls, patterns: list[str]) -> list[str]:
+        out: list[str] = []
+        for pattern in patterns:
+            matches = sorted(glob.glob(str(Path(pattern).expanduser()), recursive=True))
+            files = [str(Path(m).resolve()) for m in matches if Path(m).is_file()]
+            if not files:
+                raise ValueError(f"no file matches {pattern!r} (relative to {Path.cwd()})")
+            out += [f for f in files if f not in out]
+        return out
+
+    def min_vocab_size(self) -> int:
+        return 256
+
+    def lengths(self) -> list[int]:
+        return list(self.eval_lengths or [self.length])
+
+
+class Text:
+    def __init__(self, config: TextConfig, seed: int = 0) -> None:
+        self.config, self.seed = config, seed
+        try:
+            data = b"".join(Path(f).read_bytes() for f in config.files)
+        except OSError as exc:
+            raise HybridlabError(f"text: cannot read {exc.filename}: {exc.strerror}") from None
+        self.data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        cut = int(len(data) * (1 - config.eval_fraction))
+        self.parts = {"train": self.data[:cut], "eval": self.data[cut:]}
+        for name, longest in (("train", config.length), ("eval", max(config.lengths()))):
+            if len(self.parts[name]) < longest + 1:
+                raise HybridlabError(
+                    f"text: the {name} part has {len(self.parts[name])} bytes, fewer than a window of {longest + 1}; "
+                    f"add text, lower the lengths or change eval_fraction")
+
+    def splits(self) -> list[str]:
+        return length_splits(self.config.lengths())
+
+    def batch(self, split: str, index: int, batch_size: int) -> dict[str, torch.Tensor]:
+        """-> {'inputs': [B, T] bytes, 'targets': [B, T] the next bytes}"""
+        if split == "train":
+            part, T = self.parts["train"], self.config.length
+        elif split in self.splits():
+            part, T = self.parts["eval"], split_length(split)
+        else:
+            raise unknown_split("text", split, self.splits())
+        g = generator(self.seed, split, index)
+        starts = torch.randint(0, len(part) - T, (batch_size,), generator=g)  # [B]
+        windows = part[starts[:, None] + torch.arange(T + 1)].long()  # [B, T + 1]
+        return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+@hookimpl
+def hybridlab_register(register):
+    register.kind("data", "text", config=TextConfig, module=Text)

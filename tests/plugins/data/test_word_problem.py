@@ -1,0 +1,83 @@
+"""data s5 / cyclic / parity: targets against brute-force composition, determinism, splits."""
+
+import itertools
+
+import pytest
+
+from hybridlab.core.errors import SpecError
+from hybridlab.core.spec import load_pipeline
+from hybridlab.plugins.data.word_problem import CyclicConfig, ParityConfig, S5Config, WordProblem, s5_table
+
+
+def compose(a, b):
+    """Apply permutation a, then b, to a sequence: s'[i] = s[a[i]], s''[i] = s'[b[i]]."""
+    s = list(range(5))
+    s1 = [s[a[i]] for i in range(5)]
+    return tuple(s1[b[i]] for i in range(5))
+
+
+def test_s5_table_is_the_symmetric_group():
+    perms = list(itertools.permutations(range(5)))
+    table = s5_table()
+    assert table.shape == (120, 120)
+    for a, b in [(3, 77), (119, 5), (64, 64), (1, 118)]:
+        assert perms[table[a, b]] == compose(perms[a], perms[b])
+    assert (table[0] == table.new_tensor(range(120))).all()  # 0 is the identity
+    assert all(len(set(row.tolist())) == 120 for row in table)  # a Latin square: every row a bijection
+
+
+@pytest.mark.parametrize("config", [S5Config(length=13), CyclicConfig(order=7, length=11), ParityConfig(length=17)])
+def test_targets_are_the_prefix_products(config):
+    task = WordProblem(config, seed=5)
+    batch = task.batch("train", 3, 6)
+    assert batch["inputs"].shape == batch["targets"].shape == (6, config.length)
+    if isinstance(config, S5Config):
+        perms = list(itertools.permutations(range(5)))
+        for row_in, row_out in zip(batch["inputs"].tolist(), batch["targets"].tolist()):
+            state = tuple(range(5))
+            for x, y in zip(row_in, row_out):
+                state = compose(state, perms[x])
+                assert perms[y] == state
+    else:
+        order = config.order if isinstance(config, CyclicConfig) else 2
+        for row_in, row_out in zip(batch["inputs"].tolist(), batch["targets"].tolist()):
+            assert row_out == [sum(row_in[:t + 1]) % order for t in range(len(row_in))]
+            assert max(row_in) < order
+
+
+def test_batches_are_pure_functions_of_seed_split_and_index():
+    task = WordProblem(ParityConfig(length=9, eval_lengths=[9, 18]), seed=1)
+    again = WordProblem(ParityConfig(length=9, eval_lengths=[9, 18]), seed=1)
+    assert task.batch("train", 4, 8)["inputs"].equal(again.batch("train", 4, 8)["inputs"])
+    assert not task.batch("train", 4, 8)["inputs"].equal(task.batch("train", 5, 8)["inputs"])
+    assert not task.batch("train", 4, 8)["inputs"].equal(task.batch("len9", 4, 8)["inputs"])
+    other_seed = WordProblem(ParityConfig(length=9), seed=2)
+    assert not task.batch("train", 4, 8)["inputs"].equal(other_seed.batch("train", 4, 8)["inputs"])
+
+
+def test_eval_splits_are_named_by_length():
+    task = WordProblem(S5Config(length=8, eval_lengths=[8, 16, 32]))
+    assert task.splits() == ["len8", "len16", "len32"]
+    assert task.batch("len32", 0, 2)["inputs"].shape == (2, 32)
+    assert WordProblem(S5Config(length=8)).splits() == ["len8"]
+    with pytest.raises(KeyError, match="s5 has splits"):
+        task.batch("len64", 0, 2)
+
+
+def test_token_names_round_trip():
+    task = WordProblem(S5Config())
+    assert task.decode([0, 1, 119]) == "01234 01243 43210"
+    assert task.encode("10234 0 43210") == [task.vocabulary.ids["10234"], 0, 119]
+
+
+def test_pipeline_errors_point_at_the_data_lines(tmp_path):
+    model = tmp_path / "m.yaml"
+    model.write_text("vocab_size: 64\nd_model: 16\nlayers:\n  - mixer: {kind: attention, heads: 2}\n")
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("model: m.yaml\ndata:\n  kind: s5\n  eval_lengths: [8, 0]\n")
+    with pytest.raises(SpecError) as info:
+        load_pipeline(pipeline)
+    assert info.value.lines() == [f"{pipeline}:4: data.eval_lengths: lengths must be positive, got [8, 0]"]
+    pipeline.write_text("model: m.yaml\ndata:\n  kind: s5\n")
+    with pytest.raises(SpecError, match="p.yaml:2: data: the task uses 120 token ids but model.vocab_size is 64"):
+        load_pipeline(pipeline)
