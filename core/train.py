@@ -141,6 +141,8 @@ class Trainer:
             total = total + aux_loss
             metrics[name] = aux_loss.detach()
         metrics.update(out.metrics)
+        if hasattr(self.task, "metrics"):  # e.g. accuracy per query type
+            metrics.update(self.task.metrics(out, batch))
         return total, metrics
 
     def train_step(self) -> dict[str, float] | None:
@@ -151,21 +153,26 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = group["peak_lr"] * lr_scale
         loss, metrics = self._loss(batch)
-        if not torch.isfinite(loss):
+        bad = None if torch.isfinite(loss) else "loss"
+        if bad is None:
+            loss.backward()
+            # a finite loss can still give inf/NaN gradients; stepping on them would poison the weights
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip or math.inf)
+            bad = None if torch.isfinite(norm) else "gradient"
+            if self.spec.grad_clip is not None:
+                metrics["grad_norm"] = norm
+        if bad is not None:
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
-            self.log({"step": self.step + 1, "skipped": True, "loss": None})  # NaN is not JSON
+            self.log({"step": self.step + 1, "skipped": True, "non_finite": bad, "loss": None})  # NaN is not JSON
             if self.bad_steps >= self.spec.max_bad_steps:
                 where = latest_checkpoint(self.run_dir)
                 raise HybridlabError(
-                    f"stopped at step {self.step + 1}: {self.bad_steps} non-finite losses in a row "
+                    f"stopped at step {self.step + 1}: {self.bad_steps} non-finite losses or gradients in a row "
                     f"(lower optimizer.lr or set grad_clip); last good checkpoint: {where or 'none'}")
             self.step += 1
             return None
         self.bad_steps = 0
-        loss.backward()
-        if self.spec.grad_clip is not None:
-            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
