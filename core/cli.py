@@ -139,11 +139,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     pipeline = args.pipeline or (None if args.resume else default_pipeline())
     run_dir, result = train(pipeline, overrides=args.set, out=args.out, resume=args.resume, device=args.device,
                             progress=not args.quiet)
-    acc = result.get("eval/accuracy")
-    parts = [f"eval accuracy: {acc:.4f}" if acc is not None else "",
-             f"eval loss: {result['eval/loss']:.4f}" if "eval/loss" in result else "",
-             f"in {result['seconds']:.1f} s", f"run directory: {run_dir}"]
+    parts = [f"{key.split('/')[0]} accuracy: {value:.4f}" for key, value in result.items()
+             if key.endswith("/accuracy")]  # one per evaluation split (eval, or len32, len64...)
+    parts += [f"{key.split('/')[0]} loss: {value:.4f}" for key, value in result.items() if key.endswith("/loss")][:1]
+    parts += [f"in {result['seconds']:.1f} s", f"run directory: {run_dir}"]
     print("; ".join(p for p in parts if p))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import parse_lrs, run_compare
+
+    if args.pipeline is None:
+        raise HybridlabError("compare needs --pipeline P: the pipeline every model spec is trained with")
+    try:
+        seeds = int(args.seeds)
+    except ValueError:
+        raise HybridlabError(f"--seeds: expected a number of seeds, got {args.seeds!r}") from None
+    run_compare(args.specs, args.pipeline, seeds=seeds, lrs=parse_lrs(args.lr), out=args.out, overrides=args.set,
+                select=args.select, device=args.device, progress=not args.quiet)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import generate
+
+    if args.prompt is None:
+        raise HybridlabError("generate needs --prompt TEXT (ids or token names; bytes for the text task)")
+    _, text = generate(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       seed=args.seed, device=args.device)
+    print(text)
     return 0
 
 
@@ -221,8 +246,13 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # bad flags: one line and status 2, like any other bad input
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hybridlab", description="Compose, check and train hybrid sequence models.")
+    p = _Parser(prog="hybridlab", description="Compose, check and train hybrid sequence models.")
     p.add_argument("--version", action="version", version=f"hybridlab {hybridlab.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -268,6 +298,31 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the pipeline)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("compare", help="train every (model spec, seed, lr) cell of a pipeline; tables and plots")
+    s.add_argument("specs", nargs="+", metavar="SPEC", help="model specs to compare")
+    s.add_argument("--pipeline", metavar="P", help="the pipeline (data, steps, optimizer...) every cell uses")
+    s.add_argument("--seeds", default="1", metavar="N", help="seeds per spec: the pipeline's seed, +1, ... (default 1)")
+    s.add_argument("--lr", metavar="LRS", help="comma-separated peak learning rates, e.g. 1e-3,3e-3 "
+                   "(default: the pipeline's)")
+    s.add_argument("--out", metavar="DIR", help="output directory (default runs/compare-<pipeline name>); "
+                   "run the same command again to continue an interrupted comparison")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a pipeline field")
+    s.add_argument("--select", metavar="METRIC", help="metric that picks each spec's best lr "
+                   "(default: the first eval split's accuracy)")
+    s.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the pipeline)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars (cell lines still print)")
+    s.set_defaults(fn=cmd_compare)
+
+    s = sub.add_parser("generate", help="continue a prompt with a trained run (step-wise decoding from state)")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (hybridlab train --out, or a compare cell)")
+    s.add_argument("--prompt", help="the prompt: text for the text task, else whitespace-separated token "
+                   "names or ids")
+    s.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32)")
+    s.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default) is greedy")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    s.set_defaults(fn=cmd_generate)
     return p
 
 

@@ -93,3 +93,15 @@ def test_eval_lengths_and_task_metrics_are_reported_per_split(registry, tmp_path
         for metric in ("loss", "accuracy", "accuracy_recall", "accuracy_state", "accuracy_composition"):
             assert f"{split}/{metric}" in result
     assert "len6/accuracy_state" in rows(tmp_path)[-1]
+
+
+def test_train_prints_the_accuracy_of_every_eval_split(tmp_path, capsys, monkeypatch):
+    from hybridlab.core.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.yaml").write_text("vocab_size: 2\nd_model: 8\nlayers:\n  - mixer: {kind: attention, heads: 2}\n")
+    (tmp_path / "p.yaml").write_text("model: m.yaml\ndata: {kind: parity, length: 8, eval_lengths: [8, 16]}\n"
+                                     "steps: 2\nbatch_size: 2\neval_batches: 1\ndevice: cpu\n")
+    assert main(["train", "p.yaml", "--out", "r", "--quiet"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert out.startswith("len8 accuracy: ") and "; len16 accuracy: " in out and "; len8 loss: " in out

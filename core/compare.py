@@ -1,0 +1,370 @@
+"""``hybridlab compare``: train every (model spec, seed, learning rate) cell of one
+pipeline, then tabulate and plot.
+
+    OUT/cells/<spec>/seed<S>-lr<LR>/   a run directory per cell (what ``hybridlab train`` writes),
+                                       plus result.json once the cell has finished
+    OUT/results.jsonl                  one line per finished cell: spec, seed, lr, final eval metrics
+    OUT/results.md                     mean ± std over seeds per spec and metric at each spec's
+                                       best lr, then every (spec, lr)
+    OUT/accuracy_vs_length.png         accuracy against eval length (``len{N}`` splits), per spec
+    OUT/loss_curves.png                training loss against step, per spec
+
+Resuming: run the same command again. A finished cell (result.json) is skipped; a cell
+with a checkpoint resumes from it, exactly (core/train.py); the others start. A cell
+directory that was trained with a different pipeline (say another ``--set steps``) is an
+error, never silently mixed into the table. Plots need matplotlib
+(``pip install 'hybridlab[plot]'``); without it compare writes the tables and says so.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .checkpoint import atomic_write_text, latest_checkpoint
+from .errors import HybridlabError
+from .model import count_parameters
+from .spec import PipelineSpec, dump_spec, load_model_spec, load_pipeline
+from .tasks import split_length
+
+
+@dataclass
+class Cell:
+    label: str  # the model spec's name in tables and directories
+    seed: int
+    lr: float | None  # None: the pipeline's own
+    spec: PipelineSpec
+    dir: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.label} seed {self.seed}" + (f" lr {self.lr:g}" if self.lr is not None else "")
+
+    def done(self) -> bool:
+        return (self.dir / "result.json").exists()
+
+    def resume_step(self) -> int:
+        path = latest_checkpoint(self.dir) if (self.dir / "checkpoints").exists() else None
+        return 0 if path is None else int(path.name.removeprefix("step-"))
+
+
+def parse_lrs(text: str | None) -> list[float] | None:
+    """'1e-3,3e-3' -> [0.001, 0.003]"""
+    if text is None:
+        return None
+    try:
+        lrs = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise HybridlabError(f"--lr: expected comma-separated numbers such as 1e-3,3e-3, got {text!r}") from None
+    if not lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
+        raise HybridlabError(f"--lr: expected positive learning rates, got {text!r}")
+    return list(dict.fromkeys(lrs))
+
+
+def _labels(paths: Sequence[Path], names: Sequence[str]) -> list[str]:
+    """The model specs' names; file stems where names clash; an error where those clash too."""
+    labels = list(names) if len(set(names)) == len(names) else [p.stem for p in paths]
+    if len(set(labels)) != len(labels):
+        raise HybridlabError(f"two model specs share a name and a file name ({', '.join(map(str, paths))}); "
+                             "rename one")
+    return [re.sub(r"[^A-Za-z0-9._-]", "_", label) for label in labels]
+
+
+def plan(model_specs: Sequence[str | Path], pipeline: str | Path, *, seeds: int = 1,
+         lrs: Sequence[float] | None = None, overrides: Sequence[str] = (), out: Path,
+         registry: Any = None) -> list[Cell]:
+    """Every cell, its resolved pipeline validated up front (a bad spec fails before any training)."""
+    if not model_specs:
+        raise HybridlabError("give at least one model spec to compare")
+    if seeds < 1:
+        raise HybridlabError(f"--seeds must be at least 1, got {seeds}")
+    base = load_pipeline(pipeline, overrides, registry=registry)
+    paths = [Path(p).resolve() for p in model_specs]
+    for given, path in zip(model_specs, paths):
+        if not path.exists():
+            raise HybridlabError(f"{given}: no such model spec")
+    names = [load_model_spec(p, registry=registry).name for p in paths]
+    cells = []
+    for path, label in zip(paths, _labels(paths, names)):
+        for seed in range(base.seed, base.seed + seeds):
+            for lr in lrs or [None]:
+                tag = f"seed{seed}" + (f"-lr{lr:g}" if lr is not None else "")
+                sets = [*overrides, f"model={path}", f"seed={seed}", f"name={label}-{tag}"]
+                if lr is not None:  # the whole optimizer mapping: the pipeline may leave it to the default
+                    sets.append(f"optimizer={json.dumps({**base.optimizer.model_dump(mode='json'), 'lr': lr})}")
+                spec = load_pipeline(pipeline, sets, registry=registry)
+                cells.append(Cell(label, seed, lr, spec, out / "cells" / label / tag))
+    return cells
+
+
+def _check_same_pipeline(cell: Cell) -> None:
+    stored_path = cell.dir / "spec.yaml"
+    if not stored_path.exists():
+        return
+    stored, new = stored_path.read_text().splitlines(), dump_spec(cell.spec).splitlines()
+    if stored != new:
+        diff = [line for line in difflib.unified_diff(stored, new, lineterm="", n=0)
+                if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+        raise HybridlabError(f"{cell.dir} was trained with a different pipeline ({'; '.join(diff[:2])}); "
+                             "use another --out or remove that directory")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def run_compare(model_specs: Sequence[str | Path], pipeline: str | Path, *, seeds: int = 1,
+                lrs: Sequence[float] | None = None, out: str | Path | None = None, overrides: Sequence[str] = (),
+                select: str | None = None, device: str | None = None, progress: bool = True,
+                registry: Any = None, echo: Callable[[str], None] = print) -> Path:
+    """Train every cell not yet finished, then write the tables and plots. Returns OUT."""
+    from .train import Trainer
+
+    if out is None:
+        out = Path("runs") / f"compare-{load_pipeline(pipeline, overrides, registry=registry).name}"
+    out = Path(out)
+    cells = plan(model_specs, pipeline, seeds=seeds, lrs=lrs, overrides=overrides, out=out, registry=registry)
+    command = " ".join(["hybridlab compare", *map(str, model_specs), "--pipeline", str(pipeline), "--seeds",
+                        str(seeds), *(["--lr", ",".join(f"{lr:g}" for lr in lrs)] if lrs else []),
+                        *(f"--set {o}" for o in overrides), "--out", str(out)])
+    report = lambda: write_reports(out, cells, select=select, command=command, title=str(pipeline))  # noqa: E731
+    for cell in cells:
+        if cell.done() or cell.resume_step():
+            _check_same_pipeline(cell)
+    out.mkdir(parents=True, exist_ok=True)
+    if cells[0].spec.checkpoint_every == 0:
+        echo("note: checkpoint_every is 0, so an interrupted cell restarts from its first step")
+    trained_steps, trained_seconds = 0, 0.0
+    for i, cell in enumerate(cells, 1):
+        if cell.done():
+            echo(f"[{i}/{len(cells)}] {cell.name}: done, skipped")
+            continue
+        start = cell.resume_step()
+        if start == 0 and cell.dir.exists():  # killed before its first checkpoint: start over
+            shutil.rmtree(cell.dir)
+        left = sum(c.spec.steps - c.resume_step() for c in cells[i - 1:] if not c.done())
+        eta = f"ETA {_duration(left * trained_seconds / trained_steps)}" if trained_steps else "ETA after this cell"
+        what = f"resuming at step {start}/{cell.spec.steps}" if start else f"training {cell.spec.steps} steps"
+        echo(f"[{i}/{len(cells)}] {cell.name}: {what}; {eta} for the {sum(not c.done() for c in cells)} cell(s) left")
+        tic = time.perf_counter()
+        trainer = Trainer(cell.spec, cell.dir, registry=registry, resume=start > 0, device=device, progress=progress)
+        try:
+            result = trainer.run()
+        except KeyboardInterrupt:
+            echo(f"interrupted in {cell.name} at step {trainer.step}; run the same command again to continue")
+            raise
+        trained_steps += trainer.step - start
+        trained_seconds += time.perf_counter() - tic
+        row = {"spec": cell.label, "model": cell.spec.model.name, "seed": cell.seed,
+               "lr": cell.lr if cell.lr is not None else getattr(cell.spec.optimizer, "lr", None),
+               "steps": cell.spec.steps, "params": count_parameters(trainer.model),
+               "seconds": result.pop("seconds"), "resumed": start > 0,
+               "run_dir": str(cell.dir.relative_to(out)), "metrics": result}
+        atomic_write_text(cell.dir / "result.json", json.dumps(row) + "\n")
+        report()
+    notes = report()
+    echo(f"wrote {out / 'results.jsonl'}, {out / 'results.md'}" +
+         "".join(f", {p}" for p in notes["plots"]) + (f" ({notes['note']})" if notes["note"] else ""))
+    return out
+
+
+# ---------------------------------------------------------------- tables
+
+
+def finished_rows(cells: Sequence[Cell]) -> list[dict[str, Any]]:
+    return [json.loads((c.dir / "result.json").read_text()) for c in cells if c.done()]
+
+
+def _is_shown(metric: str) -> bool:
+    name = metric.split("/")[-1]
+    return "/" in metric and (name.startswith("accuracy") or name == "loss")
+
+
+def _lower_is_better(metric: str) -> bool:
+    return "loss" in metric.split("/")[-1] or metric.split("/")[-1] in ("ce", "ppl")
+
+
+def default_selection(rows: Sequence[dict[str, Any]]) -> str | None:
+    """The first eval split's accuracy (the training length when splits go by length), else its loss."""
+    metrics = list(rows[0]["metrics"]) if rows else []
+    for suffix in ("/accuracy", "/loss"):
+        found = [m for m in metrics if m.endswith(suffix)]
+        if found:
+            return found[0]
+    return metrics[0] if metrics else None
+
+
+def summarize(rows: Sequence[dict[str, Any]], select: str | None) -> dict[str, Any]:
+    """Group the rows by (spec, lr) and pick each spec's best lr by the mean of ``select``."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [m for m in row["metrics"] if _is_shown(m) and m not in columns]
+    columns.sort(key=lambda m: m.endswith("/loss"))  # accuracies first, each group in split order
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["spec"], row["lr"]), []).append(row)
+    select = select or default_selection(rows)
+    if rows and select not in {m for r in rows for m in r["metrics"]}:
+        raise HybridlabError(f"--select {select!r}: no such metric; the runs report {', '.join(rows[0]['metrics'])}")
+    best: dict[str, Any] = {}
+    sign = 1 if select and _lower_is_better(select) else -1
+    tie_break = select.rsplit("/", 1)[0] + "/loss" if select and "/" in select else None  # equal accuracy: lower loss
+
+    def score(members: list[dict[str, Any]]) -> tuple[float, float]:
+        values = [(sign * r["metrics"].get(select, math.nan), r["metrics"].get(tie_break, 0.0)) for r in members]
+        primary, secondary = _mean([v[0] for v in values]), _mean([v[1] for v in values])
+        return (math.inf if math.isnan(primary) else primary, secondary)
+
+    for (spec, lr), members in groups.items():
+        if spec not in best or score(members) < best[spec][1]:
+            best[spec] = (lr, score(members))
+    return {"columns": columns, "groups": groups, "select": select, "best": {s: v[0] for s, v in best.items()}}
+
+
+def _mean(values: Sequence[float]) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.fmean(values) if values else math.nan
+
+
+def _std(values: Sequence[float]) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _cell_text(members: Sequence[dict[str, Any]], metric: str) -> str:
+    values = [r["metrics"].get(metric, math.nan) for r in members]
+    mean = _mean(values)
+    return "-" if math.isnan(mean) else f"{mean:.3f} ± {_std(values):.3f}"
+
+
+def markdown(rows: Sequence[dict[str, Any]], summary: dict[str, Any], *, title: str, command: str,
+             total: int, plots: Sequence[str], note: str) -> str:
+    columns, groups, best, select = summary["columns"], summary["groups"], summary["best"], summary["select"]
+    header = ["spec", "params", "lr", "seeds", *columns, "s/cell"]
+    lines = [f"# compare: {title}", "", f"`{command}`", "",
+             f"{len(rows)} of {total} cells finished. Each value is the mean ± sample standard deviation "
+             f"over seeds; the best lr per spec is chosen by the mean `{select}` "
+             f"({'lower' if select and _lower_is_better(select) else 'higher'} is better).", ""]
+
+    def table(keys: Sequence[tuple[str, Any]]) -> list[str]:
+        out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for key in keys:
+            members = groups[key]
+            out.append("| " + " | ".join([
+                key[0], f"{members[0]['params']:,}", f"{key[1]:g}" if key[1] is not None else "-",
+                str(len(members)), *(_cell_text(members, c) for c in columns),
+                f"{_mean([r['seconds'] for r in members]):.3g}"]) + " |")
+        return out
+
+    lines += ["## Best learning rate per spec", "", *table([(s, lr) for s, lr in best.items()]), ""]
+    if len(groups) > len(best):
+        lines += ["## Every learning rate", "", *table(sorted(groups, key=lambda k: (k[0], k[1] or 0))), ""]
+    if plots:
+        lines += ["## Plots", "", *(f"![{p}]({p})" for p in plots), ""]
+    if note:
+        lines += [f"Note: {note}", ""]
+    return "\n".join(lines)
+
+
+def write_reports(out: Path, cells: Sequence[Cell], *, select: str | None, command: str,
+                  title: str) -> dict[str, Any]:
+    """results.jsonl, results.md and the plots, from every finished cell."""
+    rows = finished_rows(cells)
+    atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    summary = summarize(rows, select)
+    plots, note = write_plots(out, rows, cells, summary) if rows else ([], "")
+    text = markdown(rows, summary, title=f"{title} ({cells[0].spec.data.kind})", command=command, total=len(cells),
+                    plots=plots, note=note)
+    atomic_write_text(out / "results.md", text)
+    return {"plots": [str(out / p) for p in plots], "note": note}
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _loss_curve(run_dir: Path) -> dict[int, float]:
+    """Training loss by step from a run's metrics.jsonl (evaluation and skipped lines left out)."""
+    curve = {}
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        record = json.loads(line)
+        if record.get("loss") is not None and not any("/" in k for k in record):
+            curve[record["step"]] = record["loss"]
+    return curve
+
+
+def write_plots(out: Path, rows: Sequence[dict[str, Any]], cells: Sequence[Cell],
+                summary: dict[str, Any]) -> tuple[list[str], str]:
+    """-> (the file names written, a note when something could not be plotted)"""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], "plots skipped: matplotlib is not installed (pip install 'hybridlab[plot]')"
+    best = summary["best"]
+    chosen = [r for r in rows if best.get(r["spec"]) == r["lr"]]
+    written, notes = [], []
+
+    # accuracy against eval length, one panel per accuracy metric (accuracy, accuracy_recall...)
+    by_length: dict[str, dict[str, dict[int, list[float]]]] = {}
+    for row in chosen:
+        for metric, value in row["metrics"].items():
+            split, _, name = metric.partition("/")
+            if split_length(split) is not None and name.startswith("accuracy"):
+                by_length.setdefault(name, {}).setdefault(row["spec"], {}).setdefault(
+                    split_length(split), []).append(value)
+    if by_length:
+        names = list(by_length)
+        fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            for spec, points in by_length[name].items():
+                xs = sorted(points)
+                ax.errorbar(xs, [_mean(points[x]) for x in xs], yerr=[_std(points[x]) for x in xs],
+                            marker="o", capsize=3, label=f"{spec} (lr {best[spec]:g})" if best[spec] else spec)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted({x for p in by_length[name].values() for x in p}))
+            ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel("eval length")
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle("mean ± std over seeds, at each spec's best lr", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "accuracy_vs_length.png", dpi=120)
+        plt.close(fig)
+        written.append("accuracy_vs_length.png")
+    else:
+        notes.append("no len{N} eval splits, so no accuracy-vs-length plot")
+
+    # training loss: mean over the seeds at each spec's best lr
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for spec in best:
+        curves = [_loss_curve(c.dir) for c in cells if c.label == spec and c.done() and
+                  json.loads((c.dir / "result.json").read_text())["lr"] == best[spec]]
+        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if steps:
+            ax.plot(steps, [_mean([c[s] for c in curves]) for s in steps], label=spec)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("mean over seeds, at each spec's best lr", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=120)
+    plt.close(fig)
+    written.append("loss_curves.png")
+    return written, "; ".join(notes)
