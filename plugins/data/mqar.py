@@ -37,7 +37,9 @@ class MQARConfig(Config):
     pairs: int = Field(default=8, ge=1)
     """Key-value pairs per sequence."""
     queries: int | None = Field(default=None, ge=1)
-    """Queries per sequence (default: pairs; at most pairs, each key asked once)."""
+    """Queries per sequence (default: pairs). The asked pairs are drawn with replacement,
+    so no query can be answered by elimination (if every key were asked once, the last
+    answer would be the one value not yet given, a shortcut that stalls training)."""
     seq_len: int | None = Field(default=None, ge=2)
     """Sequence length (default 2·pairs + 2·queries; extra length pads between context and queries)."""
     eval_lengths: list[int] | None = Field(default=None, min_length=1)
@@ -49,8 +51,6 @@ class MQARConfig(Config):
         keys = (self.vocab - 1) // 2
         if self.pairs > keys:
             raise ValueError(f"pairs ({self.pairs}) exceeds the number of distinct keys ({keys}) for vocab {self.vocab}")
-        if self.n_queries > self.pairs:
-            raise ValueError(f"queries ({self.n_queries}) must be at most pairs ({self.pairs})")
         if self.length < 2 * (self.pairs + self.n_queries):
             raise ValueError(f"seq_len ({self.length}) is shorter than 2·pairs + 2·queries "
                              f"({2 * (self.pairs + self.n_queries)})")
@@ -93,7 +93,7 @@ class MQAR:
         K = (c.vocab - 1) // 2
         keys = torch.rand(B, K, generator=g).argsort(dim=1)[:, :N] + 1  # [B, N] distinct keys
         values = torch.randint(K + 1, c.vocab, (B, N), generator=g)  # [B, N]
-        asked = torch.rand(B, N, generator=g).argsort(dim=1)[:, :Q]  # [B, Q] which pairs are queried
+        asked = torch.randint(0, N, (B, Q), generator=g)  # [B, Q] which pairs are queried (with replacement)
         inputs = torch.zeros(B, T, dtype=torch.long)
         inputs[:, 0:2 * N:2], inputs[:, 1:2 * N:2] = keys, values
         start = T - 2 * Q
