@@ -32,6 +32,8 @@ BUILTIN_MODULES = {
     "swiglu": "hybridlab.plugins.ffn.swiglu",
     "attention": "hybridlab.plugins.mixer.attention",
     "prenorm": "hybridlab.plugins.residual.prenorm",
+    "hyper_connections": "hybridlab.plugins.residual.hyper_connections",
+    "mhc": "hybridlab.plugins.residual.mhc",
     "lm": "hybridlab.plugins.head.lm",
     "cross_entropy": "hybridlab.plugins.loss.cross_entropy",
     "adamw": "hybridlab.plugins.optimizer.adamw",
