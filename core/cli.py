@@ -96,7 +96,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     from .dispatch import choose
-    from .model import Model, count_parameters
+    from .model import Model, active_parameters, count_parameters
     from .spec import PipelineSpec
     from .train import resolve_device
 
@@ -117,7 +117,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
             impl, why = "module", "no separate implementations"
         ffn = block_spec.ffn.kind if block_spec.ffn is not None else "-"
         state = block.mixer.state_bytes(args.seq_len, dtype)
-        rows.append((str(i), mixer.kind, impl, ffn, f"{count_parameters(block):,}", _bytes(state), why))
+        n, active = count_parameters(block), active_parameters(block)
+        params = f"{n:,}" if active == n else f"{n:,} ({active:,} active)"
+        rows.append((str(i), mixer.kind, impl, ffn, params, _bytes(state), why))
     print(f"model {model_spec.name!r}: d_model {model_spec.d_model}, vocab {model_spec.vocab_size}, "
           f"{len(model_spec.layers)} blocks; implementations for {device.type} {args.dtype}, training")
     _table(("layer", "mixer", "impl", "ffn", "params", f"state@{args.seq_len}", "why not the others"), rows)
@@ -126,6 +128,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
     print(f"total parameters: {total:,} ({total - embed:,} without the embedding); "
           f"decoding state per sequence at {args.seq_len} tokens: "
           f"{_bytes(sum(b.mixer.state_bytes(args.seq_len, dtype) for b in model.blocks))}")
+    if active_parameters(model) != total:  # routed experts: a token uses only some of them
+        print(f"active parameters per token: {active_parameters(model):,} of {total:,}")
     return 0
 
 

@@ -191,3 +191,11 @@ def build_model(spec: ModelSpec, registry: Any = None) -> Model:
 def count_parameters(module: nn.Module) -> int:
     """Parameters counted once even when shared (tied embeddings)."""
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def active_parameters(module: nn.Module) -> int:
+    """Parameters one token uses: a module that routes (a mixture of experts) says how many
+    of its own it uses with ``active_parameters()``; every other parameter counts in full."""
+    unused = sum(count_parameters(m) - m.active_parameters() for m in module.modules()
+                 if hasattr(m, "active_parameters"))
+    return count_parameters(module) - unused

@@ -30,6 +30,7 @@ BUILTIN_MODULES = {
     "no_position": "hybridlab.plugins.position.none",
     "mlp": "hybridlab.plugins.ffn.mlp",
     "swiglu": "hybridlab.plugins.ffn.swiglu",
+    "moe": "hybridlab.plugins.ffn.moe",
     "attention": "hybridlab.plugins.mixer.attention",
     "prenorm": "hybridlab.plugins.residual.prenorm",
     "hyper_connections": "hybridlab.plugins.residual.hyper_connections",
