@@ -21,8 +21,10 @@ def test_every_package_folder_is_listed_in_pyproject():
 def test_every_builtin_plugin_file_has_an_entry_point():
     entry_points = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["hybridlab"]
     modules = set(entry_points.values())
+    # a plugin file defines the hook; helpers shared by plugins (plugins/mixer/recurrent_layer.py) do not
     files = {"hybridlab.plugins." + ".".join(p.relative_to(ROOT / "plugins").with_suffix("").parts)
-             for p in (ROOT / "plugins").rglob("*.py") if p.name != "__init__.py"}
+             for p in (ROOT / "plugins").rglob("*.py")
+             if p.name != "__init__.py" and "def hybridlab_register" in p.read_text()}
     assert files - modules == set(), f"plugin files without an entry point: {sorted(files - modules)}"
 
 

@@ -1,0 +1,347 @@
+"""The linear-recurrence family as tensor ops: one token-by-token reference and one
+chunked parallel form, shared by linear attention, RetNet, GLA, DeltaNet, Gated DeltaNet
+(and reusable for KDA, DeltaProduct and Mamba2's SSD). Not a plugin: the kinds' files
+register these under their own names.
+
+Per head, with the state S [K, V] (fla's layout), every op is a case of
+
+    S_t = Diag(a_t) S_{t-1}                           a_t = exp(g_t): a scalar per head,
+                                                      a vector per key channel, or 1
+    S_t = S_t + k_t v_t^T                             (additive: linear attention, RetNet, GLA)
+    S_t = S_t + β_t k_t (v_t - S_t^T k_t)^T           (delta rule: = (I - β_t k_t k_t^T) S_t + β_t k_t v_t^T)
+    o_t = S_t^T (scale · q_t)
+
+Packed sequences: ``doc_ids [B, T]`` (any integers; a run of equal ids is one document)
+zeroes the state before the first token of each new document. The first token continues
+the initial state.
+
+The chunked form (chunks of C tokens; derivation as in Yang et al. 2024, "Parallelizing
+Linear Transformers with the Delta Rule over Sequence Length", the WY / UT transform).
+Inside a chunk let G_t = Σ_{s≤t} g_s (cumulative log decay from the chunk start), Γ_t =
+exp(G_t), and S_0 the state entering the chunk. Unrolling the recurrence with
+u_t = β_t (v_t - (Diag(a_t) S_{t-1})^T k_t) (or u_t = v_t without the delta rule):
+
+    S_t = Diag(Γ_t) S_0 + Σ_{j≤t} Diag(Γ_t / Γ_j) k_j u_j^T
+    u   = (I + Diag(β) A_kk)^{-1} Diag(β) (V - (Γ ⊙ K) S_0)       A_kk[t, j] = Σ_d k_td k_jd Γ_td / Γ_jd, j < t
+        = U - W S_0            U, W: one triangular solve for all chunks at once
+    O   = (Γ ⊙ Q) S_0 + A_qk u                                       A_qk[t, j] as A_kk with q_t, j ≤ t
+    S_C = Diag(Γ_C) S_0 + ((Γ_C / Γ) ⊙ K)^T u
+
+Only ``u = U - W S_0`` and the state update run chunk after chunk; everything else is
+batched matmuls. Decay ratios Γ_t / Γ_j are formed as exp of the segment sum
+Σ_{j<s≤t} g_s (≤ 0), never as exp(G_t) / exp(G_j), which underflows, nor as exp(G_t - G_j),
+which is inaccurate after strong decays (see segsum). A document boundary inside a chunk becomes masks: with r_t the
+number of boundaries in the chunk up to t, pairs (t, j) count only when r_t = r_j, S_0 only
+reaches tokens with r_t = 0, and only tokens with r_j = r_C reach the next chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hybridlab.core.numerics import compute_dtype
+from hybridlab.core.verify import BATCHES, SEQ_LENS, Case
+
+CHUNK = 64  # tokens per chunk
+SUB = 16  # secondary chunk for per-channel decay (see _channel_scores)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None, g_per: str = "head",
+                 beta: Tensor | None = None, initial_state: Tensor | None = None,
+                 doc_ids: Tensor | None = None) -> None:
+    """Raise ValueError naming the expected and the received shapes. ``g_per`` is
+    'head' (g [B, T, H]) or 'channel' (g [B, T, H, K])."""
+    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"expected q, k [B, T, H, K] and v [B, T, H, V] (time-major); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    expected = {"g": (B, T, H) if g_per == "head" else (B, T, H, K), "beta": (B, T, H),
+                "initial_state": (B, H, K, V), "doc_ids": (B, T)}
+    for name, value in (("g", g), ("beta", beta), ("initial_state", initial_state), ("doc_ids", doc_ids)):
+        if value is not None and tuple(value.shape) != expected[name]:
+            raise ValueError(f"expected {name} of shape {list(expected[name])} for q {list(q.shape)} "
+                             f"and v {list(v.shape)}, got {list(value.shape)}")
+    if doc_ids is not None and doc_ids.is_floating_point():
+        raise ValueError(f"doc_ids must be integers (one id per document), got {doc_ids.dtype}")
+
+
+def segments(doc_ids: Tensor) -> Tensor:
+    """doc_ids [B, T] -> [B, T] int64 document index counted from 0 in each row: a new
+    document starts wherever the id changes."""
+    starts = torch.zeros_like(doc_ids, dtype=torch.long)
+    starts[:, 1:] = (doc_ids[:, 1:] != doc_ids[:, :-1]).long()
+    return starts.cumsum(1)
+
+
+def new_document(doc_ids: Tensor) -> Tensor:
+    """doc_ids [B, T] -> [B, T] bool, True at the first token of each new document
+    (never at t = 0: the first token continues the initial state)."""
+    starts = torch.zeros_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return starts
+
+
+# ---------------------------------------------------------------- reference
+
+
+def recurrent_reference(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None, beta: Tensor | None = None,
+                        scale: float | None = None, initial_state: Tensor | None = None,
+                        doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The recurrence token by token (see the module docstring), in fp32 (fp64 stays fp64).
+
+    q, k [B, T, H, K], v [B, T, H, V], g [B, T, H] or [B, T, H, K] (log decay, ≤ 0),
+    beta [B, T, H] (delta rule when given), initial_state [B, H, K, V], doc_ids [B, T]
+    -> o [B, T, H, V] in q's dtype, final state [B, H, K, V] in the compute dtype."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dtype, out_dtype = compute_dtype(q.dtype), v.dtype
+    scale = K ** -0.5 if scale is None else scale
+    q = (q.to(dtype) * scale).unsqueeze(-2)  # [B, T, H, 1, K]: rows for matmuls
+    k, v = k.to(dtype), v.to(dtype)
+    decay = None
+    if g is not None:
+        decay = g.to(dtype).exp()  # [B, T, H] or [B, T, H, K]
+        decay = decay[..., None, None] if decay.dim() == 3 else decay[..., None]  # [B, T, H, 1 or K, 1]
+    if beta is not None:
+        beta = beta.to(dtype)[..., None, None]  # [B, T, H, 1, 1]
+    keep = None if doc_ids is None else (~new_document(doc_ids)).to(dtype)[:, :, None, None, None]
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype)
+    out = []
+    for t in range(T):
+        if keep is not None:
+            S = S * keep[:, t]  # a new document starts from an empty state
+        if decay is not None:
+            S = S * decay[:, t]
+        k_t, v_t = k[:, t, :, :, None], v[:, t, :, None, :]  # [B, H, K, 1], [B, H, 1, V]
+        if beta is None:
+            S = S + k_t * v_t
+        else:
+            # the delta rule: move what S recalls for k_t a fraction beta towards v_t
+            recalled = k_t.transpose(-1, -2) @ S  # [B, H, 1, V]
+            S = S + k_t * (beta[:, t] * (v_t - recalled))
+        out.append(q[:, t] @ S)  # [B, H, 1, V]
+    o = torch.cat(out, dim=2).transpose(1, 2) if out else v.new_zeros(B, 0, H, V)  # [B, T, H, V]
+    return o.to(out_dtype), S
+
+
+# ---------------------------------------------------------------- chunked
+
+
+def _chunks(x: Tensor, C: int) -> Tensor:
+    """[B, T, H, ...] with T a multiple of C -> [B, H, N, C, ...]"""
+    B, T, H = x.shape[:3]
+    return x.reshape(B, T // C, C, H, *x.shape[3:]).transpose(1, 3).transpose(2, 3)
+
+
+def segsum(g: Tensor, axis: int = -1) -> Tensor:
+    """Segment sums of a log decay along ``axis`` (length C), as a new axis after it:
+    [..., t, j, ...] = Σ_{j<s≤t} g_s for j ≤ t, -inf above the diagonal (Mamba2's segsum).
+
+    Each entry sums only its own terms. The difference of two cumulative sums, G_t - G_j,
+    carries the rounding of |G_t| (hundreds after strong decays), which in fp32 is a
+    relative error of 1e-5 in exp(G_t - G_j); a sum of same-sign terms does not."""
+    axis = axis % g.dim()
+    C = g.shape[axis]
+    x = g.unsqueeze(axis + 1).expand(*g.shape[:axis + 1], C, *g.shape[axis + 1:])  # [.., s, j, ..] = g_s
+    shape = (C, C) + (1,) * (g.dim() - axis - 1)
+    below = torch.ones(C, C, dtype=torch.bool, device=g.device).tril(-1).view(shape)  # s > j
+    sums = x.masked_fill(~below, 0.0).cumsum(axis)  # [.., t, j, ..] = Σ_{j<s≤t} g_s
+    inside = torch.ones(C, C, dtype=torch.bool, device=g.device).tril().view(shape)
+    return sums.masked_fill(~inside, float("-inf"))
+
+
+def _suffix(g: Tensor, axis: int) -> Tensor:
+    """Σ_{s>j} g_s along ``axis`` (exclusive suffix sums, each of its own terms)."""
+    inclusive = g.flip(axis).cumsum(axis).flip(axis)
+    return torch.cat([inclusive.narrow(axis, 1, g.shape[axis] - 1),
+                      torch.zeros_like(inclusive.narrow(axis, 0, 1))], dim=axis)
+
+
+def _channel_scores(b: Tensor, g: Tensor, rows: list[Tensor]) -> list[Tensor]:
+    """For each a in ``rows``: [..., C, C] with [t, j] = Σ_d a_td b_jd exp(Σ_{j<s≤t} g_sd)
+    for j ≤ t (0 above the diagonal); a, b, g [..., C, K], g the per-channel log decay.
+
+    Factoring the decay as exp(G_t) · exp(-G_j) overflows over a chunk, so (fla's secondary
+    chunking) the chunk is cut into blocks of SUB: a diagonal block builds the exact
+    [SUB, SUB, K] decay tensor; a block below it factors through p, the last position before
+    the row block: exp(Σ_{p<s≤t} g_s) · exp(Σ_{j<s≤p} g_s), both ≤ 1."""
+    *lead, C, K = b.shape
+    S = min(SUB, C)
+    n = C // S
+    gb = g.reshape(*lead, n, S, K)
+    decay = segsum(gb, axis=-2).exp()  # [..., n, S, S, K]
+    from_p = gb.cumsum(-2).exp()  # [..., n(i), S, K]: Σ_{p<s≤t} g_s, p just before block i
+    # Σ_{j<s≤p}: the rest of j's block plus the whole blocks between it and block i
+    totals = gb.sum(-2)  # [..., n, K]
+    between = segsum(totals, axis=-2)  # [..., n(i'), n(m), K] = Σ_{m<b≤i'} totals_b
+    between = torch.cat([torch.full_like(between[..., :1, :, :], float("-inf")), between[..., :-1, :, :]],
+                        dim=-3)  # row i: i' = i - 1 (row 0: nothing lies before block 0)
+    to_p = (_suffix(gb, -2)[..., None, :, :, :] + between[..., :, :, None, :]).exp()  # [.., n(i), n(m), S, K]
+    b_to_p = b.reshape(*lead, 1, n, S, K) * to_p  # [..., n(i), n(m), S, K], zero for m ≥ i
+    b_to_p = b_to_p.reshape(*lead, n, C, K)
+    eye = torch.eye(n, dtype=b.dtype, device=b.device)[:, None, :, None]  # [n, 1, n, 1]
+    out = []
+    for a in rows:
+        ab = a.reshape(*lead, n, S, K)
+        diagonal = (ab[..., :, None, :] * b.reshape(*lead, n, 1, S, K) * decay).sum(-1)  # [..., n, S, S]
+        below = (ab * from_p) @ b_to_p.transpose(-1, -2)  # [..., n, S, C]
+        blocks = diagonal[..., :, :, None, :] * eye  # [..., n, S, n, S], block-diagonal
+        out.append(below.reshape(*lead, C, C) + blocks.reshape(*lead, C, C))
+    return out
+
+
+def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None, beta: Tensor | None = None,
+                     scale: float | None = None, initial_state: Tensor | None = None,
+                     doc_ids: Tensor | None = None, chunk_size: int = CHUNK) -> tuple[Tensor, Tensor]:
+    """The chunked parallel form of :func:`recurrent_reference` (same arguments and
+    results); autograd gives the backward. Any T: the tail is padded with tokens that leave
+    the state alone (k = 0, g = 0)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dtype = compute_dtype(q.dtype)
+    scale = K ** -0.5 if scale is None else scale
+    out_dtype = v.dtype
+    per_channel = g is not None and g.dim() == 4
+    if T > chunk_size:
+        C = chunk_size
+    else:  # one chunk (a decode step is T = 1); per-channel decay needs a multiple of SUB
+        C = -(-T // SUB) * SUB if per_channel else max(T, 1)
+    N = -(-T // C)
+    pad = N * C - T
+
+    def prep(x: Tensor | None, mult: float = 1.0) -> Tensor | None:
+        if x is None:
+            return None
+        x = x.to(dtype) * mult if mult != 1.0 else x.to(dtype)
+        return _chunks(F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) if pad else x, C)
+
+    Q, Kc, Vc = prep(q, scale), prep(k), prep(v)  # [B, H, N, C, K or V]
+    gc = None if g is None else prep(g)  # [B, H, N, C] or [B, H, N, C, K]
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+
+    # document masks, [B, 1, N, C(, C)]: broadcast over heads
+    same = carry = last = carry_last = None
+    if doc_ids is not None:
+        starts = new_document(doc_ids)
+        starts = F.pad(starts, (0, pad)) if pad else starts
+        r = starts.reshape(B, 1, N, C).long().cumsum(-1)  # boundaries in the chunk up to t
+        same = r[..., :, None] == r[..., None, :]
+        carry, last, carry_last = r == 0, r == r[..., -1:], r[..., -1] == 0
+
+    # intra-chunk scores A_qk (j ≤ t) and A_kk (j < t), decays included
+    if gc is None:
+        A_qk = (Q @ Kc.transpose(-1, -2)).masked_fill(~causal, 0.0)
+        A_kk = (Kc @ Kc.transpose(-1, -2)) if beta is not None else None
+    elif not per_channel:
+        ratio = segsum(gc).exp()  # [B, H, N, C, C]: decay from j to t
+        A_qk = (Q @ Kc.transpose(-1, -2)) * ratio
+        A_kk = (Kc @ Kc.transpose(-1, -2)) * ratio if beta is not None else None
+    else:
+        A_qk, *rest = _channel_scores(Kc, gc, [Q, Kc] if beta is not None else [Q])
+        A_kk = rest[0] if rest else None
+    if same is not None:
+        A_qk = A_qk * same
+        A_kk = A_kk * same if A_kk is not None else None
+
+    # how S_0 reaches each token (Γ ⊙ Q, Γ ⊙ K) and each token the next chunk ((Γ_C / Γ) ⊙ K)
+    if gc is None:
+        Q0, K0, K_last, chunk_decay = Q, Kc, Kc, None
+        if carry is not None:
+            Q0, K0 = Q * carry[..., None], Kc * carry[..., None]
+            K_last, chunk_decay = Kc * last[..., None], carry_last.to(dtype)  # [B, 1, N]
+    else:
+        prefix = gc.cumsum(3)  # [B, H, N, C(, K)]: decay from the chunk start to t
+        gamma, to_last = prefix.exp(), _suffix(gc, 3).exp()  # ... and from t to the chunk end
+        chunk_decay = prefix[:, :, :, -1].exp()  # [B, H, N(, K)]
+        if carry is not None:
+            gamma, to_last = gamma * _bcast(carry, gamma), to_last * _bcast(last, to_last)
+            chunk_decay = chunk_decay * _bcast(carry_last, chunk_decay)
+        gamma, to_last = _col(gamma, per_channel), _col(to_last, per_channel)
+        Q0, K0, K_last = Q * gamma, Kc * gamma, Kc * to_last
+
+    if beta is not None:
+        bt = prep(beta)[..., None]  # [B, H, N, C, 1]
+        rhs = torch.cat([bt * Vc, bt * K0], dim=-1)  # [B, H, N, C, V + K]
+        # (I + Diag(β) A_kk) [U | W] = Diag(β) [V | Γ ⊙ K]; unit lower-triangular
+        L = (bt * A_kk).tril(-1) + torch.eye(C, dtype=dtype, device=q.device)
+        U, W = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True).split([V, K], dim=-1)
+    else:
+        U, W = Vc, None
+    if chunk_decay is not None:
+        chunk_decay = chunk_decay[..., None] if per_channel else chunk_decay[..., None, None]  # [B, H, N, K|1, 1]
+
+    S = q.new_zeros(B, H, K, V, dtype=dtype) if initial_state is None else initial_state.to(dtype)
+    entering, us = [], []
+    K_last_T = K_last.transpose(-1, -2)  # [B, H, N, K, C]
+    added = K_last_T @ U if W is None else None  # additive: the chunk's own contribution is known up front
+    for n in range(N):
+        entering.append(S)
+        if W is None:
+            update = added[:, :, n]
+        else:
+            u = U[:, :, n] - W[:, :, n] @ S  # [B, H, C, V]
+            us.append(u)
+            update = K_last_T[:, :, n] @ u
+        S = S * chunk_decay[:, :, n] + update if chunk_decay is not None else S + update
+    u_all = U if W is None else torch.stack(us, dim=2)
+    O = Q0 @ torch.stack(entering, dim=2) + A_qk @ u_all  # [B, H, N, C, V]
+    o = O.transpose(2, 3).transpose(1, 3).reshape(B, N * C, H, V)[:, :T]  # [B, T, H, V]
+    return o.to(out_dtype), S
+
+
+def _bcast(mask: Tensor, like: Tensor) -> Tensor:
+    """A [B, 1, N(, C)] document mask shaped to multiply ``like`` (per-channel decays carry a K axis)."""
+    mask = mask.to(like.dtype)
+    return mask[..., None] if like.dim() == mask.dim() + 1 else mask
+
+
+def _col(x: Tensor, per_channel: bool) -> Tensor:
+    """A decay [B, H, N, C] becomes a column [.., C, 1]; a per-channel one [.., C, K] stays."""
+    return x if per_channel else x[..., None]
+
+
+# ---------------------------------------------------------------- verification inputs
+
+# (heads, key dim, value dim): small, odd, all different
+CASE_SHAPES = [(2, 8, 12), (1, 16, 9), (3, 6, 10), (2, 12, 7)]
+
+
+def recurrent_cases(gates: Callable[[int, int, int, int, int], dict[str, Tensor]], *,
+                    unit_keys: bool = False) -> Callable:
+    """A ``cases(dtype, device)`` function for an op ``fn(q, k, v, **gates, scale=,
+    initial_state=, doc_ids=)``: every T of the grid and both batches, rotating small odd
+    head shapes; every other case starts from an initial state; batch 3 from T = 63 on is
+    packed with documents (one boundary exactly at a chunk start). ``gates(B, T, H, K, i)``
+    returns the op's extra inputs for case i; ``unit_keys`` l2-normalises k (the delta
+    rule is a contraction only for ||k|| = 1)."""
+
+    def cases(dtype: torch.dtype, device: str):
+        n = 0
+        for i, T in enumerate(SEQ_LENS):
+            for B in BATCHES:
+                H, K, V = CASE_SHAPES[(i + B) % len(CASE_SHAPES)]
+                k = torch.randn(B, T, H, K)
+                inputs = {"q": torch.randn(B, T, H, K), "k": F.normalize(k, dim=-1) if unit_keys else k,
+                          "v": torch.randn(B, T, H, V), **gates(B, T, H, K, n)}
+                label = f"B{B} T{T} H{H} K{K} V{V}"
+                if n % 2:
+                    inputs["initial_state"] = torch.randn(B, H, K, V) * 0.5
+                    label += " +state"
+                if B > 1 and T >= 63:
+                    starts = torch.rand(B, T) < 0.03
+                    starts[0, 64 % T] = True
+                    inputs["doc_ids"] = starts.long().cumsum(1) * 7  # ids need not count from 0
+                    label += " +docs"
+                options = {"scale": 0.3} if n % 3 == 2 else {}
+                n += 1
+                yield Case(label, inputs, options)
+
+    return cases

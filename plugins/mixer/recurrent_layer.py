@@ -1,0 +1,244 @@
+"""The module layer shared by the recurrent mixers: config fields, the decoding state,
+the short causal convolution, the output norm and gate, and a base module that a kind
+completes with its features and gates. Not a plugin: the kinds' files register.
+
+A recurrent mixer, as in fla's layers:
+
+    q, k, v = split(silu(conv(W_qkv x)))            short causal depthwise conv (its tail is state)
+    q, k, v = features(q, k, v)                     per kind: l2 norm (delta family), feature maps
+    o, S    = op(q, k, v, **gates(x), initial_state=S)   per kind: decays, beta
+    y       = W_out (norm(o) ⊙ silu(W_gate x))      per-head RMSNorm and output gate, both optional
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from hybridlab.core.config import Config, Dims
+from hybridlab.core.dispatch import Dispatched
+from hybridlab.core.interfaces import SequenceMixer
+from hybridlab.core.numerics import compute_dtype
+
+from .linear_recurrence import segments
+
+# ---------------------------------------------------------------- config
+
+
+class RecurrentConfig(Config):
+    """Fields every recurrent mixer shares; a kind subclasses it, adds ``kind`` and its
+    own fields, and may change defaults."""
+
+    heads: int = Field(ge=1)
+    """Number of heads, each with its own state matrix [head_dim, head_dim·expand_v]."""
+    head_dim: int | None = Field(default=None, ge=1)
+    """Key (and query) width per head (default: d_model / heads)."""
+    expand_v: float = Field(default=1.0, gt=0)
+    """Value width per head as a multiple of head_dim (head_dim·expand_v must be whole)."""
+    conv_size: int = Field(default=4, ge=0)
+    """Width of the short causal depthwise convolution (with SiLU) on q, k, v; 0 turns it off."""
+    qk_norm: Literal["l2", "none"] = "none"
+    """Normalisation of queries and keys per head before the recurrence."""
+    output_norm: bool = True
+    """RMSNorm of each head's output before the output projection."""
+    gate: bool = False
+    """Output gate: the normalised output times silu(W_gate x)."""
+
+    def check(self, dims: Dims):
+        if self.head_dim is None and dims.d_model % self.heads:
+            yield "heads", f"must divide d_model ({dims.d_model}) unless head_dim is set, got {self.heads}"
+        head_dim = self.head_dim or dims.d_model // self.heads
+        if head_dim * self.expand_v != round(head_dim * self.expand_v) or head_dim * self.expand_v < 1:
+            yield "expand_v", (f"head_dim × expand_v must be a whole number ≥ 1, got {head_dim} × {self.expand_v}; "
+                               "pick expand_v so the value width is whole")
+
+
+class DeltaRuleConfig(RecurrentConfig):
+    """Fields of the delta-rule family (DeltaNet, Gated DeltaNet, DeltaProduct, KDA)."""
+
+    qk_norm: Literal["l2", "none"] = "l2"
+    """Normalisation of queries and keys per head; the delta rule is a contraction only for
+    unit-norm keys, so 'none' is for experiments."""
+    allow_neg_eigval: bool = False
+    """beta in (0, 2) instead of (0, 1): the transition I - beta k k^T may have a negative
+    eigenvalue, which lets the state track parity-like state (Grazzi et al. 2025,
+    "Unlocking State-Tracking in Linear RNNs Through Negative Eigenvalues")."""
+
+
+# ---------------------------------------------------------------- pieces
+
+
+@dataclass
+class RecurrentState:
+    """What a recurrent mixer carries between calls. ``recurrent`` [B, H, K, V] is kept in
+    the compute dtype (fp32 for low-precision models, fp64 stays fp64); ``conv`` [B, W-1,
+    channels] holds the last inputs of the short convolution (None without one)."""
+
+    recurrent: Tensor
+    conv: Tensor | None = None
+
+
+def l2_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """x / sqrt(Σ x² + eps) over the last axis (fla's l2norm)."""
+    xf = x.to(compute_dtype(x.dtype))
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over time followed by SiLU (fla's ShortConvolution;
+    Mamba, DeltaNet, Gated DeltaNet): y_t = silu(Σ_i w_i ⊙ x_{t-W+1+i}). The last W-1
+    inputs are the decoding state; tokens of an earlier document are not seen."""
+
+    def __init__(self, channels: int, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.weight = nn.Parameter(torch.empty(channels, size))  # [C, W]; w[:, -1] multiplies x_t
+        bound = size ** -0.5  # nn.Conv1d's default init for a depthwise kernel
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x: Tensor, tail: Tensor | None = None,
+                doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x [B, T, C], tail [B, W-1, C] (None: zeros) -> (y [B, T, C], new tail [B, W-1, C])"""
+        B, T, C = x.shape
+        W = self.size
+        if tail is None:
+            tail = x.new_zeros(B, W - 1, C)
+        xp = torch.cat([tail.to(x.dtype), x], dim=1)  # [B, W-1+T, C]
+        if doc_ids is not None:
+            seg = segments(doc_ids)  # the tail continues the first document
+            seg = torch.cat([seg[:, :1].expand(B, W - 1), seg], dim=1)  # [B, W-1+T]
+        y = xp[:, W - 1:] * self.weight[:, W - 1]
+        for i in range(W - 1):  # input at lag W-1-i
+            term = xp[:, i:i + T] * self.weight[:, i]
+            if doc_ids is not None:
+                term = term * (seg[:, i:i + T] == seg[:, W - 1:])[..., None]
+            y = y + term
+        return F.silu(y), xp[:, xp.shape[1] - (W - 1):]
+
+
+class OutputNorm(nn.Module):
+    """RMSNorm over each head's output, times silu(gate) when a gate is given (fla's
+    FusedRMSNormGated; GLA, RetNet, Gated DeltaNet). Weight [V], shared by the heads."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, o: Tensor, gate: Tensor | None = None) -> Tensor:
+        """o [B, T, H, V], gate [B, T, H, V] or None -> [B, T, H, V]"""
+        of = o.to(compute_dtype(o.dtype))
+        y = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        if gate is not None:
+            y = y * F.silu(gate.to(y.dtype))
+        return y.to(o.dtype)
+
+
+# ---------------------------------------------------------------- the module
+
+
+class RecurrentMixer(Dispatched, SequenceMixer):
+    """Base of the recurrent mixers. A kind sets ``kind``, and overrides ``features``
+    (what q, k, v become after the conv), ``gates`` (the op's extra inputs from x) and,
+    rarely, ``recur`` (how the op is called). The op is the kind's chosen implementation,
+    called as ``fn(q, k, v, **gates, initial_state=, doc_ids=)``."""
+
+    category = "mixer"
+    value_extra = 0  # extra value columns the op carries (linear attention's normaliser)
+
+    def __init__(self, config: RecurrentConfig, dims: Dims) -> None:
+        super().__init__()
+        self.config = config
+        self.heads = H = config.heads
+        self.head_dim = K = config.head_dim or dims.d_model // H
+        self.value_dim = V = round(K * config.expand_v)
+        self.qkv = nn.Linear(dims.d_model, H * (2 * K + V), bias=False)
+        self.conv = ShortConv(H * (2 * K + V), config.conv_size) if config.conv_size else None
+        self.norm = OutputNorm(V) if config.output_norm else None
+        self.gate = nn.Linear(dims.d_model, H * V, bias=False) if config.gate else None
+        self.out = nn.Linear(H * V, dims.d_model, bias=False)
+        self.out.residual_out = True
+
+    # ---- what a kind changes
+    def features(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k [B, T, H, K], v [B, T, H, V] after the conv -> the op's q, k, v."""
+        if self.config.qk_norm == "l2":
+            q, k = l2_norm(q), l2_norm(k)
+        return q, k, v
+
+    def gates(self, x: Tensor) -> dict[str, Tensor]:
+        """x [B, T, D] -> the op's extra inputs (g, beta...)."""
+        return {}
+
+    def recur(self, impl: Any, x: Tensor, q: Tensor, k: Tensor, v: Tensor, initial_state: Tensor | None,
+              doc_ids: Tensor | None) -> tuple[Tensor, Tensor]:
+        return impl.fn(q, k, v, **self.gates(x), initial_state=initial_state, doc_ids=doc_ids)
+
+    # ---- SequenceMixer
+    def forward(self, x, state=None, *, doc_ids=None, aux=None):
+        B, T, _ = x.shape
+        H, K, V = self.heads, self.head_dim, self.value_dim
+        qkv = self.qkv(x)  # [B, T, H·(2K+V)]
+        tail = None
+        if self.conv is not None:
+            qkv, tail = self.conv(qkv, None if state is None else state.conv, doc_ids)
+        q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
+        q, k, v = self.features(q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V))  # [B, T, H, K|V]
+        impl = self.impl_for(self.config, x, decoding=state is not None)
+        o, S = self.recur(impl, x, q, k, v, None if state is None else state.recurrent, doc_ids)  # [B, T, H, V]
+        if self.norm is not None or self.gate is not None:
+            gate = None if self.gate is None else self.gate(x).view(B, T, H, V)
+            o = self.norm(o, gate) if self.norm is not None else o * F.silu(gate)
+        y = self.out(o.reshape(B, T, H * V))  # [B, T, D]
+        return y, None if state is None else RecurrentState(S, tail)
+
+    def init_state(self, batch, device, dtype):
+        H, K, V = self.heads, self.head_dim, self.value_dim + self.value_extra
+        recurrent = torch.zeros(batch, H, K, V, device=device, dtype=compute_dtype(dtype))
+        conv = None
+        if self.conv is not None:
+            conv = torch.zeros(batch, self.conv.size - 1, self.conv.weight.shape[0], device=device, dtype=dtype)
+        return RecurrentState(recurrent, conv)
+
+    def state_bytes(self, seq_len, dtype=torch.bfloat16):
+        """Independent of seq_len: the state matrix (compute dtype) and the conv tail."""
+        matrix = self.heads * self.head_dim * (self.value_dim + self.value_extra) * compute_dtype(dtype).itemsize
+        conv = 0 if self.conv is None else (self.conv.size - 1) * self.conv.weight.shape[0] * dtype.itemsize
+        return matrix + conv
+
+
+class DeltaRuleMixer(RecurrentMixer):
+    """Base of the delta-rule family: l2-normalised q and k (SiLU first, from the conv or
+    applied here without one, as fla's layers do) and beta = sigmoid(W_beta x), times 2
+    with ``allow_neg_eigval``."""
+
+    def __init__(self, config: DeltaRuleConfig, dims: Dims) -> None:
+        super().__init__(config, dims)
+        self.beta = nn.Linear(dims.d_model, config.heads, bias=False)
+
+    def features(self, q, k, v):
+        if self.conv is None:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        return super().features(q, k, v)
+
+    def beta_of(self, x: Tensor) -> Tensor:
+        """x [B, T, D] -> beta [B, T, H] in (0, 1), or (0, 2) with allow_neg_eigval."""
+        beta = torch.sigmoid(self.beta(x).to(compute_dtype(x.dtype)))
+        return 2 * beta if self.config.allow_neg_eigval else beta
+
+
+def inverse_softplus(x: Tensor) -> Tensor:
+    """y with softplus(y) = x, for x > 0 (dt bias initialisation, Mamba2 / GDN)."""
+    return x + torch.log(-torch.expm1(-x))
+
+
+def log_uniform_(x: Tensor, low: float, high: float) -> Tensor:
+    """Fill x with exp(uniform(log low, log high)) in place."""
+    with torch.no_grad():
+        return x.uniform_(math.log(low), math.log(high)).exp_()
