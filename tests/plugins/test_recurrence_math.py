@@ -1,0 +1,224 @@
+"""The recurrent ops against formulations written independently of linear_recurrence.py:
+closed-form attention-like matrices (linear attention, retention, GLA) and explicit
+products of transition matrices (delta rules), in float64 on small odd shapes. Then
+properties of the chunked form the verify grid does not reach: packed documents equal
+separate runs, chunk -> state -> step equals the whole sequence, extreme decays."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybridlab.plugins.mixer.deltanet import delta_rule_chunk, delta_rule_reference
+from hybridlab.plugins.mixer.gated_deltanet import gated_delta_rule_chunk, gated_delta_rule_reference
+from hybridlab.plugins.mixer.gla import gla_chunk, gla_reference
+from hybridlab.plugins.mixer.linear_attention import linear_attn_chunk, linear_attn_reference
+from hybridlab.plugins.mixer.retention import retention_chunk, retention_reference
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: a second thread only adds synchronisation, which on a busy
+    2-core machine costs up to 8x the run time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+B, T, H, K, V = 2, 9, 3, 5, 4
+f64 = torch.float64
+
+
+def inputs(unit_keys=False, T=T):
+    q, k, v = torch.randn(B, T, H, K, dtype=f64), torch.randn(B, T, H, K, dtype=f64), torch.randn(B, T, H, V, dtype=f64)
+    return q, F.normalize(k, dim=-1) if unit_keys else k, v, torch.randn(B, H, K, V, dtype=f64)
+
+
+def assert_close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------- closed forms
+
+
+def attention_like(q, k, v, S0, decay, scale):
+    """o_t = scale · (Σ_{j≤t} (q_t ⊙ D[t, j]) · k_j v_j + (q_t ⊙ D[t, -1]) S0), with
+    D[b, t, j, h, :] the decay of the state from after token j to after token t (j = -1:
+    the initial state), given here as an explicit [B, T, T+1, H, K] tensor."""
+    o = torch.zeros(B, q.shape[1], H, V, dtype=f64)
+    for t in range(q.shape[1]):
+        for j in range(t + 1):
+            w = (q[:, t] * decay[:, t, j + 1] * k[:, j]).sum(-1)  # [B, H]
+            o[:, t] += w[..., None] * v[:, j]
+        o[:, t] += torch.einsum("bhk,bhkv->bhv", q[:, t] * decay[:, t, 0], S0)
+    return scale * o
+
+
+def decay_products(a):
+    """a [B, T, H, K] per-step decay factors -> [B, T, T+1, H, K]: Π_{j<s≤t} a_s (index j+1)."""
+    Tn = a.shape[1]
+    out = torch.zeros(B, Tn, Tn + 1, H, K, dtype=f64)
+    for t in range(Tn):
+        for j in range(-1, t + 1):
+            out[:, t, j + 1] = torch.prod(a[:, j + 1:t + 1], dim=1) if j < t else 1.0
+    return out
+
+
+def test_linear_attention_equals_the_masked_attention_matrix():
+    q, k, v, S0 = inputs()
+    o, S = linear_attn_reference(q, k, v, initial_state=S0, scale=0.7)
+    ones = torch.ones(B, T, H, K, dtype=f64)
+    assert_close(o, attention_like(q, k, v, S0, decay_products(ones), 0.7))
+    assert_close(S, S0 + torch.einsum("bthk,bthv->bhkv", k, v))
+
+
+def test_retention_equals_the_decay_matrix_with_the_papers_gammas():
+    q, k, v, S0 = inputs()
+    gamma = torch.tensor([1 - 2 ** -5, 1 - 2 ** -6, 1 - 2 ** -7], dtype=f64)  # RetNet, heads 0..2
+    o, S = retention_reference(q, k, v, initial_state=S0)
+    decay = torch.zeros(B, T, T + 1, H, K, dtype=f64)
+    for t in range(T):
+        for j in range(-1, t + 1):
+            decay[:, t, j + 1] = (gamma ** (t - j))[:, None]
+    assert_close(o, attention_like(q, k, v, S0, decay, K ** -0.5))
+    assert_close(S, gamma[:, None, None] ** T * S0
+                 + torch.einsum("bthk,bthv,th->bhkv", k, v, gamma[None, :] ** (T - 1 - torch.arange(T)[:, None])))
+
+
+def test_gla_equals_the_per_channel_decay_matrix():
+    q, k, v, S0 = inputs()
+    g = F.logsigmoid(torch.randn(B, T, H, K, dtype=f64))
+    o, S = gla_reference(q, k, v, g, initial_state=S0)
+    decay = decay_products(g.exp())
+    assert_close(o, attention_like(q, k, v, S0, decay, K ** -0.5))
+    # the final state: each token's k v^T decayed by the steps after it
+    expected = decay[:, -1, 0][..., None] * S0 + sum(
+        decay[:, -1, j + 1][..., None] * k[:, j][..., None] * v[:, j][..., None, :] for j in range(T))
+    assert_close(S, expected)
+
+
+def transition_products(q, k, v, S0, a, beta, scale):
+    """The delta rule as a linear system: S_t = M_t S_{t-1} + β_t k_t v_t^T with
+    M_t = a_t (I - β_t k_t k_t^T), solved by explicit products of the K×K matrices M."""
+    Tn = q.shape[1]
+    eye = torch.eye(K, dtype=f64)
+    M = a[..., None, None] * (eye - beta[..., None, None] * k[..., :, None] * k[..., None, :])  # [B, T, H, K, K]
+
+    def product(t, j):  # M_t M_{t-1} ... M_{j+1}
+        P = eye.expand(B, H, K, K)
+        for s in range(j + 1, t + 1):
+            P = M[:, s] @ P
+        return P
+
+    o = torch.zeros(B, Tn, H, V, dtype=f64)
+    states = []
+    for t in range(Tn):
+        S = product(t, -1) @ S0
+        for j in range(t + 1):
+            S = S + product(t, j) @ (beta[:, j, :, None, None] * k[:, j, :, :, None] * v[:, j, :, None, :])
+        o[:, t] = scale * (S.transpose(-1, -2) @ q[:, t, :, :, None])[..., 0]
+        states.append(S)
+    return o, states[-1]
+
+
+@pytest.mark.parametrize("beta_max", [1.0, 2.0])
+def test_delta_rule_equals_the_product_of_householder_like_transitions(beta_max):
+    q, k, v, S0 = inputs(unit_keys=True)
+    beta = torch.rand(B, T, H, dtype=f64) * beta_max
+    o, S = delta_rule_reference(q, k, v, beta, initial_state=S0)
+    o_, S_ = transition_products(q, k, v, S0, torch.ones(B, T, H, dtype=f64), beta, K ** -0.5)
+    assert_close(o, o_)
+    assert_close(S, S_)
+
+
+def test_gated_delta_rule_equals_the_product_of_gated_transitions():
+    q, k, v, S0 = inputs(unit_keys=True)
+    g, beta = F.logsigmoid(torch.randn(B, T, H, dtype=f64)), torch.rand(B, T, H, dtype=f64)
+    o, S = gated_delta_rule_reference(q, k, v, g, beta, initial_state=S0, scale=0.4)
+    o_, S_ = transition_products(q, k, v, S0, g.exp(), beta, 0.4)
+    assert_close(o, o_)
+    assert_close(S, S_)
+
+
+# ---------------------------------------------------------------- chunked form: properties
+
+# op, makes its extra inputs (B, T), keys must be unit-norm
+OPS = {
+    "linear_attn": (linear_attn_reference, linear_attn_chunk, lambda b, t: {}, False),
+    "retention": (retention_reference, retention_chunk, lambda b, t: {}, False),
+    "gla": (gla_reference, gla_chunk, lambda b, t: {"g": F.logsigmoid(torch.randn(b, t, H, K, dtype=f64))}, False),
+    "delta_rule": (delta_rule_reference, delta_rule_chunk, lambda b, t: {"beta": torch.rand(b, t, H, dtype=f64)}, True),
+    "gated_delta_rule": (gated_delta_rule_reference, gated_delta_rule_chunk,
+                         lambda b, t: {"g": F.logsigmoid(torch.randn(b, t, H, dtype=f64)),
+                                       "beta": torch.rand(b, t, H, dtype=f64)}, True),
+}
+
+
+def call(fn, q, k, v, extra, **kw):
+    return fn(q, k, v, *extra.values(), **kw)
+
+
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("impl", ["reference", "chunk"])
+def test_packed_documents_equal_separate_runs(name, impl):
+    reference, chunk, extra_of, unit = OPS[name]
+    fn = reference if impl == "reference" else chunk
+    Tn = 150  # boundaries inside chunks, on a chunk start (64) and a document of one token (100)
+    q, k, v, S0 = inputs(unit, T=Tn)
+    extra = extra_of(B, Tn)
+    bounds = [[0, 10, 64, 100, 101, Tn], [0, 77, Tn]]
+    doc_ids = torch.zeros(B, Tn, dtype=torch.long)
+    for b, cuts in enumerate(bounds):
+        for i, (s, e) in enumerate(zip(cuts, cuts[1:])):
+            doc_ids[b, s:e] = 5 - i  # ids need not increase
+    o, S = call(fn, q, k, v, extra, initial_state=S0, doc_ids=doc_ids)
+    for b, cuts in enumerate(bounds):
+        for i, (s, e) in enumerate(zip(cuts, cuts[1:])):
+            part = {n: x[b:b + 1, s:e] for n, x in extra.items()}
+            state = S0[b:b + 1] if i == 0 else None  # only the first document continues the state
+            o_doc, S_doc = call(reference, q[b:b + 1, s:e], k[b:b + 1, s:e], v[b:b + 1, s:e], part, initial_state=state)
+            assert_close(o[b:b + 1, s:e], o_doc)
+        assert_close(S[b:b + 1], S_doc)  # the last document's state
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_chunk_then_state_then_steps_equal_the_whole_sequence(name):
+    reference, chunk, extra_of, unit = OPS[name]
+    Tn, cut = 140, 67
+    q, k, v, S0 = inputs(unit, T=Tn)
+    extra = extra_of(B, Tn)
+    whole, S_whole = call(chunk, q, k, v, extra, initial_state=S0)
+    outs, S = [], None
+    o, S = call(chunk, q[:, :cut], k[:, :cut], v[:, :cut], {n: x[:, :cut] for n, x in extra.items()}, initial_state=S0)
+    outs.append(o)
+    for t in range(cut, Tn):  # one token at a time, from the state, through both implementations
+        fn = chunk if t % 2 else reference
+        o, S = call(fn, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], {n: x[:, t:t + 1] for n, x in extra.items()},
+                    initial_state=S)
+        outs.append(o)
+    assert_close(torch.cat(outs, 1), whole)
+    assert_close(S, S_whole)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_extreme_decays_stay_finite_and_exact(per_channel):
+    """A decay of exp(-80) per token underflows exp(cumsum) over a chunk; exp(-cumsum)
+    overflows. The chunked form must never form either."""
+    Tn = 130
+    q, k, v, S0 = (x.float() for x in inputs(True, T=Tn))
+    shape = (B, Tn, H, K) if per_channel else (B, Tn, H)
+    g = torch.where(torch.rand(shape) < 0.3, -80.0, -1e-3)
+    g.requires_grad_(True)
+    beta = None if per_channel else torch.rand(B, Tn, H)
+    ref = gla_reference if per_channel else gated_delta_rule_reference
+    fast = gla_chunk if per_channel else gated_delta_rule_chunk
+    extra = {"g": g} if per_channel else {"g": g, "beta": beta}
+    o, S = call(fast, q, k, v, extra, initial_state=S0)
+    o_ref, S_ref = call(ref, q, k, v, extra, initial_state=S0)
+    (grad,) = torch.autograd.grad(o.square().sum(), [g])
+    (grad_ref,) = torch.autograd.grad(o_ref.square().sum(), [g])
+    assert torch.isfinite(o).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(S, S_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-3, atol=1e-4)
