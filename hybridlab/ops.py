@@ -1,0 +1,62 @@
+"""Functional recurrences, usable without the module layer, with flash-linear-attention's
+conventions so results can be checked against it:
+
+- inputs are time-major: q, k [B, T, H, K], v [B, T, H, V];
+- ``g`` is the log of the decay (≤ 0): [B, T, H] per head or [B, T, H, K] per key channel;
+- ``beta`` is used as given (already through a sigmoid);
+- ``scale`` defaults to K ** -0.5; ``initial_state`` is [B, H, K, V];
+- ``doc_ids`` [B, T] marks packed documents: the state restarts where the id changes;
+- every op returns ``(o, final_state)``, the state in fp32 (fp64 for fp64 inputs).
+
+``impl=`` names an implementation ("reference", "chunk", or a plugin's); by default the
+dispatcher picks the best one that can serve the inputs, and ``HYBRIDLAB_IMPL`` pins it
+as everywhere else. Each op's docstring writes its recurrence and cites its paper.
+
+    from hybridlab.ops import gated_delta_rule
+    o, state = gated_delta_rule(q, k, v, g, beta, initial_state=state)
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+import torch
+
+from hybridlab.core.dispatch import choose
+from hybridlab.plugins.mixer.deltanet import delta_rule_reference
+from hybridlab.plugins.mixer.gated_deltanet import gated_delta_rule_reference
+from hybridlab.plugins.mixer.gla import gla_reference
+from hybridlab.plugins.mixer.linear_attention import linear_attn_reference
+from hybridlab.plugins.mixer.retention import retention_reference
+
+__all__ = ["linear_attn", "retention", "gla", "delta_rule", "gated_delta_rule", "op"]
+
+
+def op(name: str, kind: str, reference: Callable) -> Callable:
+    """The public op ``name``: the signature and docstring of ``reference`` (the mixer
+    kind's reference implementation) plus ``impl=``; runs the implementation of ``kind``
+    that ``impl`` names, or the dispatcher's choice."""
+
+    @functools.wraps(reference)
+    def run(*args: Any, impl: str | None = None, **kwargs: Any) -> Any:
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        first = tensors[0]
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        chosen = choose("mixer", kind, None, first.device, first.dtype, training=training, pin=impl).impl
+        return chosen.fn(*args, **kwargs)
+
+    signature = inspect.signature(reference)
+    impl_param = inspect.Parameter("impl", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="str | None")
+    run.__signature__ = signature.replace(parameters=[*signature.parameters.values(), impl_param])
+    run.__name__ = run.__qualname__ = name
+    return run
+
+
+# one line per op: public name, mixer kind whose implementations run it, its reference
+linear_attn = op("linear_attn", "linear_attention", linear_attn_reference)
+retention = op("retention", "retention", retention_reference)
+gla = op("gla", "gla", gla_reference)
+delta_rule = op("delta_rule", "deltanet", delta_rule_reference)
+gated_delta_rule = op("gated_delta_rule", "gated_deltanet", gated_delta_rule_reference)

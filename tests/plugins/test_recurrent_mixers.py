@@ -1,0 +1,256 @@
+"""The recurrent mixer kinds: verify (chunk vs reference, decoding), the modules' packed
+documents and left padding, state size, config errors, the public ops, the example specs,
+and a hybrid with attention that decodes from state."""
+
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+import hybridlab.ops as ops
+from hybridlab.core.config import Dims
+from hybridlab.core.dispatch import forced
+from hybridlab.core.errors import HybridlabError
+from hybridlab.core.model import Model
+from hybridlab.core.spec import ModelSpec, load_model_spec
+from hybridlab.core.verify import verify_model_decoding
+from hybridlab.testing import assert_verified
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: a second thread only adds synchronisation, which on a busy
+    2-core machine costs up to 8x the run time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+KINDS = ["linear_attention", "retention", "gla", "deltanet", "gated_deltanet"]
+SPECS = Path(__file__).resolve().parents[2] / "specs" / "models"
+D = 24
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_implementation_matches_the_reference_and_decodes(kind, registry):
+    report = assert_verified(kind, registry=registry)
+    impls = {c.impl for c in report.checks}
+    assert {"reference", "chunk"} <= impls
+    assert any("+docs" in c.case for c in report.checks) and any("+state" in c.case for c in report.checks)
+
+
+def build(registry, kind, **options):
+    config = registry.kind("mixer", kind).config.model_validate({"kind": kind, "heads": 2, **options},
+                                                                 context={"registry": registry})
+    module = registry.kind("mixer", kind).module(config, Dims(d_model=D, vocab_size=5, n_layers=1, registry=registry))
+    module.registry = registry
+    return module.double()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("impl", ["reference", "chunk"])
+def test_packed_documents_equal_separate_runs(kind, impl, registry):
+    """doc_ids resets the recurrence and the conv: each document as if run alone."""
+    module = build(registry, kind)
+    lengths = [[5, 70, 1, 24], [100]]
+    x = torch.randn(2, 100, D, dtype=torch.float64)
+    doc_ids = torch.tensor([sum([[i] * n for i, n in enumerate(row)], []) for row in lengths])
+    with forced({kind: impl}), torch.no_grad():
+        packed, _ = module(x, doc_ids=doc_ids)
+        for b, row in enumerate(lengths):
+            start = 0
+            for n in row:
+                alone, _ = module(x[b:b + 1, start:start + n])
+                torch.testing.assert_close(packed[b:b + 1, start:start + n], alone, rtol=1e-10, atol=1e-10)
+                start += n
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_left_padding_leaves_the_real_tokens_unchanged(kind, registry):
+    module = build(registry, kind)
+    x = torch.randn(3, 30, D, dtype=torch.float64)
+    pads = [0, 4, 17]
+    noise = torch.randn(3, 30, D, dtype=torch.float64) * 5
+    padded = torch.stack([torch.cat([noise[b, :p], x[b, :30 - p]]) for b, p in enumerate(pads)])
+    doc_ids = torch.stack([(torch.arange(30) >= p).long() for p in pads])  # padding is document 0
+    with torch.no_grad():
+        y, _ = module(padded, doc_ids=doc_ids)
+        for b, p in enumerate(pads):
+            alone, _ = module(x[b:b + 1, :30 - p])
+            torch.testing.assert_close(y[b:b + 1, p:], alone, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prefill_with_documents_then_steps_continue_the_last_document(kind, registry):
+    module = build(registry, kind)
+    x = torch.randn(2, 40, D, dtype=torch.float64)
+    doc_ids = (torch.arange(40) >= 13).long().expand(2, 40)
+    with torch.no_grad():
+        whole, _ = module(x[:, 13:])
+        state = module.init_state(2, "cpu", torch.float64)
+        _, state = module(x[:, :30], state, doc_ids=doc_ids[:, :30])
+        steps = []
+        for t in range(30, 40):
+            y, state = module.step(x[:, t:t + 1], state)
+            steps.append(y)
+    torch.testing.assert_close(torch.cat(steps, 1), whole[:, 17:], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_bytes_counts_the_matrix_and_the_conv_tail(kind, registry):
+    module = build(registry, kind, head_dim=6, expand_v=1.5)
+    state = module.init_state(1, "cpu", torch.bfloat16)
+    held = sum(t.numel() * t.element_size() for t in (state.recurrent, state.conv))
+    assert module.state_bytes(4096, torch.bfloat16) == module.state_bytes(1, torch.bfloat16) == held
+    assert state.recurrent.dtype == torch.float32  # low-precision models keep the state in fp32
+    no_conv = build(registry, kind, conv_size=0)
+    assert no_conv.init_state(1, "cpu", torch.float32).conv is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_parameter_gets_a_gradient(kind, registry):
+    module = build(registry, kind, gate=True)
+    y, _ = module(torch.randn(2, 70, D, dtype=torch.float64))
+    y.square().mean().backward()
+    missing = [n for n, p in module.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_gated_deltanet_follows_the_papers_parameterisation(registry):
+    module = build(registry, "gated_deltanet", heads=4)
+    A = module.A_log.exp()
+    dt = torch.nn.functional.softplus(module.dt_bias)
+    assert ((A > 0) & (A <= 16)).all() and ((dt >= 1e-4 * 0.99) & (dt <= 0.1 * 1.01)).all()
+    gates = module.gates(torch.randn(2, 7, D, dtype=torch.float64))
+    assert (gates["g"] <= 0).all() and ((gates["beta"] > 0) & (gates["beta"] < 1)).all()
+    neg = build(registry, "gated_deltanet", allow_neg_eigval=True)
+    neg.beta.weight.data.mul_(100)
+    assert neg.beta_of(torch.randn(2, 50, D, dtype=torch.float64)).max() > 1.5  # beta in (0, 2)
+
+
+# ---------------------------------------------------------------- configs
+
+
+def test_config_errors_name_the_field(registry):
+    config = registry.kind("mixer", "linear_attention").config
+    with pytest.raises(ValidationError) as err:
+        config.model_validate({"kind": "linear_attention", "heads": 2, "feature_map": "identity"})
+    assert err.value.errors()[0]["loc"] == ("normalize",)
+    assert "feature_map" in err.value.errors()[0]["msg"]
+    with pytest.raises(ValidationError):
+        registry.kind("mixer", "gated_deltanet").config.model_validate({"kind": "gated_deltanet", "heads": 2,
+                                                                         "conv_size": -1})
+
+
+def test_model_level_checks_name_the_field(registry):
+    base = {"name": "t", "vocab_size": 11, "d_model": 48}
+    cases = [({"kind": "gla", "heads": 5}, "heads"), ({"kind": "deltanet", "heads": 2, "head_dim": 5, "expand_v": 1.1},
+                                                      "expand_v"),
+             ({"kind": "gated_deltanet", "heads": 2, "dt_min": 0.2, "dt_max": 0.1}, "dt_max")]
+    for mixer, field in cases:
+        spec = ModelSpec.model_validate({**base, "layers": [{"mixer": mixer}]}, context={"registry": registry})
+        problems = list(spec.layers[0].mixer.check(spec.dims(registry=registry)))
+        assert [f for f, _ in problems] == [field], problems
+
+
+# ---------------------------------------------------------------- hybridlab.ops
+
+
+def test_ops_run_the_chosen_implementation_with_fla_conventions():
+    B, T, H, K, V = 2, 70, 3, 8, 6
+    q, k, v = torch.randn(B, T, H, K), torch.randn(B, T, H, K), torch.randn(B, T, H, V)
+    k = torch.nn.functional.normalize(k, dim=-1)
+    g, beta = -torch.rand(B, T, H), torch.rand(B, T, H)
+    o, S = ops.gated_delta_rule(q, k, v, g, beta)
+    assert o.shape == (B, T, H, V) and S.shape == (B, H, K, V)
+    o_ref, S_ref = ops.gated_delta_rule(q, k, v, g, beta, impl="reference")
+    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(S, S_ref, rtol=1e-4, atol=1e-5)
+    assert "impl" in inspect.signature(ops.gla).parameters
+    assert "Gated Delta Networks" in ops.gated_delta_rule.__doc__
+    for name in ("linear_attn", "retention", "gla", "delta_rule", "gated_delta_rule"):
+        assert "S_t" in getattr(ops, name).__doc__  # each writes its recurrence
+    with pytest.raises(HybridlabError, match="no implementation 'fused'"):
+        ops.delta_rule(q, k, v, beta, impl="fused")
+    with pytest.raises(ValueError, match=r"expected g of shape \[2, 70, 3, 8\]"):
+        ops.gla(q, k, v, g)  # gla decays per channel
+
+
+# ---------------------------------------------------------------- specs and models
+
+SPEC_FILES = [f"{kind}-tiny.yaml" for kind in KINDS] + ["gdn-hybrid-tiny.yaml"]
+
+
+@pytest.mark.parametrize("name", SPEC_FILES)
+def test_example_specs_validate_build_and_run(name, registry):
+    spec = load_model_spec(SPECS / name, registry=registry)
+    model = Model(spec, registry)
+    tokens = torch.randint(0, spec.vocab_size, (2, 70))
+    out = model(tokens)
+    assert out.logits.shape == (2, 70, spec.vocab_size) and torch.isfinite(out.logits).all()
+    kinds = {b.mixer.kind for b in spec.layers}
+    assert kinds & set(KINDS)
+
+
+def test_gdn_hybrid_has_three_gated_deltanet_layers_per_attention_layer(registry):
+    spec = load_model_spec(SPECS / "gdn-hybrid-tiny.yaml", registry=registry)
+    kinds = [b.mixer.kind for b in spec.layers]
+    assert kinds == ["gated_deltanet"] * 3 + ["attention"] + ["gated_deltanet"] * 3 + ["attention"]
+
+
+HYBRID = {
+    "name": "all-recurrent-kinds", "vocab_size": 29, "d_model": 36,
+    "layers": [{"mixer": {"kind": "gated_deltanet", "heads": 2, "allow_neg_eigval": True}},
+               {"mixer": {"kind": "attention", "heads": 3, "kv_heads": 1}},
+               {"mixer": {"kind": "gla", "heads": 3}},
+               {"mixer": {"kind": "deltanet", "heads": 2, "conv_size": 0}},
+               {"mixer": {"kind": "retention", "heads": 4, "head_dim": 5, "expand_v": 2}},
+               {"mixer": {"kind": "linear_attention", "heads": 2}, "ffn": None}],
+}
+
+
+@pytest.mark.parametrize("impl", ["", "reference"])
+def test_a_hybrid_with_attention_decodes_from_state(impl, registry):
+    spec = ModelSpec.model_validate(HYBRID, context={"registry": registry})
+    with forced(impl):
+        report = verify_model_decoding(spec, registry=registry, decode_tokens=70, prompt_len=9)
+    assert report.passed and report.checks, report.checks
+    model = Model(spec, registry).double()
+    tokens = torch.randint(0, 29, (2, 77))
+    with forced(impl), torch.no_grad():
+        full = model(tokens).logits
+        out = model(tokens[:, :70], model.init_state(2))  # prefill through the chunked form
+        logits = [out.logits]
+        for t in range(70, 77):
+            out = model.step(tokens[:, t], out.state)
+            logits.append(out.logits)
+    torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-9, atol=1e-9)
+
+
+def test_generate_continues_greedily_like_the_parallel_forward(registry):
+    spec = load_model_spec(SPECS / "gdn-hybrid-tiny.yaml", registry=registry)
+    model = Model(spec, registry).double().eval()
+    prompt = torch.randint(0, spec.vocab_size, (2, 11))
+    tokens = model.generate(prompt, 12)
+    logits = model(tokens).logits
+    torch.testing.assert_close(tokens[:, 11:], logits[:, 10:-1].argmax(-1))
+
+
+def test_chunk_and_reference_agree_inside_a_model(registry):
+    spec = ModelSpec.model_validate(HYBRID, context={"registry": registry})
+    model = Model(spec, registry).double()
+    tokens = torch.randint(0, 29, (2, 100))
+    outs = {}
+    for pin in ("", "reference"):
+        with forced(pin):
+            model.zero_grad()
+            logits = model(tokens).logits
+            logits.square().mean().backward()
+            outs[pin] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(outs[""][0], outs["reference"][0], rtol=1e-9, atol=1e-9)
+    for n, grad in outs[""][1].items():
+        torch.testing.assert_close(grad, outs["reference"][1][n], rtol=1e-7, atol=1e-9, msg=n)
