@@ -35,6 +35,7 @@ BUILTIN_MODULES = {
     "prenorm": "hybridlab.plugins.residual.prenorm",
     "hyper_connections": "hybridlab.plugins.residual.hyper_connections",
     "mhc": "hybridlab.plugins.residual.mhc",
+    "mod": "hybridlab.plugins.block_wrapper.mod",
     "lm": "hybridlab.plugins.head.lm",
     "cross_entropy": "hybridlab.plugins.loss.cross_entropy",
     "adamw": "hybridlab.plugins.optimizer.adamw",

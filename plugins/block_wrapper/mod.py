@@ -1,0 +1,112 @@
+"""block_wrapper ``mod``: mixture-of-depths (Raposo et al. 2024).
+
+A router scores every token; only the chosen tokens go through the block (its mixer sees
+them as one shorter sequence, in their original order), the others pass unchanged. A
+chosen token's update is scaled by the router's gate, so the router learns from the
+language-model loss:
+
+    h_t <- h_t + sigmoid(r_t) · (block(h)_t - h_t)    for chosen t;   h_t unchanged otherwise
+
+Training picks the top ``ceil(capacity · T)`` tokens of each sequence (a fixed compute
+budget), which looks at the whole sequence and so cannot run while decoding. The router
+is therefore also trained, token by token, to predict that choice (binary cross-entropy
+of r_t against "t is in its sequence's top-k", the paper's auxiliary-loss method), and
+evaluation and decoding choose causally: a token goes through the block when r_t > 0.
+In that mode each sequence chooses a different number of tokens, so the wrapper runs
+the block one sequence at a time and keeps one decoding state per sequence (batch 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from hybridlab.core.config import Config, Dims
+from hybridlab.core.numerics import upcast
+from hybridlab.registry import hookimpl
+
+
+class MoDConfig(Config):
+    """Mixture-of-depths: the block processes only the tokens its router chooses."""
+
+    kind: Literal["mod"] = "mod"
+    capacity: float = Field(default=0.125, gt=0, le=1)
+    """Fraction of each sequence's tokens the block processes in training (the top
+    ceil(capacity · T) by router score)."""
+    router_loss: float = Field(default=0.01, ge=0)
+    """Weight of the loss that teaches the router to predict the top-k choice token by
+    token; evaluation and decoding process a token when its router logit is > 0."""
+
+
+class MixtureOfDepths(nn.Module):
+    def __init__(self, config: MoDConfig, dims: Dims) -> None:
+        super().__init__()
+        self.config = config
+        self.router = nn.Linear(dims.d_model, 1)
+
+    def forward(self, block, h: Tensor, state=None, *, doc_ids: Tensor | None = None, aux, step: bool = False):
+        """h: the residual stream [B, T, ...]; the router reads it as [B, T, D]."""
+        x = block.mixer_residual.reduce(h)  # [B, T, D]
+        with torch.autocast(x.device.type, enabled=False):  # fp32 scores: bf16 ones would tie in top-k
+            xn = F.rms_norm(upcast(x), (x.shape[-1],))
+            logits = F.linear(xn, self.router.weight.to(xn.dtype), self.router.bias.to(xn.dtype)).squeeze(-1)  # [B, T]
+        if self.training and state is None and not step:
+            return self.top_k(block, h, logits, doc_ids=doc_ids, aux=aux), None
+        return self.causal(block, h, logits, state, doc_ids=doc_ids, aux=aux, step=step)
+
+    def top_k(self, block, h: Tensor, logits: Tensor, *, doc_ids, aux) -> Tensor:
+        """Training: the top ceil(capacity · T) tokens of each sequence, in time order."""
+        k = math.ceil(self.config.capacity * h.shape[1])
+        chosen = logits.topk(k, dim=1).indices.sort(dim=1).values  # [B, k]
+        h, _ = self.run(block, h, chosen, logits, None, doc_ids=doc_ids, aux=aux, step=False)
+        if aux is not None:
+            target = torch.zeros_like(logits).scatter(1, chosen, 1.0)  # [B, T]: in the top-k
+            mod = aux.scope("mod")
+            if self.config.router_loss > 0:
+                loss = F.binary_cross_entropy_with_logits(logits, target)
+                mod.add_loss("router_loss", self.config.router_loss * loss)
+            mod.add_metric("processed", k / h.shape[1])
+            mod.add_metric("router_agreement", ((logits > 0).float() == target).float().mean().detach())
+        return h
+
+    def causal(self, block, h: Tensor, logits: Tensor, state, *, doc_ids, aux, step: bool):
+        """Evaluation and decoding: token t runs the block when its router logit is > 0."""
+        chosen = logits > 0  # [B, T]
+        rows, states = [], []
+        for b in range(h.shape[0]):  # sequences choose different numbers of tokens
+            idx = chosen[b].nonzero().view(1, -1)  # [1, k_b]
+            row, s = h[b:b + 1], None if state is None else state[b]
+            if idx.numel():
+                ids = None if doc_ids is None else doc_ids[b:b + 1]
+                row, s = self.run(block, row, idx, logits[b:b + 1], s, doc_ids=ids, aux=aux, step=step)
+            rows.append(row)
+            states.append(s)
+        if aux is not None:
+            aux.scope("mod").add_metric("processed", chosen.float().mean())
+        return torch.cat(rows), None if state is None else states
+
+    @staticmethod
+    def run(block, h: Tensor, idx: Tensor, logits: Tensor, state, *, doc_ids, aux, step: bool):
+        """The block on the tokens idx [B, k] of h [B, T, ...]; their update gated, the rest kept."""
+        B, k = idx.shape
+        tail = (1,) * (h.dim() - 2)
+        index = idx.view(B, k, *tail).expand(B, k, *h.shape[2:])
+        picked = h.gather(1, index)  # [B, k, ...]
+        ids = None if doc_ids is None else doc_ids.gather(1, idx)
+        out, state = block.inner(picked, state, doc_ids=ids, aux=aux, step=step)
+        gate = torch.sigmoid(logits.gather(1, idx)).to(h.dtype).view(B, k, *tail)
+        return h.scatter(1, index, picked + gate * (out - picked)), state
+
+    def init_state(self, block, batch: int, device, dtype):
+        """One batch-1 state per sequence: each sequence's block sees only its own chosen tokens."""
+        return [block.mixer.init_state(1, device, dtype) for _ in range(batch)]
+
+
+@hookimpl
+def hybridlab_register(register):
+    register.kind("block_wrapper", "mod", config=MoDConfig, module=MixtureOfDepths)
