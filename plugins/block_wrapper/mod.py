@@ -53,7 +53,7 @@ class MixtureOfDepths(nn.Module):
         """h: the residual stream [B, T, ...]; the router reads it as [B, T, D]."""
         x = block.mixer_residual.reduce(h)  # [B, T, D]
         with torch.autocast(x.device.type, enabled=False):  # fp32 scores: bf16 ones would tie in top-k
-            xn = F.rms_norm(upcast(x), (x.shape[-1],))
+            xn = F.rms_norm(upcast(x), (x.shape[-1],), eps=1e-6)
             logits = F.linear(xn, self.router.weight.to(xn.dtype), self.router.bias.to(xn.dtype)).squeeze(-1)  # [B, T]
         if self.training and state is None and not step:
             return self.top_k(block, h, logits, doc_ids=doc_ids, aux=aux), None

@@ -79,7 +79,7 @@ class HyperConnections(nn.Module):
         if not self.config.dynamic:
             return self.static
         n = self.lanes
-        hn = F.rms_norm(h, (h.shape[-1],), self.norm_weight.to(h.dtype))
+        hn = F.rms_norm(h, (h.shape[-1],), self.norm_weight.to(h.dtype), eps=1e-6)
         scale = torch.cat([self.scales[:1].expand(n + 1), self.scales[1:]])  # [n + 2]: s_α..., s_β
         return self.static + scale * torch.tanh(hn @ self.dynamic.to(h.dtype))  # [B, T, n, n + 2]
 

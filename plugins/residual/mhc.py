@@ -83,7 +83,7 @@ class MHC(nn.Module):
         n = self.lanes
         with torch.autocast(h.device.type, enabled=False):
             flat = upcast(h.flatten(-2))  # [B, T, n·D]
-            x = F.rms_norm(flat, (flat.shape[-1],), self.norm_weight.to(flat.dtype))
+            x = F.rms_norm(flat, (flat.shape[-1],), self.norm_weight.to(flat.dtype), eps=1e-6)
             pre, post, res = (x @ self.phi.to(flat.dtype)).split([n, n, n * n], dim=-1)
             alpha = self.alpha.to(flat.dtype)
             bias = self.bias.to(flat.dtype)
