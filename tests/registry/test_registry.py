@@ -24,6 +24,7 @@ from hybridlab.registry import (CORE_CATEGORIES, PluginRecord, Registry, default
 
 BUILTIN_MODULES = {
     "token": "hybridlab.plugins.embedding.token",
+    "engram": "hybridlab.plugins.embedding.engram",
     "rmsnorm": "hybridlab.plugins.normalization.rmsnorm",
     "layernorm": "hybridlab.plugins.normalization.layernorm",
     "rope": "hybridlab.plugins.position.rope",
