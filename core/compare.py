@@ -40,7 +40,7 @@ from .tasks import split_length
 class Cell:
     label: str  # the model spec's name in tables and directories
     seed: int
-    lr: float | None  # None: the pipeline's own
+    lr: float | None  # None only for an optimizer without an ``lr``
     spec: PipelineSpec
     dir: Path
 
@@ -87,6 +87,10 @@ def plan(model_specs: Sequence[str | Path], pipeline: str | Path, *, seeds: int 
     if seeds < 1:
         raise HybridlabError(f"--seeds must be at least 1, got {seeds}")
     base = load_pipeline(pipeline, overrides, registry=registry)
+    given = lrs
+    # without --lr every cell uses the pipeline's lr, and is named after it, so that adding
+    # --lr later only trains the new cells
+    lrs = list(lrs) if lrs else [getattr(base.optimizer, "lr", None)]
     paths = [Path(p).resolve() for p in model_specs]
     for given, path in zip(model_specs, paths):
         if not path.exists():
@@ -95,10 +99,10 @@ def plan(model_specs: Sequence[str | Path], pipeline: str | Path, *, seeds: int 
     cells = []
     for path, label in zip(paths, _labels(paths, names)):
         for seed in range(base.seed, base.seed + seeds):
-            for lr in lrs or [None]:
+            for lr in lrs:
                 tag = f"seed{seed}" + (f"-lr{lr:g}" if lr is not None else "")
                 sets = [*overrides, f"model={path}", f"seed={seed}", f"name={label}-{tag}"]
-                if lr is not None:  # the whole optimizer mapping: the pipeline may leave it to the default
+                if given:  # the whole optimizer mapping: the pipeline may leave it to the default
                     sets.append(f"optimizer={json.dumps({**base.optimizer.model_dump(mode='json'), 'lr': lr})}")
                 spec = load_pipeline(pipeline, sets, registry=registry)
                 cells.append(Cell(label, seed, lr, spec, out / "cells" / label / tag))
@@ -167,7 +171,7 @@ def run_compare(model_specs: Sequence[str | Path], pipeline: str | Path, *, seed
         trained_steps += trainer.step - start
         trained_seconds += time.perf_counter() - tic
         row = {"spec": cell.label, "model": cell.spec.model.name, "seed": cell.seed,
-               "lr": cell.lr if cell.lr is not None else getattr(cell.spec.optimizer, "lr", None),
+               "lr": cell.lr,
                "steps": cell.spec.steps, "params": count_parameters(trainer.model),
                "seconds": result.pop("seconds"), "resumed": start > 0,
                "run_dir": str(cell.dir.relative_to(out)), "metrics": result}

@@ -119,13 +119,13 @@ def test_a_cell_killed_before_its_first_checkpoint_starts_over(files, monkeypatc
     monkeypatch.setattr(train_module.Trainer, "train_step", real_step)
     lines = []
     compare(files / "out", lines, lrs=None)
-    assert lines[0].startswith("[1/2] one seed 0: training 6 steps")
+    assert lines[0].startswith("[1/2] one seed 0 lr 0.001: training 6 steps")
     assert len(results(files / "out")) == 2
 
 
 def test_a_changed_pipeline_does_not_mix_into_old_cells(files):
     compare(files / "out", lrs=None)
-    with pytest.raises(HybridlabError, match=r"seed0 was trained with a different pipeline \(-steps: 6; \+steps: 8\)"):
+    with pytest.raises(HybridlabError, match=r"seed0-lr0.001 was trained with a different pipeline \(-steps: 6; \+steps: 8\)"):
         compare(files / "out", lrs=None, overrides=["steps=8"])
 
 
@@ -136,6 +136,17 @@ def test_without_matplotlib_compare_writes_tables_and_says_so(files, monkeypatch
     assert not list(out.glob("*.png"))
     assert "matplotlib is not installed (pip install 'hybridlab[plot]')" in (out / "results.md").read_text()
     assert "matplotlib is not installed" in lines[-1]
+
+
+def test_adding_learning_rates_later_trains_only_the_new_cells(files):
+    compare(files / "out", lrs=None)  # the pipeline's lr, 1e-3
+    lines = []
+    compare(files / "out", lines, lrs=[1e-3, 3e-3])
+    assert lines[0] == "[1/4] one seed 0 lr 0.001: done, skipped"
+    assert lines[1].startswith("[2/4] one seed 0 lr 0.003: training 6 steps")
+    assert lines[2] == "[3/4] two seed 0 lr 0.001: done, skipped"
+    assert lines[3].startswith("[4/4] two seed 0 lr 0.003: training 6 steps")
+    assert len(results(files / "out")) == 4
 
 
 def test_specs_with_the_same_name_are_told_apart_by_file_name(files):
