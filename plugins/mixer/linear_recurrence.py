@@ -30,13 +30,14 @@ u_t = β_t (v_t - (Diag(a_t) S_{t-1})^T k_t) (or u_t = v_t without the delta rul
 Only ``u = U - W S_0`` and the state update run chunk after chunk; everything else is
 batched matmuls. Decay ratios Γ_t / Γ_j are formed as exp of the segment sum
 Σ_{j<s≤t} g_s (≤ 0), never as exp(G_t) / exp(G_j), which underflows, nor as exp(G_t - G_j),
-which is inaccurate after strong decays (see segsum). A document boundary inside a chunk becomes masks: with r_t the
+which is inaccurate after strong decays (see segment_decay). A document boundary inside a chunk becomes masks: with r_t the
 number of boundaries in the chunk up to t, pairs (t, j) count only when r_t = r_j, S_0 only
 reaches tokens with r_t = 0, and only tokens with r_j = r_C reach the next chunk.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -47,7 +48,7 @@ from hybridlab.core.numerics import compute_dtype
 from hybridlab.core.verify import BATCHES, SEQ_LENS, Case
 
 CHUNK = 64  # tokens per chunk
-SUB = 16  # secondary chunk for per-channel decay (see _channel_scores)
+SUB = 8  # secondary chunk for per-channel decay (see _channel_scores); 8 beat 16 and 4 on CPU
 
 
 # ---------------------------------------------------------------- inputs
@@ -141,21 +142,28 @@ def _chunks(x: Tensor, C: int) -> Tensor:
     return x.reshape(B, T // C, C, H, *x.shape[3:]).transpose(1, 3).transpose(2, 3)
 
 
-def segsum(g: Tensor, axis: int = -1) -> Tensor:
-    """Segment sums of a log decay along ``axis`` (length C), as a new axis after it:
-    [..., t, j, ...] = Σ_{j<s≤t} g_s for j ≤ t, -inf above the diagonal (Mamba2's segsum).
+@functools.lru_cache(maxsize=16)
+def _segments(C: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """[C·C, C] 0/1: row (t, j) selects the positions s with j < s ≤ t."""
+    s = torch.arange(C, device=device)
+    t, j = s.view(C, 1, 1), s.view(1, C, 1)
+    return ((j < s) & (s <= t)).to(dtype).reshape(C * C, C)
 
-    Each entry sums only its own terms. The difference of two cumulative sums, G_t - G_j,
-    carries the rounding of |G_t| (hundreds after strong decays), which in fp32 is a
-    relative error of 1e-5 in exp(G_t - G_j); a sum of same-sign terms does not."""
-    axis = axis % g.dim()
-    C = g.shape[axis]
-    x = g.unsqueeze(axis + 1).expand(*g.shape[:axis + 1], C, *g.shape[axis + 1:])  # [.., s, j, ..] = g_s
-    shape = (C, C) + (1,) * (g.dim() - axis - 1)
-    below = torch.ones(C, C, dtype=torch.bool, device=g.device).tril(-1).view(shape)  # s > j
-    sums = x.masked_fill(~below, 0.0).cumsum(axis)  # [.., t, j, ..] = Σ_{j<s≤t} g_s
-    inside = torch.ones(C, C, dtype=torch.bool, device=g.device).tril().view(shape)
-    return sums.masked_fill(~inside, float("-inf"))
+
+def segment_decay(g: Tensor) -> Tensor:
+    """g [..., C, K] log decay (time on axis -2; K = 1 for a scalar decay) -> [..., C, C, K]
+    with [t, j] = exp(Σ_{j<s≤t} g_s) for j ≤ t and 0 above the diagonal: the decay of the
+    state from just after token j to just after token t.
+
+    Each entry sums only its own terms (one matmul with a constant 0/1 matrix, as Mamba2's
+    segsum). exp(G_t - G_j) with G a cumulative sum would carry the rounding of |G_t|, which
+    after strong decays is hundreds: a relative error of 1e-5 in fp32."""
+    *lead, C, K = g.shape
+    columns = g.reshape(-1, C, K).transpose(0, 1).reshape(C, -1)  # [C, batch·K]: one GEMM, not a batch of GEMVs
+    sums = (_segments(C, g.device, g.dtype) @ columns).reshape(C, C, -1, K).permute(2, 0, 1, 3)
+    sums = sums.reshape(*lead, C, C, K)
+    inside = torch.ones(C, C, dtype=torch.bool, device=g.device).tril()[:, :, None]
+    return sums.exp() * inside
 
 
 def _suffix(g: Tensor, axis: int) -> Tensor:
@@ -177,24 +185,30 @@ def _channel_scores(b: Tensor, g: Tensor, rows: list[Tensor]) -> list[Tensor]:
     S = min(SUB, C)
     n = C // S
     gb = g.reshape(*lead, n, S, K)
-    decay = segsum(gb, axis=-2).exp()  # [..., n, S, S, K]
+    # diagonal blocks, in the layout the GEMM leaves them, [t, j, blocks, K]: this tensor is the
+    # costly one (SUB times the inputs), so it is built once and never transposed
+    blocks = gb.numel() // (S * K)
+    sums = _segments(S, g.device, g.dtype) @ gb.reshape(blocks, S, K).transpose(0, 1).reshape(S, blocks * K)
+    decay = sums.view(S, S, blocks, K).exp()  # above the diagonal exp(0) = 1: masked in the result
+    inside = torch.ones(S, S, dtype=torch.bool, device=b.device).tril()
+    b_cols = b.reshape(blocks, S, K).transpose(0, 1)  # [S(j), blocks, K]
+    # below the diagonal: exp(Σ_{j<s≤p} g_s) is the rest of j's block times the whole blocks
+    # between it and block i
     from_p = gb.cumsum(-2).exp()  # [..., n(i), S, K]: Σ_{p<s≤t} g_s, p just before block i
-    # Σ_{j<s≤p}: the rest of j's block plus the whole blocks between it and block i
-    totals = gb.sum(-2)  # [..., n, K]
-    between = segsum(totals, axis=-2)  # [..., n(i'), n(m), K] = Σ_{m<b≤i'} totals_b
-    between = torch.cat([torch.full_like(between[..., :1, :, :], float("-inf")), between[..., :-1, :, :]],
-                        dim=-3)  # row i: i' = i - 1 (row 0: nothing lies before block 0)
-    to_p = (_suffix(gb, -2)[..., None, :, :, :] + between[..., :, :, None, :]).exp()  # [.., n(i), n(m), S, K]
-    b_to_p = b.reshape(*lead, 1, n, S, K) * to_p  # [..., n(i), n(m), S, K], zero for m ≥ i
-    b_to_p = b_to_p.reshape(*lead, n, C, K)
+    between = segment_decay(gb.sum(-2))  # [..., n(i'), n(m), K]: blocks m < b ≤ i'
+    between = torch.cat([torch.zeros_like(between[..., :1, :, :]), between[..., :-1, :, :]], dim=-3)  # i' = i - 1
+    to_p = _suffix(gb, -2).exp()[..., None, :, :, :] * between[..., :, :, None, :]  # [.., n(i), n(m), S, K]
+    b_to_p = (b.reshape(*lead, 1, n, S, K) * to_p).reshape(*lead, n, C, K)  # zero for m ≥ i
     eye = torch.eye(n, dtype=b.dtype, device=b.device)[:, None, :, None]  # [n, 1, n, 1]
     out = []
     for a in rows:
+        a_rows = a.reshape(blocks, S, K).transpose(0, 1)  # [S(t), blocks, K]
+        diagonal = (decay * a_rows[:, None] * b_cols[None]).sum(-1)  # [S(t), S(j), blocks]
+        diagonal = (diagonal.permute(2, 0, 1) * inside).reshape(*lead, n, S, S)
         ab = a.reshape(*lead, n, S, K)
-        diagonal = (ab[..., :, None, :] * b.reshape(*lead, n, 1, S, K) * decay).sum(-1)  # [..., n, S, S]
         below = (ab * from_p) @ b_to_p.transpose(-1, -2)  # [..., n, S, C]
-        blocks = diagonal[..., :, :, None, :] * eye  # [..., n, S, n, S], block-diagonal
-        out.append(below.reshape(*lead, C, C) + blocks.reshape(*lead, C, C))
+        block_diagonal = diagonal[..., :, :, None, :] * eye  # [..., n, S, n, S]
+        out.append(below.reshape(*lead, C, C) + block_diagonal.reshape(*lead, C, C))
     return out
 
 
@@ -241,7 +255,7 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
         A_qk = (Q @ Kc.transpose(-1, -2)).masked_fill(~causal, 0.0)
         A_kk = (Kc @ Kc.transpose(-1, -2)) if beta is not None else None
     elif not per_channel:
-        ratio = segsum(gc).exp()  # [B, H, N, C, C]: decay from j to t
+        ratio = segment_decay(gc[..., None])[..., 0]  # [B, H, N, C, C]: decay from j to t
         A_qk = (Q @ Kc.transpose(-1, -2)) * ratio
         A_kk = (Kc @ Kc.transpose(-1, -2)) * ratio if beta is not None else None
     else:
@@ -280,17 +294,23 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
 
     S = q.new_zeros(B, H, K, V, dtype=dtype) if initial_state is None else initial_state.to(dtype)
     entering, us = [], []
+    # per-chunk views; unbind once (indexing inside the loop would cost a full-size zero
+    # gradient per chunk in the backward)
     K_last_T = K_last.transpose(-1, -2)  # [B, H, N, K, C]
-    added = K_last_T @ U if W is None else None  # additive: the chunk's own contribution is known up front
+    if W is None:  # additive: each chunk's own contribution is known up front
+        updates, U_n, W_n, K_n = (K_last_T @ U).unbind(2), None, None, None
+    else:
+        U_n, W_n, K_n = U.unbind(2), W.unbind(2), K_last_T.unbind(2)
+    decay_n = chunk_decay.unbind(2) if chunk_decay is not None else None
     for n in range(N):
         entering.append(S)
         if W is None:
-            update = added[:, :, n]
+            update = updates[n]
         else:
-            u = U[:, :, n] - W[:, :, n] @ S  # [B, H, C, V]
+            u = U_n[n] - W_n[n] @ S  # [B, H, C, V]
             us.append(u)
-            update = K_last_T[:, :, n] @ u
-        S = S * chunk_decay[:, :, n] + update if chunk_decay is not None else S + update
+            update = K_n[n] @ u
+        S = S * decay_n[n] + update if decay_n is not None else S + update
     u_all = U if W is None else torch.stack(us, dim=2)
     O = Q0 @ torch.stack(entering, dim=2) + A_qk @ u_all  # [B, H, N, C, V]
     o = O.transpose(2, 3).transpose(1, 3).reshape(B, N * C, H, V)[:, :T]  # [B, T, H, V]
