@@ -11,18 +11,20 @@ token, ``[n·D]``):
     H_res  = SinkhornKnopp(α_res · mat(x̃ φ_res) + b_res) [n, n]
     H'     = H_res · H + H_post ⊗ f(H_preᵀ · H)
 
-φ starts at zero and the α at 0.01, so the first steps run the static part: H_pre = 1/n
-(the mean of the lanes), H_post = 1 and H_res close to the identity (b_res is 0 on the
-diagonal and -4 off it). The three biases are one parameter: at the start the lanes are
-equal copies, so b_pre and b_res get (almost) no gradient, and checked on their own
-(``verify`` compares each parameter's gradient relative to its size) they would be pure
-rounding noise. ``expand`` copies the embedding onto the lanes, ``reduce`` sums them.
+φ starts at zero and the α at 0.01, so the first steps run the static part: H_post = 1,
+H_res close to the identity (b_res is 0 on the diagonal and -4 off it), and block l
+reads mostly lane l mod n (H_pre 0.95 there, 0.05 elsewhere; hyper-connections' A_m =
+e_(l mod n)). That read is what breaks the symmetry between lanes: they start as equal
+copies, and with a uniform read and write every lane would get the same gradient and
+stay a copy for the whole run. The three biases are one parameter: with equal lanes
+b_pre and b_res get no gradient at the start, and checked on their own (``verify``
+compares each parameter's gradient relative to its size) they would be pure rounding
+noise. ``expand`` copies the embedding onto the lanes, ``reduce`` sums them.
 Everything is per token, so decoding needs no state.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Literal
 
 import torch
@@ -61,7 +63,7 @@ class MHC(nn.Module):
         super().__init__()
         self.config = config
         n, D = config.lanes, dims.d_model
-        self.lanes = n
+        self.lanes, self.layer = n, dims.layer
         self.norm_weight = nn.Parameter(torch.empty(n * D))
         self.phi = nn.Parameter(torch.empty(n * D, 2 * n + n * n))  # [φ_pre | φ_post | φ_res]
         self.alpha = nn.Parameter(torch.empty(3))  # α_pre, α_post, α_res
@@ -74,7 +76,8 @@ class MHC(nn.Module):
         self.norm_weight.fill_(1.0)
         self.phi.zero_()
         self.alpha.fill_(0.01)
-        self.bias[:, 0] = -math.log(n - 1)  # sigmoid = 1/n
+        self.bias[:, 0] = -3.0  # sigmoid 0.05: block l reads mostly lane l mod n (sigmoid 0.95)
+        self.bias[self.layer % n, 0] = 3.0
         self.bias[:, 1] = 0.0
         self.bias[:, 2:] = -4.0 * (1 - torch.eye(n))  # near the identity after Sinkhorn
 

@@ -92,3 +92,16 @@ def test_decoding_from_state_equals_the_parallel_forward(registry, residual):
 def test_models_with_lanes_pass_model_verification(registry, residual):
     report = verify_model(spec(registry, residual), registry=registry)
     assert report.passed, [(c.quantity, c.error, c.allowed) for c in report.failures()] + report.problems
+
+
+@pytest.mark.parametrize("residual", RESIDUALS[:1] + RESIDUALS[2:3], ids=lambda r: r["kind"])
+def test_the_lanes_get_different_gradients_from_the_first_step(registry, residual):
+    """The lanes start as copies; each block reading mostly its own lane is what makes
+    their write weights learn differently (with a uniform read and write they would
+    stay copies for the whole run)."""
+    torch.manual_seed(0)
+    model = Model(spec(registry, residual), registry).double()
+    model(torch.randint(0, 37, (2, 15))).logits.logsumexp(-1).mean().backward()
+    module = model.blocks[0].mixer_residual
+    grad = module.static.grad[:, -1] if residual["kind"] == "hyper_connections" else module.bias.grad[:, 1]
+    assert grad.std() > 1e-2 * grad.abs().mean(), grad  # the write weight of each lane (B / b_post)
