@@ -98,8 +98,8 @@ def test_load_model_spec_unknown_field_suggests_the_close_one(fixtures):
     problems = spec_errors(load_model_spec, "bad_unknown_field.yaml")
     assert_problems(problems, [
         ("bad_unknown_field.yaml", 8, "layers[0].mixer.kv_head",
-         "unknown field 'kv_head' (did you mean 'kv_heads'?); allowed: kind, heads, kv_heads, head_dim, "
-         "causal, position, bias"),
+         # the allowed list starts with the config's first fields (later ones grow with features)
+         "unknown field 'kv_head' (did you mean 'kv_heads'?); allowed: kind, heads, kv_heads, head_dim, "),
         ("bad_unknown_field.yaml", 9, "layers[0].ffn.hiden",
          "unknown field 'hiden' (did you mean 'hidden'?); allowed: kind, hidden, bias"),
         ("bad_unknown_field.yaml", 10, "nrom", "unknown field 'nrom' (did you mean 'norm'?)"),
@@ -256,7 +256,7 @@ def test_load_model_spec_component_not_a_mapping(tmp_cwd):
     problems = spec_errors(load_model_spec, "m.yaml")
     assert_problems(problems, [
         ("m.yaml", 4, "layers[0].mixer", "expected a mapping with a 'kind' key (a mixer config)"),
-        ("m.yaml", 5, "layers[1].mixer", "missing 'kind' (one of: attention)"),
+        ("m.yaml", 5, "layers[1].mixer", "missing 'kind' (one of: attention, "),
         ("m.yaml", 6, "layers[2]", "valid dictionary"),
     ])
     message = next(p.message for p in problems if p.line == 4)
