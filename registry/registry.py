@@ -94,7 +94,7 @@ class Impl:
     owner: Owner
     devices: frozenset[str] = ALL_DEVICES
     dtypes: frozenset[torch.dtype] = FLOAT_DTYPES
-    backward: bool = True
+    backward: bool | frozenset[str] = True  # False: inference only; a set: backward only on those devices
     decode: bool = True
     priority: int = 0
     tolerance: float = 2.0
@@ -110,13 +110,18 @@ class Impl:
         if dtype not in self.dtypes:
             names = ", ".join(sorted(str(d).removeprefix("torch.") for d in self.dtypes))
             return f"does not support {str(dtype).removeprefix('torch.')} (supports {names})"
-        if training and not self.backward:
-            return "has no backward (inference only)"
+        if training and not self.has_backward(device):
+            if self.backward is False:
+                return "has no backward (inference only)"
+            return f"has no backward on {device} (only on {', '.join(sorted(self.backward))})"
         if decoding and not self.decode:
             return "cannot step-decode from a state"
         if self.supports is not None:
             return self.supports(config, device, dtype)
         return None
+
+    def has_backward(self, device: str) -> bool:
+        return self.backward is True or (not isinstance(self.backward, bool) and device in self.backward)
 
 
 @dataclass
@@ -268,6 +273,8 @@ class Register:
             options["devices"] = frozenset(options["devices"])
         if "dtypes" in options:
             options["dtypes"] = frozenset(options["dtypes"])
+        if not isinstance(options.get("backward", True), bool):
+            options["backward"] = frozenset(options["backward"])
         existing = dict(self._registry._impls.get((category, kind), {}))
         existing.update({i.name: i for i in self._impls if (i.category, i.kind) == (category, kind)})
         if name in existing:
