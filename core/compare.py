@@ -128,6 +128,19 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+def _eta(cells: Sequence[Cell], rates: dict[str, list[float]]) -> str:
+    """Seconds per step measured per spec (specs differ in speed), else over all specs so far."""
+    steps, seconds = sum(r[0] for r in rates.values()), sum(r[1] for r in rates.values())
+    if not steps:
+        return "ETA after this cell"
+    left = 0.0
+    for cell in cells:
+        own = rates.get(cell.label)
+        per_step = own[1] / own[0] if own and own[0] else seconds / steps
+        left += (cell.spec.steps - cell.resume_step()) * per_step
+    return f"ETA {_duration(left)}"
+
+
 def run_compare(model_specs: Sequence[str | Path], pipeline: str | Path, *, seeds: int = 1,
                 lrs: Sequence[float] | None = None, out: str | Path | None = None, overrides: Sequence[str] = (),
                 select: str | None = None, device: str | None = None, progress: bool = True,
@@ -149,7 +162,7 @@ def run_compare(model_specs: Sequence[str | Path], pipeline: str | Path, *, seed
     out.mkdir(parents=True, exist_ok=True)
     if cells[0].spec.checkpoint_every == 0:
         echo("note: checkpoint_every is 0, so an interrupted cell restarts from its first step")
-    trained_steps, trained_seconds = 0, 0.0
+    rates: dict[str, list[float]] = {}  # per spec: [steps trained, seconds] in this invocation
     for i, cell in enumerate(cells, 1):
         if cell.done():
             echo(f"[{i}/{len(cells)}] {cell.name}: done, skipped")
@@ -157,8 +170,7 @@ def run_compare(model_specs: Sequence[str | Path], pipeline: str | Path, *, seed
         start = cell.resume_step()
         if start == 0 and cell.dir.exists():  # killed before its first checkpoint: start over
             shutil.rmtree(cell.dir)
-        left = sum(c.spec.steps - c.resume_step() for c in cells[i - 1:] if not c.done())
-        eta = f"ETA {_duration(left * trained_seconds / trained_steps)}" if trained_steps else "ETA after this cell"
+        eta = _eta([c for c in cells[i - 1:] if not c.done()], rates)
         what = f"resuming at step {start}/{cell.spec.steps}" if start else f"training {cell.spec.steps} steps"
         echo(f"[{i}/{len(cells)}] {cell.name}: {what}; {eta} for the {sum(not c.done() for c in cells)} cell(s) left")
         tic = time.perf_counter()
@@ -168,8 +180,9 @@ def run_compare(model_specs: Sequence[str | Path], pipeline: str | Path, *, seed
         except KeyboardInterrupt:
             echo(f"interrupted in {cell.name} at step {trainer.step}; run the same command again to continue")
             raise
-        trained_steps += trainer.step - start
-        trained_seconds += time.perf_counter() - tic
+        rate = rates.setdefault(cell.label, [0, 0.0])
+        rate[0] += trainer.step - start
+        rate[1] += time.perf_counter() - tic
         row = {"spec": cell.label, "model": cell.spec.model.name, "seed": cell.seed,
                "lr": cell.lr,
                "steps": cell.spec.steps, "params": count_parameters(trainer.model),
