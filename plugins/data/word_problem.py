@@ -11,7 +11,8 @@ first, then x_2, and so on (for permutations, ``prod_t = x_t ∘ prod_{t-1}``).
 - ``cyclic``: Z_m (token i is i; the product is the prefix sum mod m).
 - ``parity``: Z_2, i.e. bits in, the parity of every prefix out.
 
-Every position is scored. A recurrence whose transition can flip sign (negative
+Every position is scored; ``accuracy_last`` is the accuracy at the last position alone.
+A recurrence whose transition can flip sign (negative
 eigenvalues) solves parity at any length; attention has to count, and usually fails
 past the lengths it was trained on (Grazzi et al. 2024). Evaluation: one split
 ``len{N}`` per entry of ``eval_lengths`` (default: the training length).
@@ -129,6 +130,14 @@ class WordProblem:
             state = self.table[state, inputs[:, t]]
             targets[:, t] = state
         return {"inputs": inputs, "targets": targets}
+
+    def metrics(self, output, batch) -> dict[str, torch.Tensor]:
+        """accuracy_last: accuracy at the final position alone (the product of the whole word).
+        At an eval length past training, ``accuracy`` still averages in the early positions
+        the model has seen lengths for; this one does not."""
+        with torch.no_grad():
+            last = output.logits[:, -1].argmax(-1) == batch["targets"][:, -1]  # [B]
+            return {"accuracy_last": last.float().mean()}
 
     def encode(self, text: str) -> list[int]:
         return self.vocabulary.encode(text)

@@ -3,8 +3,10 @@
 import itertools
 
 import pytest
+import torch
 
 from hybridlab.core.errors import SpecError
+from hybridlab.core.interfaces import ModelOutput
 from hybridlab.core.spec import load_pipeline
 from hybridlab.plugins.data.word_problem import CyclicConfig, ParityConfig, S5Config, WordProblem, s5_table
 
@@ -81,3 +83,14 @@ def test_pipeline_errors_point_at_the_data_lines(tmp_path):
     pipeline.write_text("model: m.yaml\ndata:\n  kind: s5\n")
     with pytest.raises(SpecError, match="p.yaml:2: data: the task uses 120 token ids but model.vocab_size is 64"):
         load_pipeline(pipeline)
+
+
+def test_accuracy_last_scores_the_final_position_only():
+    task = WordProblem(CyclicConfig(order=3, length=5))
+    batch = task.batch("train", 0, 8)
+    logits = torch.nn.functional.one_hot(batch["targets"], 3).float()  # [B, T, 3], right everywhere
+    assert task.metrics(ModelOutput(logits), batch)["accuracy_last"] == 1.0
+    logits[:, :-1] = logits[:, :-1].flip(-1)  # wrong (or lucky) before the end: no change
+    assert task.metrics(ModelOutput(logits), batch)["accuracy_last"] == 1.0
+    logits[:4, -1] = torch.nn.functional.one_hot((batch["targets"][:4, -1] + 1) % 3, 3).float()
+    assert task.metrics(ModelOutput(logits), batch)["accuracy_last"] == 0.5
