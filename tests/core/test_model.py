@@ -90,7 +90,7 @@ def test_generate_greedy_matches_argmax_of_parallel_forward(registry):
 
 def test_pinning_an_unknown_or_unfit_implementation_is_an_error(registry, monkeypatch):
     cfg = make(registry).spec.layers[0].mixer
-    with pytest.raises(HybridlabError, match="no implementation 'flash'.*has: sdpa, reference"):
+    with pytest.raises(HybridlabError, match="no implementation 'flash'.*has: sdpa, flex, reference"):
         choose("mixer", "attention", cfg, "cpu", torch.float32, training=True, registry=registry, pin="flash")
     monkeypatch.setenv("HYBRIDLAB_IMPL", "attention=reference")
     assert choose("mixer", "attention", cfg, "cpu", torch.float32, training=True, registry=registry).impl.name == "reference"
@@ -117,5 +117,5 @@ def test_a_block_may_pin_an_implementation_and_the_environment_wins(registry, mo
 def test_pinning_an_unknown_implementation_in_a_spec_is_a_spec_error(registry):
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="attention has no implementation 'flash' \\(has: sdpa, reference\\)"):
+    with pytest.raises(ValidationError, match="attention has no implementation 'flash' \\(has: sdpa, flex, reference\\)"):
         make(registry, layers=[dict(BASE["layers"][0], impl={"attention": "flash"})])

@@ -174,7 +174,7 @@ def test_load_registry_keeps_builtins_beside_broken_plugins(broken_registry, exa
     assert broken_registry["kinds"] == example_registry["kinds"]
     kinds = broken_registry["kinds"]
     assert kinds["mixer.attention"]["package"] == "hybridlab"
-    assert kinds["mixer.attention"]["impls"] == ["sdpa", "reference"]
+    assert kinds["mixer.attention"]["impls"] == ["sdpa", "flex", "reference"]
     assert kinds["normalization.scalenorm"]["package"] == "hybridlab-plugin-example"
 
 

@@ -1,0 +1,143 @@
+"""implementation ``flex`` of mixer ``attention``: FlexAttention (torch.nn.attention.flex_attention).
+
+Every option of the attention op is a FlexAttention modifier: masks (causal with a
+cached prefix, sliding window, documents) are a ``mask_mod`` turned into a block mask, so
+blocks outside a window or a document are skipped; softcap and ALiBi are a ``score_mod``;
+a sink is one extra all-zero key whose score the ``score_mod`` replaces by the sink logit.
+
+- Compiled once per process (``torch.compile(flex_attention)``); modifiers capture their
+  parameters as tensors, so a new window, offset or slope does not recompile.
+- Block masks are cached per shape and options; document masks per ``doc_ids`` tensor.
+- torch 2.13 has no FlexAttention backward on CPU, so ``backward={"cuda"}``: training on
+  CPU dispatches to sdpa or reference. Compiled CPU flex takes float32/bf16/fp16 only;
+  float64 (used by the decode checks) runs flex's eager path, same modifiers, unfused.
+
+Registered by its own plugin (entry point ``attention_flex``, loaded after ``attention``
+because built-ins load in name order) to keep each file to one concern.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from hybridlab.plugins.mixer.attention import _check
+from hybridlab.registry import hookimpl
+
+_COMPILED = None
+_BLOCK_MASKS: OrderedDict = OrderedDict()  # key -> (BlockMask, the doc_ids it was built from)
+_CACHE_SIZE = 32
+
+
+def _flex(dtype: torch.dtype):
+    """flex_attention compiled once; float64 runs eagerly (compiled CPU flex rejects it)."""
+    global _COMPILED
+    if dtype == torch.float64:
+        return flex_attention
+    if _COMPILED is None:
+        _COMPILED = torch.compile(flex_attention, dynamic=True)
+    return _COMPILED
+
+
+def _mask_mod(*, causal: bool, window: Tensor | None, doc_ids: Tensor | None, offset: Tensor,
+              sink: Tensor | None):
+    """mask_mod(b, h, q_idx, kv_idx): query q_idx sits at position q_idx + offset."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        i = q_idx + offset
+        ok = kv_idx <= i if causal else kv_idx >= 0
+        if window is not None:
+            ok = ok & ((i - kv_idx < window) if causal else ((i - kv_idx).abs() < window))
+        if doc_ids is not None and doc_ids.dim() == 1:  # batch of one
+            ok = ok & (doc_ids[i] == doc_ids[kv_idx])
+        elif doc_ids is not None:
+            ok = ok & (doc_ids[b, i] == doc_ids[b, kv_idx])
+        if sink is not None:
+            ok = ok | (kv_idx == sink)  # every query sees the sink key
+        return ok
+
+    return mask_mod
+
+
+def _score_mod(*, softcap: Tensor | None, alibi: Tensor | None, sinks: Tensor | None, offset: Tensor,
+               sink: Tensor | None):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        if softcap is not None:
+            score = softcap * torch.tanh(score / softcap)
+        if alibi is not None:
+            score = score - alibi[h] * (q_idx + offset - kv_idx).abs()
+        if sinks is not None:
+            score = torch.where(kv_idx == sink, sinks[h], score)
+        return score
+
+    return score_mod
+
+
+def _block_mask(B: int, Tq: int, Tk: int, *, causal: bool, window: int | None, doc_ids: Tensor | None,
+                sink: bool, device: torch.device) -> BlockMask | None:
+    """The block mask for these shapes and options, built once and cached. Tk counts the
+    sink key when there is one."""
+    if not causal and window is None and doc_ids is None:
+        return None  # every key is visible (the sink key included)
+    # a doc mask is keyed by the tensor itself (kept alive in the cache, so its id stays unique)
+    doc_key = None if doc_ids is None else (id(doc_ids), doc_ids._version)
+    key = (B if doc_ids is not None else None, Tq, Tk, causal, window, doc_key, sink, str(device))
+    if key in _BLOCK_MASKS:
+        _BLOCK_MASKS.move_to_end(key)
+        return _BLOCK_MASKS[key][0]
+    real = Tk - 1 if sink else Tk
+    offset = torch.tensor(real - Tq, device=device)
+    docs = doc_ids
+    if docs is not None and sink:  # the sink key has no document
+        docs = torch.cat([docs, docs.new_full((docs.shape[0], 1), -1)], dim=1)
+    # with one row, a batch-free mask: inductor's CPU flex kernel fails to compile [1, ...] doc masks (torch 2.13)
+    per_row = docs is not None and B > 1
+    if docs is not None and not per_row:
+        docs = docs[0]
+    mod = _mask_mod(causal=causal, window=None if window is None else torch.tensor(window, device=device),
+                    doc_ids=docs, offset=offset, sink=torch.tensor(real, device=device) if sink else None)
+    mask = create_block_mask(mod, B if per_row else None, None, Tq, Tk, device=device)
+    _BLOCK_MASKS[key] = (mask, doc_ids)
+    if len(_BLOCK_MASKS) > _CACHE_SIZE:
+        _BLOCK_MASKS.popitem(last=False)
+    return mask
+
+
+def attention_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, window: int | None = None,
+                   softcap: float | None = None, alibi: Tensor | None = None, sinks: Tensor | None = None,
+                   doc_ids: Tensor | None = None) -> Tensor:
+    """Same contract as attention_reference (hybridlab.plugins.mixer.attention)."""
+    _check(q, k, v)
+    B, H, Tq, _ = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    if q.device.type == "cpu":  # no backward on CPU: captured parameters need no graph either
+        alibi, sinks = (None if t is None else t.detach() for t in (alibi, sinks))
+    if sinks is not None:  # one extra all-zero key at index Tk; its score becomes the sink logit
+        k = torch.cat([k, k.new_zeros(B, Hkv, 1, k.shape[3])], dim=2)
+        v = torch.cat([v, v.new_zeros(B, Hkv, 1, v.shape[3])], dim=2)
+    block_mask = _block_mask(B, Tq, k.shape[2], causal=causal, window=window, doc_ids=doc_ids,
+                             sink=sinks is not None, device=q.device)
+    score_mod = None
+    if softcap is not None or alibi is not None or sinks is not None:
+        fp32 = torch.float32 if q.dtype != torch.float64 else torch.float64
+        score_mod = _score_mod(softcap=None if softcap is None else torch.tensor(softcap, dtype=fp32, device=q.device),
+                               alibi=None if alibi is None else alibi.to(fp32),
+                               sinks=None if sinks is None else sinks.to(fp32),
+                               offset=torch.tensor(Tk - Tq, device=q.device),
+                               sink=torch.tensor(Tk, device=q.device))
+    with warnings.catch_warnings():  # the float64 path is unfused on purpose
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        return _flex(q.dtype)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                              enable_gqa=H != Hkv)
+
+
+@hookimpl
+def hybridlab_register(register):
+    # priority 5: below sdpa (fused kernels, backward everywhere), above the reference. It
+    # serves what sdpa cannot (softcap anywhere; windows on CUDA) and can be pinned.
+    register.impl("mixer", "attention", "flex", fn=attention_flex, priority=5, backward={"cuda"},
+                  doc="torch.nn.attention.flex_attention, compiled once")
