@@ -155,7 +155,10 @@ def run_compare(model_specs: Sequence[str | Path], pipeline: str | Path, *, seed
     command = " ".join(["hybridlab compare", *map(str, model_specs), "--pipeline", str(pipeline), "--seeds",
                         str(seeds), *(["--lr", ",".join(f"{lr:g}" for lr in lrs)] if lrs else []),
                         *(f"--set {o}" for o in overrides), "--out", str(out)])
-    report = lambda: write_reports(out, cells, select=select, command=command, title=str(pipeline))  # noqa: E731
+
+    def report() -> dict[str, Any]:
+        return write_reports(out, cells, select=select, command=command, title=str(pipeline))
+
     for cell in cells:
         if cell.done() or cell.resume_step():
             _check_same_pipeline(cell)
@@ -173,21 +176,24 @@ def run_compare(model_specs: Sequence[str | Path], pipeline: str | Path, *, seed
         eta = _eta([c for c in cells[i - 1:] if not c.done()], rates)
         what = f"resuming at step {start}/{cell.spec.steps}" if start else f"training {cell.spec.steps} steps"
         echo(f"[{i}/{len(cells)}] {cell.name}: {what}; {eta} for the {sum(not c.done() for c in cells)} cell(s) left")
+        earlier = cell.dir / "seconds.partial"  # wall time of interrupted sessions of this cell
+        spent = float(earlier.read_text()) if start and earlier.exists() else 0.0
         tic = time.perf_counter()
         trainer = Trainer(cell.spec, cell.dir, registry=registry, resume=start > 0, device=device, progress=progress)
         try:
             result = trainer.run()
         except KeyboardInterrupt:
+            atomic_write_text(earlier, f"{spent + time.perf_counter() - tic}\n")
             echo(f"interrupted in {cell.name} at step {trainer.step}; run the same command again to continue")
             raise
+        seconds = time.perf_counter() - tic
         rate = rates.setdefault(cell.label, [0, 0.0])
         rate[0] += trainer.step - start
-        rate[1] += time.perf_counter() - tic
-        row = {"spec": cell.label, "model": cell.spec.model.name, "seed": cell.seed,
-               "lr": cell.lr,
-               "steps": cell.spec.steps, "params": count_parameters(trainer.model),
-               "seconds": result.pop("seconds"), "resumed": start > 0,
-               "run_dir": str(cell.dir.relative_to(out)), "metrics": result}
+        rate[1] += seconds
+        result.pop("seconds")
+        row = {"spec": cell.label, "model": cell.spec.model.name, "seed": cell.seed, "lr": cell.lr,
+               "steps": cell.spec.steps, "params": count_parameters(trainer.model), "seconds": spent + seconds,
+               "resumed": start > 0, "run_dir": str(cell.dir.relative_to(out)), "metrics": result}
         atomic_write_text(cell.dir / "result.json", json.dumps(row) + "\n")
         report()
     notes = report()
@@ -272,7 +278,8 @@ def markdown(rows: Sequence[dict[str, Any]], summary: dict[str, Any], *, title: 
     lines = [f"# compare: {title}", "", f"`{command}`", "",
              f"{len(rows)} of {total} cells finished. Each value is the mean ± sample standard deviation "
              f"over seeds; the best lr per spec is chosen by the mean `{select}` "
-             f"({'lower' if select and _lower_is_better(select) else 'higher'} is better).", ""]
+             f"({'lower' if select and _lower_is_better(select) else 'higher'} is better); s/cell is the "
+             "wall time per cell, with any interrupted sessions.", ""]
 
     def table(keys: Sequence[tuple[str, Any]]) -> list[str]:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

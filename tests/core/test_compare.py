@@ -101,6 +101,9 @@ def test_an_interrupted_compare_resumes_where_it_stopped(files, monkeypatch):
     assert lines[1].startswith("[2/4] one seed 0 lr 0.003: resuming at step 4/6")
     assert started == [("seed0-lr0.003", True, 4), ("seed0-lr0.001", False, 0), ("seed0-lr0.003", False, 0)]
     assert results(files / "part") == reference  # exact: resumed cells equal uninterrupted ones
+    resumed = json.loads((files / "part" / "cells" / "one" / "seed0-lr0.003" / "result.json").read_text())
+    spent_before = float((files / "part" / "cells" / "one" / "seed0-lr0.003" / "seconds.partial").read_text())
+    assert resumed["resumed"] and resumed["seconds"] > spent_before > 0
 
 
 def test_a_cell_killed_before_its_first_checkpoint_starts_over(files, monkeypatch):
