@@ -27,11 +27,15 @@ import torch
 from hybridlab.core.dispatch import choose
 from hybridlab.plugins.mixer.deltanet import delta_rule_reference
 from hybridlab.plugins.mixer.gated_deltanet import gated_delta_rule_reference
+from hybridlab.plugins.mixer.gated_deltaproduct import gated_delta_product_reference
 from hybridlab.plugins.mixer.gla import gla_reference
+from hybridlab.plugins.mixer.kda import kda_reference
 from hybridlab.plugins.mixer.linear_attention import linear_attn_reference
+from hybridlab.plugins.mixer.mamba2 import ssd_reference
 from hybridlab.plugins.mixer.retention import retention_reference
 
-__all__ = ["linear_attn", "retention", "gla", "delta_rule", "gated_delta_rule", "op"]
+__all__ = ["linear_attn", "retention", "gla", "delta_rule", "gated_delta_rule", "gated_delta_product", "kda", "ssd",
+           "op"]
 
 
 def op(name: str, kind: str, reference: Callable) -> Callable:
@@ -60,3 +64,6 @@ retention = op("retention", "retention", retention_reference)
 gla = op("gla", "gla", gla_reference)
 delta_rule = op("delta_rule", "deltanet", delta_rule_reference)
 gated_delta_rule = op("gated_delta_rule", "gated_deltanet", gated_delta_rule_reference)
+gated_delta_product = op("gated_delta_product", "gated_deltaproduct", gated_delta_product_reference)
+kda = op("kda", "kda", kda_reference)
+ssd = op("ssd", "mamba2", ssd_reference)
