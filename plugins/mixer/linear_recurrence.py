@@ -106,31 +106,34 @@ def recurrent_reference(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = N
     V = v.shape[-1]
     dtype, out_dtype = compute_dtype(q.dtype), v.dtype
     scale = K ** -0.5 if scale is None else scale
-    q = (q.to(dtype) * scale).unsqueeze(-2)  # [B, T, H, 1, K]: rows for matmuls
-    k, v = k.to(dtype), v.to(dtype)
-    decay = None
+    # one slice per token, taken once: indexing x[:, t] inside the loop would make the
+    # backward add a full-size zero gradient per token (T² work)
+    qs = (q.to(dtype) * scale).unsqueeze(-2).unbind(1)  # T × [B, H, 1, K]: rows for matmuls
+    ks, vs = k.to(dtype).unsqueeze(-1).unbind(1), v.to(dtype).unsqueeze(-2).unbind(1)  # [B, H, K, 1], [B, H, 1, V]
+    decays = betas = keeps = None
     if g is not None:
         decay = g.to(dtype).exp()  # [B, T, H] or [B, T, H, K]
-        decay = decay[..., None, None] if decay.dim() == 3 else decay[..., None]  # [B, T, H, 1 or K, 1]
+        decays = (decay[..., None, None] if decay.dim() == 3 else decay[..., None]).unbind(1)  # [B, H, 1 or K, 1]
     if beta is not None:
-        beta = beta.to(dtype)[..., None, None]  # [B, T, H, 1, 1]
-    keep = None if doc_ids is None else (~new_document(doc_ids)).to(dtype)[:, :, None, None, None]
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype)
+        betas = beta.to(dtype)[..., None, None].unbind(1)  # [B, H, 1, 1]
+    if doc_ids is not None:
+        keeps = (~new_document(doc_ids)).to(dtype)[:, :, None, None, None].unbind(1)  # [B, 1, 1, 1]
+    S = q.new_zeros(B, H, K, V, dtype=dtype) if initial_state is None else initial_state.to(dtype)
     out = []
     for t in range(T):
-        if keep is not None:
-            S = S * keep[:, t]  # a new document starts from an empty state
-        if decay is not None:
-            S = S * decay[:, t]
-        k_t, v_t = k[:, t, :, :, None], v[:, t, :, None, :]  # [B, H, K, 1], [B, H, 1, V]
-        if beta is None:
+        if keeps is not None:
+            S = S * keeps[t]  # a new document starts from an empty state
+        if decays is not None:
+            S = S * decays[t]
+        k_t, v_t = ks[t], vs[t]
+        if betas is None:
             S = S + k_t * v_t
         else:
             # the delta rule: move what S recalls for k_t a fraction beta towards v_t
             recalled = k_t.transpose(-1, -2) @ S  # [B, H, 1, V]
-            S = S + k_t * (beta[:, t] * (v_t - recalled))
-        out.append(q[:, t] @ S)  # [B, H, 1, V]
-    o = torch.cat(out, dim=2).transpose(1, 2) if out else v.new_zeros(B, 0, H, V)  # [B, T, H, V]
+            S = S + k_t * (betas[t] * (v_t - recalled))
+        out.append(qs[t] @ S)  # [B, H, 1, V]
+    o = torch.cat(out, dim=2).transpose(1, 2) if out else v.new_zeros(B, 0, H, V, dtype=dtype)  # [B, T, H, V]
     return o.to(out_dtype), S
 
 
