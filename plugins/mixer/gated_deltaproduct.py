@@ -89,23 +89,24 @@ def gated_delta_product_reference(q: Tensor, k: Tensor, v: Tensor, g: Tensor, be
     V = v.shape[-1]
     dtype, out_dtype = compute_dtype(q.dtype), v.dtype
     scale = K ** -0.5 if scale is None else scale
-    q = (q.to(dtype) * scale)[..., None, :]  # [B, T, H, 1, K]: rows for matmuls
-    k = k.to(dtype).view(B, T, n, H, K)
-    v = v.to(dtype).view(B, T, n, H, V)
-    beta = beta.to(dtype).view(B, T, n, H)
-    decay = g.to(dtype).exp()[..., None, None]  # [B, T, H, 1, 1]
-    keep = None if doc_ids is None else (~new_document(doc_ids)).to(dtype)[:, :, None, None, None]
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype)
+    # one slice per token, taken once: indexing x[:, t] inside the loop would make the
+    # backward add a full-size zero gradient per token (T² work)
+    qs = (q.to(dtype) * scale)[..., None, :].unbind(1)  # T × [B, H, 1, K]: rows for matmuls
+    ks = k.to(dtype).view(B, T, n, H, K, 1).unbind(1)  # T × [B, n, H, K, 1]
+    vs = v.to(dtype).view(B, T, n, H, 1, V).unbind(1)  # T × [B, n, H, 1, V]
+    betas = beta.to(dtype).view(B, T, n, H, 1, 1).unbind(1)  # T × [B, n, H, 1, 1]
+    decays = g.to(dtype).exp()[..., None, None].unbind(1)  # T × [B, H, 1, 1]
+    keeps = None if doc_ids is None else (~new_document(doc_ids)).to(dtype)[:, :, None, None, None].unbind(1)
+    S = q.new_zeros(B, H, K, V, dtype=dtype) if initial_state is None else initial_state.to(dtype)
     out = []
     for t in range(T):
-        if keep is not None:
-            S = S * keep[:, t]  # a new document starts from an empty state
-        S = S * decay[:, t]
-        for i in range(n):
-            k_i, v_i = k[:, t, i, :, :, None], v[:, t, i, :, None, :]  # [B, H, K, 1], [B, H, 1, V]
+        if keeps is not None:
+            S = S * keeps[t]  # a new document starts from an empty state
+        S = S * decays[t]
+        for k_i, v_i, beta_i in zip(ks[t].unbind(1), vs[t].unbind(1), betas[t].unbind(1)):  # the n steps
             recalled = k_i.transpose(-1, -2) @ S  # [B, H, 1, V]
-            S = S + k_i * (beta[:, t, i, :, None, None] * (v_i - recalled))
-        out.append(q[:, t] @ S)  # [B, H, 1, V]
+            S = S + k_i * (beta_i * (v_i - recalled))
+        out.append(qs[t] @ S)  # [B, H, 1, V]
     o = torch.cat(out, dim=2).transpose(1, 2)  # [B, T, H, V]
     return o.to(out_dtype), S
 
