@@ -32,7 +32,8 @@ from hybridlab.registry import default_registry
 
 # public op -> mixer kind
 OPS = {"linear_attn": "linear_attention", "retention": "retention", "gla": "gla", "delta_rule": "deltanet",
-       "gated_delta_rule": "gated_deltanet"}
+       "gated_delta_rule": "gated_deltanet", "gated_delta_product": "gated_deltaproduct", "kda": "kda",
+       "ssd": "mamba2"}
 
 
 def make_inputs(op: str, T: int, device: str, dtype: torch.dtype, B: int = 1, H: int = 4, K: int = 64,
@@ -51,6 +52,14 @@ def make_inputs(op: str, T: int, device: str, dtype: torch.dtype, B: int = 1, H:
         x["g"] = F.logsigmoid(randn(B, T, H) + 2)
     if op in ("delta_rule", "gated_delta_rule"):
         x["beta"] = torch.sigmoid(randn(B, T, H))
+    if op == "gated_delta_product":  # two Householder steps per token: k, v and beta per step
+        x["k"], x["v"] = F.normalize(randn(B, 2 * T, H, K), dim=-1), randn(B, 2 * T, H, V)
+        x["g"], x["beta"] = F.logsigmoid(randn(B, T, H) + 2), torch.sigmoid(randn(B, 2 * T, H)) * 2
+    if op == "kda":
+        x["k"] = F.normalize(x["k"], dim=-1)
+        x["g"], x["beta"] = F.logsigmoid(randn(B, T, H, K)) / 16, torch.sigmoid(randn(B, T, H))
+    if op == "ssd":
+        x["g"] = F.logsigmoid(randn(B, T, H) + 2)
     return {n: t.to(device=device, dtype=dtype) for n, t in x.items()}
 
 
@@ -80,6 +89,27 @@ def peers(op: str) -> dict[str, Callable | str]:
             found["fla_naive_chunkwise"] = fla_delta
         except (ImportError, AttributeError) as exc:
             found["fla_naive_chunkwise"] = f"not available: {type(exc).__name__}: {exc}"
+    if op in ("kda", "ssd", "gated_delta_product"):  # fla's PyTorch chunked forms, time-major like ours
+        try:
+            fla_kda = importlib.import_module("fla.ops.kda.naive").naive_chunk_kda
+            fla_simple_gla = importlib.import_module("fla.ops.simple_gla.naive").naive_chunk_simple_gla
+            fla_gated_delta = importlib.import_module("fla.ops.gated_delta_rule.naive").naive_chunk_gated_delta_rule
+        except (ImportError, AttributeError) as exc:
+            found["fla_naive_chunk"] = f"not available: {type(exc).__name__}: {exc}"
+        else:
+            # fla has no PyTorch DeltaProduct; its layer runs the gated delta rule over the steps
+            # (q read after each token's last step, g applied before its first), as this does
+            def fla_product(q, k, v, g, beta):
+                B, T, H, K = q.shape
+                n = k.shape[1] // T
+                q_steps = torch.cat([q.new_zeros(B, T, n - 1, H, K), q[:, :, None]], 2).flatten(1, 2)
+                g_steps = torch.cat([g[:, :, None], g.new_zeros(B, T, n - 1, H)], 2).flatten(1, 2)
+                return fla_gated_delta(q_steps, k, v, g_steps, beta, chunk_size=64)[0].unflatten(1, (T, n))[:, :, -1]
+
+            found["fla_naive_chunk"] = {
+                "kda": lambda q, k, v, g, beta: fla_kda(q, k, v, g, beta, chunk_size=64)[0],
+                "ssd": lambda q, k, v, g: fla_simple_gla(q, k, v, g, chunk_size=64)[0],
+                "gated_delta_product": fla_product}[op]
     return found
 
 
