@@ -363,14 +363,23 @@ def verify_model(spec: Any, *, device: str = "cpu", dtype: torch.dtype = torch.f
     floor = max((i.floor for i in impls), default=1e-6)
     label = f"B{batch} T{seq_len}"
 
-    def check(quantity: str, got: Tensor, ref: Tensor, expect: Tensor) -> Check:
+    def check(quantity: str, got: Tensor, ref: Tensor, expect: Tensor, min_ref_error: float = 0.0) -> Check:
         error, ref_error = rel_rms(got, expect), rel_rms(ref, expect)
-        allowed = tolerance * ref_error + floor
+        allowed = tolerance * max(ref_error, min_ref_error) + floor
         return Check(name, "dispatched", dtype_name(dtype), label, quantity, error, ref_error, allowed, error <= allowed)
+
+    def flat(grads: dict[str, Tensor]) -> Tensor:
+        return torch.cat([grads[n].double().flatten() / max(oracle[2][n].norm().item(), 1e-30) for n in oracle[2]])
 
     report.checks.append(check("logits", fast[0], ref_low[0], oracle[0]))
     report.checks.append(check("loss", fast[1].reshape(1), ref_low[1].reshape(1), oracle[1].reshape(1)))
-    grad_checks = [check(f"grad {n}", fast[2][n], ref_low[2][n], oracle[2][n]) for n in oracle[2]]
+    # A parameter with a handful of elements (a per-head decay such as A_log) whose gradient
+    # is a sum with heavy cancellation gives a noisy, sometimes lucky, estimate of the
+    # reference's own error; the reference's error over all gradients (each normalised)
+    # sets its minimum. Measured: chunk/reference ratios up to 7 on such parameters across
+    # seeds with correct implementations, while whole-gradient ratios stay near 1.
+    pooled = rel_rms(flat(ref_low[2]), flat(oracle[2]))
+    grad_checks = [check(f"grad {n}", fast[2][n], ref_low[2][n], oracle[2][n], pooled) for n in oracle[2]]
     worst = max(grad_checks, key=lambda c: c.error / c.allowed if c.allowed else math.inf)
     report.checks += [c for c in grad_checks if not c.passed] or [worst]
     if not all(c.passed for c in report.checks):
