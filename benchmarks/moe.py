@@ -4,11 +4,11 @@
                              [--hidden 128] [--threads 2] [--out benchmarks/results/moe.json]
 
 For 8 and 64 experts at top-2 and top-8 it times the kind's op (routing, experts,
-combine) forward and backward on the same inputs, and reports tokens per second (best of --repeats interleaved rounds) for
-``reference`` (a loop over experts with masks), ``grouped`` (sort by expert, then
-torch._grouped_mm where it runs on this device and dtype) and ``grouped`` with its padded
-``bmm`` fallback forced, with each one's speed-up over the reference and the largest
-output difference to it.
+combine) forward and backward on the same inputs, and reports tokens per second (best
+of --repeats interleaved rounds) for ``reference`` (a loop over experts with masks) and
+``grouped`` (sort by expert, grouped matmuls) as dispatched, and for ``grouped`` with
+each of its two matmul paths forced (torch._grouped_mm, one padded bmm), with each
+one's speed-up over the reference and the largest output difference to it.
 """
 
 from __future__ import annotations
@@ -55,14 +55,24 @@ def run_once(fn, tensors: dict, grad: torch.Tensor, top_k: int, device: str) -> 
     return time.perf_counter() - start, out.out.detach()
 
 
-def with_fallback(**kwargs):
-    """moe_grouped with torch._grouped_mm switched off: the padded-bmm path."""
-    real = moe.grouped_mm_runs
-    moe.grouped_mm_runs = lambda device, dtype: False
+def with_grouped_mm(**kwargs):
+    """moe_grouped with torch._grouped_mm allowed on this device (the default is CUDA only)."""
+    added = {"cpu", "cuda"} - moe.GROUPED_MM_DEVICES
+    moe.GROUPED_MM_DEVICES |= added
     try:
         return moe.moe_grouped(**kwargs)
     finally:
-        moe.grouped_mm_runs = real
+        moe.GROUPED_MM_DEVICES -= added
+
+
+def without_grouped_mm(**kwargs):
+    """moe_grouped with torch._grouped_mm switched off: the padded-bmm path."""
+    removed = set(moe.GROUPED_MM_DEVICES)
+    moe.GROUPED_MM_DEVICES.clear()
+    try:
+        return moe.moe_grouped(**kwargs)
+    finally:
+        moe.GROUPED_MM_DEVICES |= removed
 
 
 def time_impls(impls: dict, tensors: dict, top_k: int, device: str, repeats: int) -> dict:
@@ -96,17 +106,19 @@ def main() -> None:
     rows = []
     for experts, top_k in CONFIGS:
         tensors = inputs(experts, args.tokens, args.d_model, args.hidden, args.device, dtype)
-        impls = {"reference": moe.moe_reference, "grouped": moe.moe_grouped, "grouped_bmm_fallback": with_fallback}
+        impls = {"reference": moe.moe_reference, "grouped": moe.moe_grouped,
+                 "grouped (torch._grouped_mm)": with_grouped_mm, "grouped (padded bmm)": without_grouped_mm}
         timed = time_impls(impls, tensors, top_k, args.device, args.repeats)
-        (ref_s, ref_out), (fast_s, fast_out), (bmm_s, bmm_out) = (timed[name] for name in impls)
+        ref_s, ref_out = timed["reference"]
+        device = torch.device(args.device).type
         row = {"experts": experts, "top_k": top_k,
-               "grouped_mm": moe.grouped_mm_runs(torch.device(args.device).type, dtype),
-               "tokens_per_s": {"reference": round(args.tokens / ref_s), "grouped": round(args.tokens / fast_s),
-                                "grouped_bmm_fallback": round(args.tokens / bmm_s)},
-               "speedup_over_reference": {"grouped": round(ref_s / fast_s, 2),
-                                          "grouped_bmm_fallback": round(ref_s / bmm_s, 2)},
-               "max_abs_diff_to_reference": {"grouped": float((fast_out.float() - ref_out.float()).abs().max()),
-                                             "grouped_bmm_fallback": float((bmm_out.float() - ref_out.float()).abs().max())}}
+               "grouped uses": "torch._grouped_mm" if device in moe.GROUPED_MM_DEVICES and moe.grouped_mm_runs(
+                   device, dtype) else "padded bmm",
+               "tokens_per_s": {name: round(args.tokens / s) for name, (s, _) in timed.items()},
+               "speedup_over_reference": {name: round(ref_s / s, 2) for name, (s, _) in timed.items()
+                                          if name != "reference"},
+               "max_abs_diff_to_reference": {name: float((out.float() - ref_out.float()).abs().max())
+                                             for name, (_, out) in timed.items() if name != "reference"}}
         print(json.dumps(row))
         rows.append(row)
     report = {"benchmark": "moe forward+backward", "device": args.device, "dtype": args.dtype,
