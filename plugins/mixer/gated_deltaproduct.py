@@ -31,8 +31,9 @@ from .recurrent_layer import RecurrentState, ShortConv
 
 
 class GatedDeltaProductConfig(GatedDeltaNetConfig):
-    """Gated DeltaProduct: S_t = exp(g_t) Π_{i=n..1} (I - beta_ti k_ti k_ti^T) S_{t-1} + (the
-    n writes), n = householder."""
+    """Gated DeltaProduct: Gated DeltaNet taking n = householder delta-rule steps per token.
+
+    S_t = H_tn ... H_t1 exp(g_t) S_{t-1} + (the n writes), H_ti = I - beta_ti k_ti k_ti^T."""
 
     kind: Literal["gated_deltaproduct"] = "gated_deltaproduct"
     householder: int = Field(default=2, ge=1)

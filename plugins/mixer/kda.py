@@ -27,8 +27,9 @@ from .recurrent_layer import DeltaRuleConfig, DeltaRuleMixer
 
 
 class KDAConfig(DeltaRuleConfig):
-    """Kimi Delta Attention: S_t = (I - beta_t k_t k_t^T) Diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T,
-    g_t per key channel."""
+    """Kimi Delta Attention: the gated delta rule with a decay per key channel.
+
+    S_t = (I - beta_t k_t k_t^T) Diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T."""
 
     kind: Literal["kda"] = "kda"
     gate: bool = True
