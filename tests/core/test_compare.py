@@ -60,7 +60,8 @@ def test_compare_trains_every_cell_and_writes_tables_and_plots(files):
     table = (out / "results.md").read_text()
     assert "8 of 8 cells finished" in table and "best lr per spec is chosen by the mean `len6/accuracy`" in table
     best = table.split("## Best learning rate per spec")[1].split("##")[0]
-    assert "| spec | params | lr | seeds | len6/accuracy | len12/accuracy | len6/loss | len12/loss |" in best
+    assert ("| spec | params | lr | seeds | len6/accuracy | len6/accuracy_last | len12/accuracy | len12/accuracy_last "
+            "| len6/loss | len12/loss | s/cell |") in best
     assert sum(line.startswith("| one |") for line in best.splitlines()) == 1
     assert " ± " in best
     assert (out / "accuracy_vs_length.png").stat().st_size > 0 and (out / "loss_curves.png").stat().st_size > 0
