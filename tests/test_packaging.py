@@ -33,8 +33,15 @@ def test_the_wheel_holds_the_code_the_specs_and_the_entry_points(tmp_path):
     import sys
     import zipfile
 
+    import shutil
+
+    # build from a copy: an in-tree build leaves hybridlab.egg-info in the checkout, whose
+    # stale entry points would then shadow the installed ones for anything run from there
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".ci-venv", "runs", "__pycache__", "*.egg-info", "build", "tests", "examples", "benchmarks"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+                    "-w", str(tmp_path), str(source)], check=True, capture_output=True)
     [wheel] = tmp_path.glob("hybridlab-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in ("hybridlab/__init__.py", "hybridlab/core/spec.py", "hybridlab/registry/hookspecs.py",
