@@ -68,23 +68,26 @@ def test_grouped_matmul_and_its_fallback_agree_with_a_loop(dtype, monkeypatch):
     b = torch.randn(6, 16, 24).to(dtype)
     starts = counts.cumsum(0) - counts
     loop = torch.cat([a[s:s + c].double() @ b[g].double() for g, (s, c) in enumerate(zip(starts, counts))])
-    fallback = grouped_matmul(a, b, counts)  # the CPU's default path: one padded bmm
-    monkeypatch.setattr(moe_plugin, "GROUPED_MM_DEVICES", {"cpu", "cuda"})
     fast = grouped_matmul(a, b, counts)  # torch._grouped_mm where it runs (not fp64)
+    monkeypatch.setattr(moe_plugin, "GROUPED_MM_DEVICES", set())
+    fallback = grouped_matmul(a, b, counts)  # one padded bmm
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(fast.double(), loop, rtol=tol, atol=tol)
     torch.testing.assert_close(fallback.double(), loop, rtol=tol, atol=tol)
 
 
-def test_the_grouped_mm_path_passes_verification_too(monkeypatch):
-    """On the CPU the grouped implementation multiplies with a padded bmm; here it takes
-    torch._grouped_mm instead (fp32/bf16/fp16 with 16-byte aligned rows), as on CUDA."""
-    monkeypatch.setattr(moe_plugin, "GROUPED_MM_DEVICES", {"cpu", "cuda"})
+def test_both_matmul_paths_of_grouped_pass_verification(monkeypatch):
+    """On the CPU the grouped implementation takes torch._grouped_mm for fp32/bf16/fp16
+    with 16-byte aligned rows and the padded bmm otherwise; here each path alone."""
     calls = []
     real = torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert_verified("moe", impl="grouped")
     assert calls
+    monkeypatch.setattr(moe_plugin, "GROUPED_MM_DEVICES", set())
+    calls.clear()
+    assert_verified("moe", impl="grouped")
+    assert not calls
 
 
 def test_grouped_mm_is_probed_per_device_and_dtype():
