@@ -267,6 +267,9 @@ def verify_kind(name: str, *, category: str | None = None, impl: str | None = No
         if impl is not None and impl not in [i.name for i in impls]:
             raise HybridlabError(f"{kind.category} kind {kind.name!r} has no implementation {impl!r} "
                                  f"(has: {', '.join(i.name for i in impls) or 'none'})")
+        if kind.cases is None and any(i.name != "reference" for i in impls):
+            report.problems.append(f"{kind.category} kind {kind.name!r} has implementations but no cases: "
+                                   "pass register.kind(..., cases=fn) so they can be checked")
         for candidate in impls:
             if impl is not None and candidate.name != impl:
                 continue

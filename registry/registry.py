@@ -294,11 +294,6 @@ class Register:
                 raise RegistrationError(
                     f"{category} kind {kind!r} has implementations {sorted(names)} but no 'reference': "
                     "every fast implementation needs a reference to be checked against")
-            owner = self._existing_kind(category, kind)
-            if owner is not None and owner.cases is None:
-                raise RegistrationError(
-                    f"{category} kind {kind!r} has implementations but no cases: pass "
-                    "register.kind(..., cases=fn) so verify can check them against the reference")
 
     def summary(self) -> list[str]:
         out = [f"category {c.name}" for c in self._categories]

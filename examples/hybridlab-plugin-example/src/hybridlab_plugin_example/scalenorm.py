@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from hybridlab.core.config import Config, Dims
 from hybridlab.core.dispatch import Dispatched
+from hybridlab.core.verify import BATCHES, SEQ_LENS, Case
 from hybridlab.registry import hookimpl
 
 
@@ -53,6 +54,17 @@ def scalenorm_torch(x: Tensor, g: Tensor, eps: float) -> Tensor:
     return (x * scale).to(x.dtype)  # [..., D] · [..., 1]: promoted to fp32, rounded once
 
 
+def scalenorm_cases(dtype: torch.dtype, device: str):
+    """Inputs on which `hybridlab verify` checks `torch` against `reference`: the grid
+    of sequence lengths and batches, odd and even widths, tiny and ordinary norms."""
+    for i, T in enumerate(SEQ_LENS):
+        for B in BATCHES:
+            D = (33, 64, 7)[(i + B) % 3]
+            scale = (2.0, 1e-4)[(i + B) % 2]
+            yield Case(f"B{B} T{T} D{D} |x|~{scale}",
+                       {"x": torch.randn(B, T, D) * scale, "g": torch.tensor(math.sqrt(D))}, {"eps": 1e-5})
+
+
 class ScaleNorm(Dispatched, nn.Module):
     category, kind = "normalization", "scalenorm"
 
@@ -67,7 +79,7 @@ class ScaleNorm(Dispatched, nn.Module):
 
 @hookimpl
 def hybridlab_register(register):
-    register.kind("normalization", "scalenorm", config=ScaleNormConfig, module=ScaleNorm)
+    register.kind("normalization", "scalenorm", config=ScaleNormConfig, module=ScaleNorm, cases=scalenorm_cases)
     register.impl("normalization", "scalenorm", "reference", fn=scalenorm_reference,
                   doc="sum of squares, sqrt and scale in fp32")
     register.impl("normalization", "scalenorm", "torch", fn=scalenorm_torch, priority=10,
