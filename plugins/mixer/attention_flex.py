@@ -5,8 +5,12 @@ cached prefix, sliding window, documents) are a ``mask_mod`` turned into a block
 blocks outside a window or a document are skipped; softcap and ALiBi are a ``score_mod``;
 a sink is one extra all-zero key whose score the ``score_mod`` replaces by the sink logit.
 
-- Compiled once per process (``torch.compile(flex_attention)``); modifiers capture their
-  parameters as tensors, so a new window, offset or slope does not recompile.
+- Compiled once per process (``torch.compile(flex_attention, dynamic=True)``); modifiers
+  capture their parameters as tensors, so a new window, offset or slope does not
+  recompile. Each new dtype, set of modifiers or size-1 dimension (batch of one, one KV
+  head, one query while decoding) does; past torch's ``recompile_limit`` (8 per function)
+  further ones run flex's eager, unfused path with torch's warning. A model's layers
+  share a few such variants; ``hybridlab verify`` (3 dtypes x 14 cases) goes past it.
 - Block masks are cached per shape and options; document masks per ``doc_ids`` tensor.
 - torch 2.13 has no FlexAttention backward on CPU, so ``backward={"cuda"}``: training on
   CPU dispatches to sdpa or reference. Compiled CPU flex takes float32/bf16/fp16 only;
@@ -18,6 +22,7 @@ because built-ins load in name order) to keep each file to one concern.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import OrderedDict
 
@@ -28,19 +33,21 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from hybridlab.plugins.mixer.attention import _check
 from hybridlab.registry import hookimpl
 
-_COMPILED = None
+_COMPILED: dict[bool, object] = {}  # static shapes? -> torch.compile(flex_attention)
 _BLOCK_MASKS: OrderedDict = OrderedDict()  # key -> (BlockMask, the doc_ids it was built from)
 _CACHE_SIZE = 32
 
 
-def _flex(dtype: torch.dtype):
-    """flex_attention compiled once; float64 runs eagerly (compiled CPU flex rejects it)."""
-    global _COMPILED
+def _flex(dtype: torch.dtype, *, static: bool):
+    """flex_attention compiled once (per shape mode); float64 runs eagerly (compiled CPU flex
+    rejects it). Document masks compile with static shapes: with dynamic shapes inductor's
+    CPU kernel for a data-dependent mask fails to build in torch 2.13 (an undeclared
+    cur_kvSplitSize), and packed documents come with training's fixed shapes anyway."""
     if dtype == torch.float64:
         return flex_attention
-    if _COMPILED is None:
-        _COMPILED = torch.compile(flex_attention, dynamic=True)
-    return _COMPILED
+    if static not in _COMPILED:
+        _COMPILED[static] = torch.compile(flex_attention, dynamic=not static)
+    return _COMPILED[static]
 
 
 def _mask_mod(*, causal: bool, window: Tensor | None, doc_ids: Tensor | None, offset: Tensor,
@@ -52,9 +59,7 @@ def _mask_mod(*, causal: bool, window: Tensor | None, doc_ids: Tensor | None, of
         ok = kv_idx <= i if causal else kv_idx >= 0
         if window is not None:
             ok = ok & ((i - kv_idx < window) if causal else ((i - kv_idx).abs() < window))
-        if doc_ids is not None and doc_ids.dim() == 1:  # batch of one
-            ok = ok & (doc_ids[i] == doc_ids[kv_idx])
-        elif doc_ids is not None:
+        if doc_ids is not None:
             ok = ok & (doc_ids[b, i] == doc_ids[b, kv_idx])
         if sink is not None:
             ok = ok | (kv_idx == sink)  # every query sees the sink key
@@ -94,13 +99,9 @@ def _block_mask(B: int, Tq: int, Tk: int, *, causal: bool, window: int | None, d
     docs = doc_ids
     if docs is not None and sink:  # the sink key has no document
         docs = torch.cat([docs, docs.new_full((docs.shape[0], 1), -1)], dim=1)
-    # with one row, a batch-free mask: inductor's CPU flex kernel fails to compile [1, ...] doc masks (torch 2.13)
-    per_row = docs is not None and B > 1
-    if docs is not None and not per_row:
-        docs = docs[0]
     mod = _mask_mod(causal=causal, window=None if window is None else torch.tensor(window, device=device),
                     doc_ids=docs, offset=offset, sink=torch.tensor(real, device=device) if sink else None)
-    mask = create_block_mask(mod, B if per_row else None, None, Tq, Tk, device=device)
+    mask = create_block_mask(mod, B if docs is not None else None, None, Tq, Tk, device=device)
     _BLOCK_MASKS[key] = (mask, doc_ids)
     if len(_BLOCK_MASKS) > _CACHE_SIZE:
         _BLOCK_MASKS.popitem(last=False)
@@ -129,10 +130,12 @@ def attention_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: floa
                                sinks=None if sinks is None else sinks.to(fp32),
                                offset=torch.tensor(Tk - Tq, device=q.device),
                                sink=torch.tensor(Tk, device=q.device))
-    with warnings.catch_warnings():  # the float64 path is unfused on purpose
+    # no backward on CPU: run without a graph there, so a caller's grad mode never recompiles
+    no_graph = torch.no_grad() if q.device.type == "cpu" else contextlib.nullcontext()
+    with no_graph, warnings.catch_warnings():  # the float64 path is unfused on purpose
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        return _flex(q.dtype)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                              enable_gqa=H != Hkv)
+        return _flex(q.dtype, static=doc_ids is not None)(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                                          scale=scale, enable_gqa=H != Hkv)
 
 
 @hookimpl
