@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -31,7 +32,7 @@ from hybridlab.core.dispatch import Dispatched
 from hybridlab.core.interfaces import SequenceMixer
 from hybridlab.core.numerics import upcast
 from hybridlab.core.verify import BATCHES, SEQ_LENS, Case
-from hybridlab.plugins.mixer.attention import attention_reference, attention_sdpa
+from hybridlab.plugins.mixer.attention import attention_mask, attention_reference, attention_sdpa
 from hybridlab.registry import hookimpl
 
 
@@ -114,12 +115,19 @@ def mla_absorbed(q: Tensor, latent: Tensor, k_rope: Tensor, w_k: Tensor, w_v: Te
     """Same contract, in the latent space: q_nope · (c W_uk)ᵀ = (q_nope W_uk) · cᵀ, and
     P (c W_uv) = (P c) W_uv. So attention is multi-query over [c, k_rope] with values c."""
     _check(q, latent, k_rope, w_k, w_v)
-    Dn = w_k.shape[1]
+    B, H, Tq, _ = q.shape
+    Dn, Tk = w_k.shape[1], latent.shape[1]
     q_latent = torch.einsum("bhtd,hdr->bhtr", q[..., :Dn], w_k)  # [B, H, Tq, R]
-    q_cat = torch.cat([q_latent, q[..., Dn:]], dim=-1)  # [B, H, Tq, R+Dr]
-    k_cat = torch.cat([latent, k_rope], dim=-1)[:, None]  # [B, 1, Tk, R+Dr]: one kv head
-    o_latent = attention_sdpa(q_cat, k_cat, latent[:, None], causal=causal, scale=scale, doc_ids=doc_ids)
-    return torch.einsum("bhtr,hdr->bhtd", o_latent, w_v)  # [B, H, Tq, Dv]
+    # every head reads the same single K/V head, so the heads fold into the query axis:
+    # one [H·Tq, R+Dr] x [R+Dr, Tk] product instead of SDPA's GQA path, which copies K/V per head
+    q_cat = torch.cat([q_latent, q[..., Dn:]], dim=-1).reshape(B, 1, H * Tq, -1)  # [B, 1, H·Tq, R+Dr]
+    k_cat = torch.cat([latent, k_rope], dim=-1)[:, None]  # [B, 1, Tk, R+Dr]
+    mask = None
+    if Tq > 1 or doc_ids is not None or not causal:  # one causal query (decoding) sees every key
+        mask = attention_mask(Tq, Tk, causal=causal, doc_ids=doc_ids, device=q.device)
+        mask = None if mask is None else mask.repeat(1, 1, H, 1)  # [1 or B, 1, H·Tq, Tk], rows head-major
+    o_latent = F.scaled_dot_product_attention(q_cat, k_cat, latent[:, None], attn_mask=mask, scale=scale)
+    return torch.einsum("bhtr,hdr->bhtd", o_latent.view(B, H, Tq, -1), w_v)  # [B, H, Tq, Dv]
 
 
 # (heads, kv_rank, head_dim, rope_dim, v_head_dim, causal, cached prefix)
