@@ -177,6 +177,21 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale:
     return (probs @ vf).to(q.dtype)
 
 
+def fused_sdpa(q: Tensor, k: Tensor, v: Tensor, *, scale: float, **options) -> Tensor:
+    """F.scaled_dot_product_attention with q/k and v of different widths (MLA, differential
+    attention): in fp32 on CPU they are zero-padded to one width, since SDPA's fused CPU
+    kernel needs one and its unfused fallback was 3x slower (scores and outputs are
+    unchanged). bf16/fp16 keep the unfused path: the fused kernel's backward, which takes
+    rowsum(dO·O) from the rounded output, was up to 9.8x the reference's error there."""
+    D, Dv = q.shape[-1], v.shape[-1]
+    if q.device.type != "cpu" or q.dtype != torch.float32 or D == Dv:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, **options)
+    if D < Dv:
+        q, k = F.pad(q, (0, Dv - D)), F.pad(k, (0, Dv - D))
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, **options)
+    return F.scaled_dot_product_attention(q, k, F.pad(v, (0, D - Dv)), scale=scale, **options)[..., :Dv]
+
+
 def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, window: int | None = None,
                    softcap: float | None = None, alibi: Tensor | None = None, sinks: Tensor | None = None,
                    doc_ids: Tensor | None = None) -> Tensor:
@@ -191,9 +206,9 @@ def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: floa
     gqa = H != Hkv
     if window is None and alibi is None and sinks is None and doc_ids is None:
         if not causal or Tq == 1:
-            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+            return fused_sdpa(q, k, v, scale=scale, enable_gqa=gqa)
         if Tq == Tk:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+            return fused_sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     mask = attention_mask(Tq, Tk, causal=causal, window=window, doc_ids=doc_ids, device=q.device)
     if alibi is not None or sinks is not None:
         bias_dtype = compute_dtype(q.dtype)  # a float32 bias keeps slope·distance exact enough
@@ -209,7 +224,7 @@ def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: floa
         v = torch.cat([v, v.new_zeros(B, Hkv, 1, v.shape[3])], dim=2)
         sink = sinks.to(mask.dtype).view(1, H, 1, 1).expand(mask.shape[0], H, Tq, 1)
         mask = torch.cat([mask.expand(mask.shape[0], H, Tq, Tk), sink], dim=-1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return fused_sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 def sdpa_supports(config: AttentionConfig | None, device: str, dtype: torch.dtype) -> str | None:

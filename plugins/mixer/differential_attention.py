@@ -204,4 +204,4 @@ def hybridlab_register(register):
     # gradient in specs/models/differential_attention-tiny.yaml); component level 40x, but
     # at errors under the 1e-6 floor.
     register.impl("mixer", "differential_attention", "sdpa", fn=differential_sdpa, priority=10, tolerance=8.0,
-                  doc="two F.scaled_dot_product_attention calls, subtracted")
+                  doc="both maps in one F.scaled_dot_product_attention call (2H heads), subtracted in fp32")

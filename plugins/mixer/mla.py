@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -32,7 +31,7 @@ from hybridlab.core.dispatch import Dispatched
 from hybridlab.core.interfaces import SequenceMixer
 from hybridlab.core.numerics import upcast
 from hybridlab.core.verify import BATCHES, SEQ_LENS, Case
-from hybridlab.plugins.mixer.attention import attention_mask, attention_reference, attention_sdpa
+from hybridlab.plugins.mixer.attention import attention_mask, attention_reference, attention_sdpa, fused_sdpa
 from hybridlab.registry import hookimpl
 
 
@@ -126,7 +125,7 @@ def mla_absorbed(q: Tensor, latent: Tensor, k_rope: Tensor, w_k: Tensor, w_v: Te
     if Tq > 1 or doc_ids is not None or not causal:  # one causal query (decoding) sees every key
         mask = attention_mask(Tq, Tk, causal=causal, doc_ids=doc_ids, device=q.device)
         mask = None if mask is None else mask.repeat(1, 1, H, 1)  # [1 or B, 1, H·Tq, Tk], rows head-major
-    o_latent = F.scaled_dot_product_attention(q_cat, k_cat, latent[:, None], attn_mask=mask, scale=scale)
+    o_latent = fused_sdpa(q_cat, k_cat, latent[:, None], attn_mask=mask, scale=scale)
     return torch.einsum("bhtr,hdr->bhtd", o_latent.view(B, H, Tq, -1), w_v)  # [B, H, Tq, Dv]
 
 
