@@ -2,13 +2,14 @@
 (``reference``, ``chunk``, and any a plugin registered) at B=1, H=4, K=V=64.
 
     python benchmarks/recurrence.py [--T 256 1024 4096] [--ops gated_delta_rule ...]
-        [--device cpu] [--dtype float32] [--repeats 3] [--threads 2]
+        [--device cpu] [--dtype float32] [--repeats 3] [--threads 2] [--peers NAME ...]
         [--out benchmarks/results/recurrence.json]
 
 Prints tokens/s per row (best of --repeats) and writes JSON. Peers run on the same inputs when their
 package is importable (never installed by this script): the pure-PyTorch Gated DeltaNet
 fallback of HF transformers (Qwen3-Next, ``torch_chunk_gated_delta_rule``, unwrapped from
-its kernel decorator) and flash-linear-attention's PyTorch ``delta_rule_chunkwise``.
+its kernel decorator) and flash-linear-attention's PyTorch ``delta_rule_chunkwise``;
+on a GPU also fla's Triton kernels (``fla_triton``).
 The issue's targets: chunk fwd+bwd at T=1024 >= 10x reference; faster than every peer;
 T=4096 within 4.5x of T=1024.
 """
@@ -66,9 +67,36 @@ def make_inputs(op: str, T: int, device: str, dtype: torch.dtype, B: int = 1, H:
 # ---------------------------------------------------------------- peers (optional)
 
 
-def peers(op: str) -> dict[str, Callable | str]:
+def triton_peer(op: str) -> Callable | str:
+    """flash-linear-attention's Triton kernel for ``op`` (GPU only), called on our inputs,
+    or the reason it is not available."""
+    try:
+        fla_ops = importlib.import_module("fla.ops")
+    except Exception as exc:  # fla imports triton and probes the device at import
+        return f"not available: {type(exc).__name__}: {exc}"
+    table = {
+        "linear_attn": lambda q, k, v: fla_ops.chunk_linear_attn(q, k, v, normalize=False)[0],
+        "retention": lambda q, k, v: fla_ops.chunk_retention(q, k, v)[0],
+        "gla": lambda q, k, v, g: fla_ops.chunk_gla(q, k, v, g)[0],
+        "delta_rule": lambda q, k, v, beta: fla_ops.chunk_delta_rule(q, k, v, beta)[0],
+        "gated_delta_rule": lambda q, k, v, g, beta: fla_ops.chunk_gated_delta_rule(q, k, v, g, beta)[0],
+        "kda": lambda q, k, v, g, beta: fla_ops.chunk_kda(q, k, v, g, beta)[0],
+        "ssd": lambda q, k, v, g: fla_ops.chunk_simple_gla(q, k, v, g)[0],
+    }
+    if op == "gated_delta_product":
+        try:
+            product = importlib.import_module("fla.ops.gated_delta_product").chunk_gated_delta_product
+        except (ImportError, AttributeError) as exc:
+            return f"not available: {type(exc).__name__}: {exc}"
+        return lambda q, k, v, g, beta: product(q, k, v, g, beta, num_householder=k.shape[1] // q.shape[1])[0]
+    return table[op]
+
+
+def peers(op: str, device: str = "cpu") -> dict[str, Callable | str]:
     """name -> fn(**inputs) returning the output, or the reason it is not available."""
     found: dict[str, Callable | str] = {}
+    if device == "cuda":
+        found["fla_triton"] = triton_peer(op)
     if op == "gated_delta_rule":
         try:
             module = importlib.import_module("transformers.models.qwen3_next.modeling_qwen3_next")
@@ -150,6 +178,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--skip-reference-above", type=int, default=None,
                    help="do not time the reference beyond this T (it is the slow one)")
+    p.add_argument("--peers", nargs="*", default=None,
+                   help="only these peers (default: every one importable; none: --peers with no name)")
     p.add_argument("--out", default="benchmarks/results/recurrence.json")
     args = p.parse_args()
     if args.threads:
@@ -162,7 +192,8 @@ def main() -> None:
     for op in args.ops:
         kind = OPS[op]
         impls: dict[str, Callable | str] = {i.name: i.fn for i in registry.impls("mixer", kind)}
-        impls.update(peers(op))
+        impls.update({name: fn for name, fn in peers(op, args.device).items()
+                      if args.peers is None or name in args.peers})
         for T in args.T:
             inputs = make_inputs(op, T, args.device, dtype)
             reference_fb = None

@@ -195,7 +195,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
             report.extend(part)
             report.seconds += part.seconds
     else:
-        report = verify_all(kind=args.kind, impl=args.impl, device=device)
+        def progress(name: str, part: Report) -> None:
+            failed = len(part.failures())
+            print(f"verify {name}: {len(part.checks)} checks, {failed} failed, {part.seconds:.1f} s",
+                  file=sys.stderr, flush=True)
+
+        report = verify_all(kind=args.kind, impl=args.impl, device=device, progress=progress)
     _print_report(report, show_all=args.all)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

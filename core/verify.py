@@ -143,6 +143,7 @@ def verify_impl(kind: Any, impl: Any, reference: Any, *, device: str = "cpu",
         torch.manual_seed(0)
         for case in kind.cases(dtype, device):
             case.inputs = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in case.inputs.items()}
+            case.options = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in case.options.items()}
             config = case.config if case.config is not None else case.options.get("config")
             reason = impl.cannot_serve(config, device, dtype, training=impl.has_backward(device))
             if reason is not None:
@@ -150,12 +151,17 @@ def verify_impl(kind: Any, impl: Any, reference: Any, *, device: str = "cpu",
             # the oracle sees the inputs already rounded to dtype
             rounded = Case(case.label, {k: (v.to(dtype).double() if isinstance(v, Tensor) and v.is_floating_point()
                                             else v) for k, v in case.inputs.items()}, case.options)
-            probe, _ = _run(reference.fn, rounded, torch.float64, None, False)
-            grad_outs = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(device)
-                         if isinstance(o, Tensor) and o.is_floating_point() else None for o in probe]
             backward = impl.has_backward(device)
-            oracle = _run(reference.fn, rounded, torch.float64, grad_outs, backward)
-            ref_low = _run(reference.fn, rounded, dtype, grad_outs, backward)
+            try:
+                probe, _ = _run(reference.fn, rounded, torch.float64, None, False)
+                grad_outs = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(device)
+                             if isinstance(o, Tensor) and o.is_floating_point() else None for o in probe]
+                oracle = _run(reference.fn, rounded, torch.float64, grad_outs, backward)
+                ref_low = _run(reference.fn, rounded, dtype, grad_outs, backward)
+            except Exception as exc:  # noqa: BLE001 - without a reference nothing can be checked: a failure
+                report.checks.append(Check(kind.name, impl.name, dtype_name(dtype), case.label,
+                                           f"reference raised {type(exc).__name__}: {exc}", math.inf, 0, 0, False))
+                continue
             try:
                 fast = _run(impl.fn, rounded, dtype, grad_outs, backward)
             except Exception as exc:  # noqa: BLE001 - an implementation's crash is a failed check
@@ -284,7 +290,9 @@ def verify_kind(name: str, *, category: str | None = None, impl: str | None = No
 
 
 def verify_all(*, kind: str | None = None, impl: str | None = None, device: str = "cpu",
-               registry: Any = None) -> Report:
+               registry: Any = None, progress: Callable[[str, Report], None] | None = None) -> Report:
+    """Every registered kind (or ``kind``), every implementation (or ``impl``); ``progress``
+    is called after each kind with its name and its report."""
     if registry is None:
         from hybridlab.registry import default_registry
 
@@ -296,9 +304,13 @@ def verify_all(*, kind: str | None = None, impl: str | None = None, device: str 
     names = sorted({k.name for k in registry.kinds()
                     if registry.impls(k.category, k.name) or k.category == "mixer"})
     for name in names:
-        report.extend(verify_kind(name, impl=impl, device=device, registry=registry)
-                      if impl is None or impl in {i.name for k in registry.kinds() if k.name == name
-                                                  for i in registry.impls(k.category, k.name)} else Report())
+        if impl is not None and impl not in {i.name for k in registry.kinds() if k.name == name
+                                             for i in registry.impls(k.category, k.name)}:
+            continue
+        part = verify_kind(name, impl=impl, device=device, registry=registry)
+        report.extend(part)
+        if progress is not None:
+            progress(name, part)
     report.seconds = time.perf_counter() - start
     return report
 

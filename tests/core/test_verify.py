@@ -189,3 +189,34 @@ def test_cli_verify_exit_status_and_json(tmp_path, capsys):
 
     data = json.loads(out.read_text())
     assert data["passed"] is True and len(data["checks"]) > 50
+
+
+def test_a_reference_that_raises_is_a_failed_check_not_a_crash():
+    """verify runs on, and names the case, when the reference itself raises on one case
+    (e.g. a tensor option left on another device)."""
+    from hybridlab.core.verify import Case
+
+    class BrittleConfig(AmnesiacConfig):
+        kind: Literal["brittle"] = "brittle"
+
+    def reference(x, *, fail):
+        if fail:
+            raise RuntimeError("planted reference failure")
+        return x * 2
+
+    def cases(dtype, device):
+        yield Case("fine", {"x": torch.randn(3, 4)}, {"fail": False})
+        yield Case("breaks", {"x": torch.randn(3, 4)}, {"fail": True})
+
+    @hookimpl
+    def hybridlab_register(register):
+        register.kind("mixer", "brittle", config=BrittleConfig, module=AmnesiacAttention, cases=cases,
+                      examples=[{"heads": 2}])
+        register.impl("mixer", "brittle", "reference", fn=reference, decode=False)
+        register.impl("mixer", "brittle", "fast", fn=lambda x, *, fail: x + x, decode=False)
+
+    registry = load_registry([("brittle", types.SimpleNamespace(hybridlab_register=hybridlab_register))])
+    report = verify_kind("brittle", impl="fast", registry=registry, dtypes=[torch.float32])
+    assert [c.case for c in report.failures()] == ["breaks"]
+    assert "reference raised RuntimeError: planted reference failure" in report.failures()[0].quantity
+    assert any(c.case == "fine" and c.passed for c in report.checks)
