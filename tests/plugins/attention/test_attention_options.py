@@ -174,6 +174,11 @@ def test_dispatch_serves_each_option_with_the_best_implementation_that_can(regis
     # on CUDA flex trains too, and skips the blocks outside a window where SDPA would not
     assert choice(registry, training=True, device="cuda", softcap=30.0).impl.name == "flex"
     assert choice(registry, training=True, device="cuda", window=64).impl.name == "flex"
+    # ALiBi and sinks on CUDA: SDPA would take a dense bias (with a T² gradient for sinks)
+    assert choice(registry, training=True, device="cuda", position={"kind": "alibi"}).impl.name == "flex"
+    sinks = choice(registry, training=True, device="cuda", sinks=True)
+    assert sinks.impl.name == "flex" and "sinks on CUDA" in dict(sinks.passed_over)["sdpa"]
+    assert choice(registry, training=True, device="cuda").impl.name == "sdpa"  # plain causal stays with SDPA
 
 
 def test_sdpa_declares_what_it_cannot_serve():
