@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Iterable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WrapValidator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WrapValidator, model_validator
 from pydantic_core import PydanticCustomError
 
 
@@ -23,6 +23,25 @@ class Config(BaseModel):
     (hashable, so they can key caches), and every field should have a docstring."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_kinds(cls, data: Any) -> Any:
+        """A component written without ``kind`` takes the kind of the field's default:
+        ``position: {theta: 5e5}`` is a rope, and so is what ``--set
+        mixer.position.theta=5e5`` creates on a spec that leaves ``position`` out. A field
+        with no default kind (``mixer``) still needs one."""
+        if not isinstance(data, dict):
+            return data
+        for name, info in cls.model_fields.items():
+            value = data.get(name)
+            if not isinstance(value, dict) or "kind" in value or component_category(info) is None:
+                continue
+            default = info.get_default(call_default_factory=True)
+            kind = default.get("kind") if isinstance(default, dict) else getattr(default, "kind", None)
+            if isinstance(kind, str):
+                value["kind"] = kind  # the mapping keeps its positions (a LocDict) for later errors
+        return data
 
     def check(self, dims: "Dims") -> Iterable[tuple[str, str]]:
         """Checks that need the model's dimensions. Yield ``(field, message)``; the

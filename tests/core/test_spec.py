@@ -560,8 +560,7 @@ def test_load_model_spec_set_values_are_yaml(fixtures):
     spec = load_model_spec("models/small.yaml", [
         "vocab_size=128",
         "name=renamed",
-        "head.tied=false",  # creates the head mapping; lm's default kind is not implied
-        "head.kind=lm",
+        "head.tied=false",  # creates the head mapping, which takes the field's default kind (lm)
         "norm={kind: layernorm, eps: 0.5}",
         "layers[0].blocks[0].mixer.causal=false",
         "layers[0].blocks[0].mixer.position={kind: rope, fraction: 0.5}",
@@ -603,13 +602,22 @@ def test_load_model_spec_set_that_breaks_a_file_value_points_at_the_file(fixture
     assert str(problem).startswith("models/small.yaml:8: layers[0].blocks[1].mixer.kv_heads: must divide heads (3)")
 
 
-def test_load_model_spec_set_created_mapping_error_names_the_mapping(fixtures):
-    # small.yaml has no head: --set creates head: {tied: false}, which lacks a kind.
-    # The problem is the mapping `head`, not the value `head.tied`.
-    [problem] = spec_errors(load_model_spec, "models/small.yaml", ["head.tied=false"])
+def test_a_component_without_kind_takes_the_default_kind(fixtures):
+    # small.yaml has no head and leaves position to its default: --set creates mappings
+    # without a kind, which take the field's default kind (lm, rope)
+    spec = load_model_spec("models/small.yaml", ["head.tied=false", "layers[0].blocks[0].mixer.position.fraction=0.5"])
+    assert (spec.head.kind, spec.head.tied) == ("lm", False)
+    position = spec.layers[0].mixer.position
+    assert (position.kind, position.fraction) == ("rope", 0.5)
+
+
+def test_a_component_without_kind_and_no_default_names_the_mapping(fixtures):
+    # block_wrapper has no default: the created mapping `wrapper` lacks a kind, and the
+    # problem is the mapping, not the value set inside it
+    [problem] = spec_errors(load_model_spec, "models/small.yaml", ["layers[0].blocks[0].wrapper.capacity=0.5"])
     assert (problem.file, problem.line) == ("--set", None)
-    assert problem.message == "missing 'kind' (one of: lm)"
-    assert problem.path == "head"
+    assert problem.message.startswith("missing 'kind' (one of: ")
+    assert problem.path == "layers[0].blocks[0].wrapper"
 
 
 @pytest.mark.parametrize("item, message", [
