@@ -44,6 +44,15 @@ from hybridlab.core.verify import BATCHES, SEQ_LENS, Case
 from hybridlab.registry import hookimpl
 
 
+def kv_heads_divide_heads(cls, kv_heads: int | None, info) -> int | None:
+    """Field validator for ``kv_heads`` shared by the attention family's configs: it must
+    divide ``heads`` (each K/V head serves a group of query heads)."""
+    heads = info.data.get("heads")
+    if kv_heads is not None and heads is not None and heads % kv_heads:
+        raise ValueError(f"must divide heads ({heads}), got {kv_heads}")
+    return kv_heads
+
+
 class AttentionConfig(Config):
     """Softmax attention; kv_heads < heads shares each K/V head across a group of query heads."""
 
@@ -75,13 +84,7 @@ class AttentionConfig(Config):
     bias: bool = False
     """Biases on the q/k/v/out projections."""
 
-    @field_validator("kv_heads")
-    @classmethod
-    def _kv_heads_divide(cls, kv_heads, info):
-        heads = info.data.get("heads")
-        if kv_heads is not None and heads is not None and heads % kv_heads:
-            raise ValueError(f"must divide heads ({heads}), got {kv_heads}")
-        return kv_heads
+    _kv_heads_divide = field_validator("kv_heads")(kv_heads_divide_heads)
 
     def check(self, dims: Dims):
         if self.head_dim is None and dims.d_model % self.heads:

@@ -39,7 +39,7 @@ from hybridlab.core.dispatch import Dispatched
 from hybridlab.core.interfaces import SequenceMixer
 from hybridlab.core.numerics import upcast
 from hybridlab.core.verify import BATCHES, SEQ_LENS, Case
-from hybridlab.plugins.mixer.attention import attention_mask, attention_sdpa, masked_softmax
+from hybridlab.plugins.mixer.attention import attention_mask, attention_sdpa, kv_heads_divide_heads, masked_softmax
 from hybridlab.registry import hookimpl
 
 
@@ -64,13 +64,7 @@ class NSAConfig(Config):
     position: Component("position") = Field(default_factory=lambda: {"kind": "rope"}, validate_default=True)
     """Positional scheme applied to queries and keys (rope or none)."""
 
-    @field_validator("kv_heads")
-    @classmethod
-    def _kv_heads_divide(cls, kv_heads, info):
-        heads = info.data.get("heads")
-        if kv_heads is not None and heads is not None and heads % kv_heads:
-            raise ValueError(f"must divide heads ({heads}), got {kv_heads}")
-        return kv_heads
+    _kv_heads_divide = field_validator("kv_heads")(kv_heads_divide_heads)
 
     @field_validator("stride")
     @classmethod
