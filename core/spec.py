@@ -404,26 +404,53 @@ def validation_problems(exc: ValidationError, root: type[BaseModel], data: Any, 
     return problems
 
 
+def _checked(config: Any, path: tuple, dims: Dims, data: Any, prefix: tuple) -> list[Problem]:
+    """``check(dims)`` of ``config`` and of every component inside it, located."""
+    problems: list[Problem] = []
+    if isinstance(config, Config):
+        for field, message in config.check(dims):
+            loc, rest = _walk(data, prefix + path + (field,))
+            problems.append(loc.problem(message, rest) if loc else
+                            Problem("<spec>", None, format_path(prefix + path + (field,)), message))
+        for name in type(config).model_fields:
+            problems += _checked(getattr(config, name), path + (name,), dims, data, prefix)
+    elif isinstance(config, (list, tuple)):
+        for i, item in enumerate(config):
+            problems += _checked(item, path + (i,), dims, data, prefix)
+    return problems
+
+
 def check_problems(model_spec: ModelSpec, data: Any, prefix: tuple = ()) -> list[Problem]:
     """Run every component's ``check(dims)`` and locate what it reports."""
     problems: list[Problem] = []
-
-    def visit(config: Any, path: tuple, dims: Dims) -> None:
-        if isinstance(config, Config):
-            for field, message in config.check(dims):
-                loc, rest = _walk(data, prefix + path + (field,))
-                problems.append(loc.problem(message, rest) if loc else
-                                Problem("<spec>", None, format_path(prefix + path + (field,)), message))
-            for name in type(config).model_fields:
-                visit(getattr(config, name), path + (name,), dims)
-        elif isinstance(config, (list, tuple)):
-            for i, item in enumerate(config):
-                visit(item, path + (i,), dims)
-
     for i, block in enumerate(model_spec.layers):
-        visit(block, ("layers", i), model_spec.dims(i))
+        problems += _checked(block, ("layers", i), model_spec.dims(i), data, prefix)
     for name in ("embedding", "residual", "norm", "head"):
-        visit(getattr(model_spec, name), (name,), model_spec.dims())
+        problems += _checked(getattr(model_spec, name), (name,), model_spec.dims(), data, prefix)
+    return problems
+
+
+def partial_check_problems(data: Any, registry: Any, prefix: tuple = ()) -> list[Problem]:
+    """When the model as a whole fails validation, still run ``check(dims)`` on each block
+    that validates by itself (given a valid d_model and vocab_size), so one run reports
+    field mistakes and size mistakes together."""
+    plain = to_plain(data)
+    for key in prefix:  # the model's mapping inside a pipeline
+        plain = plain.get(key) if isinstance(plain, dict) else None
+    if not isinstance(plain, dict) or not isinstance(plain.get("layers"), list):
+        return []
+    d_model, vocab = plain.get("d_model"), plain.get("vocab_size")
+    valid = [isinstance(x, int) and not isinstance(x, bool) and x >= low for x, low in ((d_model, 1), (vocab, 2))]
+    if not all(valid):
+        return []
+    problems: list[Problem] = []
+    for i, raw in enumerate(plain["layers"]):
+        try:
+            block = BlockSpec.model_validate(raw, context={"registry": registry})
+        except ValidationError:
+            continue  # its field problems are already reported
+        dims = Dims(d_model, vocab, len(plain["layers"]), i, None)
+        problems += _checked(block, ("layers", i), dims, data, prefix)
     return problems
 
 
@@ -458,7 +485,7 @@ def model_spec_from_data(data: LocDict, registry: Any, prefix: tuple = ()) -> Mo
     try:
         spec = validate(ModelSpec, data, registry)
     except SpecError as exc:
-        raise SpecError(problems + exc.problems) from None
+        raise SpecError(problems + exc.problems + partial_check_problems(data, registry, prefix)) from None
     problems += check_problems(spec, data)
     if problems:
         raise SpecError(problems)
@@ -492,7 +519,7 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: 
     try:
         spec = validate(PipelineSpec, data, registry)
     except SpecError as exc:
-        raise SpecError(problems + exc.problems) from None
+        raise SpecError(problems + exc.problems + partial_check_problems(data, registry, ("model",))) from None
     problems += check_problems(spec.model, data, prefix=("model",))
     needed = getattr(spec.data, "min_vocab_size", None)
     if needed is not None and needed() > spec.model.vocab_size:

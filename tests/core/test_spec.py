@@ -195,6 +195,8 @@ def test_load_model_spec_errors_in_repeated_group_reported_once(fixtures):
     problems = spec_errors(load_model_spec, "bad_repeat_group.yaml")
     assert_problems(problems, [
         ("bad_repeat_group.yaml", 8, "layers[0].blocks[0].mixer.causal", "got 'sometimes'"),
+        # reported in the same run by the blocks that validate (see the test below)
+        ("bad_repeat_group.yaml", 11, "layers[0].blocks[1].blocks[0].mixer.heads", "must divide d_model (64)"),
     ])
 
 
@@ -784,3 +786,36 @@ def test_dump_spec_round_trips_pipelines(monkeypatch, tmp_path):
     assert again == spec
     assert dump_spec(again) == dump_spec(spec)
     assert "extends" not in dump_spec(spec) and "repeat" not in dump_spec(spec)
+
+
+def test_field_and_size_mistakes_are_reported_in_one_run(tmp_cwd):
+    """A block that validates by itself still gets its check(dims) problems when another
+    block's fields are wrong, in a model spec and in a pipeline's inline model."""
+    write(tmp_cwd, "m.yaml", """
+        vocab_size: 64
+        d_model: 64
+        layers:
+          - mixer: {kind: attention, heads: 3}
+          - mixer: {kind: attention, heads: 4, kv_heads: 3}
+    """)
+    assert_problems(spec_errors(load_model_spec, "m.yaml"), [
+        ("m.yaml", 5, "layers[1].mixer.kv_heads", "must divide heads (4), got 3"),
+        ("m.yaml", 4, "layers[0].mixer.heads", "must divide d_model (64) unless head_dim is set, got 3"),
+    ])
+    write(tmp_cwd, "p.yaml", """
+        model:
+          vocab_size: 64
+          d_model: 64
+          layers:
+            - mixer: {kind: attention, heads: 3}
+        data: {kind: mqar, pairs: 0}
+    """)
+    problems = spec_errors(load_pipeline, "p.yaml")
+    assert {p.path for p in problems} == {"data.pairs", "model.layers[0].mixer.heads"}
+    write(tmp_cwd, "bad_d_model.yaml", """
+        vocab_size: 64
+        d_model: sixty-four
+        layers:
+          - mixer: {kind: attention, heads: 3}
+    """)  # no valid d_model: nothing to check sizes against, only the field problem
+    assert [p.path for p in spec_errors(load_model_spec, "bad_d_model.yaml")] == ["d_model"]
