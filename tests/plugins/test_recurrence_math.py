@@ -245,3 +245,22 @@ def test_long_inputs_run_in_spans_that_carry_the_state_and_the_documents(name):
     o_ref, S_ref = recurrent_reference(q, k, v, **extra, initial_state=S0, doc_ids=doc_ids)
     assert_close(o, o_ref)
     assert_close(S, S_ref)
+
+
+def test_segment_decay_values_and_its_written_backward():
+    """segment_decay's hand-written backward against autograd through the plain formula
+    exp(Σ_{j<s≤t} g_s) (float64 gradcheck), for scalar and per-channel decays."""
+    from hybridlab.plugins.mixer.linear_recurrence import segment_decay
+
+    torch.manual_seed(0)
+    for shape in ((2, 3, 7, 1), (1, 2, 5, 4)):
+        g = F.logsigmoid(torch.randn(*shape, dtype=f64)).requires_grad_()
+        C = shape[-2]
+        plain = torch.stack([torch.stack([g[..., j + 1:t + 1, :].sum(-2).exp() if j <= t else torch.zeros_like(g[..., 0, :])
+                                          for j in range(C)], -2) for t in range(C)], -3)
+        assert torch.allclose(segment_decay(g), plain, atol=1e-14)
+        assert torch.autograd.gradcheck(segment_decay, (g,))
+        weights = torch.randn(plain.shape, dtype=f64)
+        want, = torch.autograd.grad((plain * weights).sum(), g)
+        got, = torch.autograd.grad((segment_decay(g) * weights).sum(), g)
+        assert torch.allclose(got, want, atol=1e-12)
