@@ -256,7 +256,8 @@ def test_segment_decay_values_and_its_written_backward():
     for shape in ((2, 3, 7, 1), (1, 2, 5, 4)):
         g = F.logsigmoid(torch.randn(*shape, dtype=f64)).requires_grad_()
         C = shape[-2]
-        plain = torch.stack([torch.stack([g[..., j + 1:t + 1, :].sum(-2).exp() if j <= t else torch.zeros_like(g[..., 0, :])
+        zero = torch.zeros_like(g[..., 0, :])
+        plain = torch.stack([torch.stack([g[..., j + 1:t + 1, :].sum(-2).exp() if j <= t else zero
                                           for j in range(C)], -2) for t in range(C)], -3)
         assert torch.allclose(segment_decay(g), plain, atol=1e-14)
         assert torch.autograd.gradcheck(segment_decay, (g,))
