@@ -49,7 +49,6 @@ from hybridlab.core.verify import BATCHES, SEQ_LENS, Case
 
 CHUNK = 64  # tokens per chunk
 SPAN = 16  # chunks per span for long inputs (see _spans)
-SUB = 8  # secondary chunk for per-channel decay (see _channel_scores); 8 beat 16 and 4 on CPU
 
 
 # ---------------------------------------------------------------- inputs
@@ -199,40 +198,40 @@ def _suffix(g: Tensor, axis: int) -> Tensor:
 
 def _channel_scores(b: Tensor, g: Tensor, rows: list[Tensor]) -> list[Tensor]:
     """For each a in ``rows``: [..., C, C] with [t, j] = Σ_d a_td b_jd exp(Σ_{j<s≤t} g_sd)
-    for j ≤ t (0 above the diagonal); a, b, g [..., C, K], g the per-channel log decay.
+    for j ≤ t (0 above the diagonal); a, b, g [..., C, K], g the per-channel log decay, C a
+    power of two.
 
-    Factoring the decay as exp(G_t) · exp(-G_j) overflows over a chunk, so (fla's secondary
-    chunking) the chunk is cut into blocks of SUB: a diagonal block builds the exact
-    [SUB, SUB, K] decay tensor; a block below it factors through p, the last position before
-    the row block: exp(Σ_{p<s≤t} g_s) · exp(Σ_{j<s≤p} g_s), both ≤ 1."""
+    Factoring the decay as exp(G_t) · exp(-G_j) overflows over a chunk, so the chunk is
+    halved recursively: in each block of 2m tokens, the pairs with t in the second half
+    and j in the first factor exactly through p, the block's midpoint,
+
+        exp(Σ_{j<s≤t} g_s) = exp(Σ_{p<s≤t} g_s) · exp(Σ_{j<s≤p} g_s),   both factors ≤ 1,
+
+    so that quadrant is one matmul of decayed rows; the two halves recurse, down to t = j
+    (decay 1). Every pair is counted once, nothing overflows, and the elementwise work is
+    two [C, K] passes per level (log2 C levels) instead of a [C, C, K] decay tensor. The
+    sums inside exp are differences of a float64 cumulative sum (as in segment_decay)."""
     *lead, C, K = b.shape
-    S = min(SUB, C)
-    n = C // S
-    gb = g.reshape(*lead, n, S, K)
-    # diagonal blocks, in the layout the GEMM leaves them, [t, j, blocks, K]: this tensor is the
-    # costly one (SUB times the inputs), so it is built once and never transposed
-    blocks = gb.numel() // (S * K)
-    sums = _segments(S, g.device, g.dtype) @ gb.reshape(blocks, S, K).transpose(0, 1).reshape(S, blocks * K)
-    decay = sums.view(S, S, blocks, K).exp()  # above the diagonal exp(0) = 1: masked in the result
-    inside = torch.ones(S, S, dtype=torch.bool, device=b.device).tril()
-    b_cols = b.reshape(blocks, S, K).transpose(0, 1)  # [S(j), blocks, K]
-    # below the diagonal: exp(Σ_{j<s≤p} g_s) is the rest of j's block times the whole blocks
-    # between it and block i
-    from_p = gb.cumsum(-2).exp()  # [..., n(i), S, K]: Σ_{p<s≤t} g_s, p just before block i
-    between = segment_decay(gb.sum(-2))  # [..., n(i'), n(m), K]: blocks m < b ≤ i'
-    between = torch.cat([torch.zeros_like(between[..., :1, :, :]), between[..., :-1, :, :]], dim=-3)  # i' = i - 1
-    to_p = _suffix(gb, -2).exp()[..., None, :, :, :] * between[..., :, :, None, :]  # [.., n(i), n(m), S, K]
-    b_to_p = (b.reshape(*lead, 1, n, S, K) * to_p).reshape(*lead, n, C, K)  # zero for m ≥ i
-    eye = torch.eye(n, dtype=b.dtype, device=b.device)[:, None, :, None]  # [n, 1, n, 1]
-    out = []
-    for a in rows:
-        a_rows = a.reshape(blocks, S, K).transpose(0, 1)  # [S(t), blocks, K]
-        diagonal = (decay * a_rows[:, None] * b_cols[None]).sum(-1)  # [S(t), S(j), blocks]
-        diagonal = (diagonal.permute(2, 0, 1) * inside).reshape(*lead, n, S, S)
-        ab = a.reshape(*lead, n, S, K)
-        below = (ab * from_p) @ b_to_p.transpose(-1, -2)  # [..., n, S, C]
-        block_diagonal = diagonal[..., :, :, None, :] * eye  # [..., n, S, n, S]
-        out.append(below.reshape(*lead, C, C) + block_diagonal.reshape(*lead, C, C))
+    if C & (C - 1):
+        raise ValueError(f"per-channel decay needs a power-of-two chunk, got {C}")
+    out = [torch.diag_embed((a * b).sum(-1)) for a in rows]  # t = j: decay exp(0) = 1
+    G = g.double().cumsum(-2)  # sums between two positions are differences of G
+    m = C // 2
+    while m >= 1:
+        n = C // (2 * m)  # blocks of 2m tokens
+        Gb = G.reshape(*lead, n, 2, m, K)
+        Gp = Gb[..., 0, m - 1:, :]  # at each block's midpoint p
+        row_decay = (Gb[..., 1, :, :] - Gp).to(b.dtype).exp()  # [.., n, m, K]: Σ_{p<s≤t} g_s
+        col_decay = (Gp - Gb[..., 0, :, :]).to(b.dtype).exp()  # Σ_{j<s≤p} g_s
+        cols = b.reshape(*lead, n, 2, m, K)[..., 0, :, :] * col_decay
+        eye = torch.eye(n, dtype=b.dtype, device=b.device)[:, None, :, None]  # [n, 1, n, 1]
+        for i, a in enumerate(rows):
+            quadrant = (a.reshape(*lead, n, 2, m, K)[..., 1, :, :] * row_decay) @ cols.transpose(-1, -2)
+            block = F.pad(quadrant, (0, m, m, 0))  # [.., n, 2m, 2m]: rows of the second half, columns of the first
+            if n > 1:  # the n blocks on the diagonal of [C, C]
+                block = (block[..., :, :, None, :] * eye).reshape(*lead, C, C)
+            out[i] = out[i] + block.reshape(*lead, C, C)
+        m //= 2
     return out
 
 
@@ -253,8 +252,8 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
     per_channel = g is not None and g.dim() == 4
     if T > chunk_size:
         C = chunk_size
-    else:  # one chunk (a decode step is T = 1); per-channel decay needs a multiple of SUB
-        C = -(-T // SUB) * SUB if per_channel else max(T, 1)
+    else:  # one chunk (a decode step is T = 1); per-channel decay needs a power of two
+        C = 1 << max(T - 1, 0).bit_length() if per_channel else max(T, 1)
     N = -(-T // C)
     pad = N * C - T
 
