@@ -5,8 +5,8 @@ refines RetNet's.
 
 The core op, ``kda(q, k, v, g, beta, *, scale, initial_state, doc_ids)``, has two
 implementations: ``reference`` (token by token, fp32) and ``chunk`` (chunks of 64, the UT
-transform with the per-channel decay scores built in secondary chunks of 8; see
-linear_recurrence.py for the derivation).
+transform with the per-channel decay scores built by halving each chunk through its
+midpoints; see linear_recurrence.py for the derivation).
 """
 
 from __future__ import annotations
