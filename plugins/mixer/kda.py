@@ -62,7 +62,7 @@ def kda_reference(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, s
 
 def kda_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, scale: float | None = None,
               initial_state: Tensor | None = None, doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Same contract as kda_reference; chunks of 64, UT transform, secondary chunks of 8."""
+    """Same contract as kda_reference; chunks of 64, UT transform, scores by recursive halving."""
     check_inputs(q, k, v, g=g, g_per="channel", beta=beta, initial_state=initial_state, doc_ids=doc_ids)
     return chunk_recurrence(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state, doc_ids=doc_ids)
 
@@ -141,4 +141,4 @@ def hybridlab_register(register):
                             {"heads": 4, "conv_size": 0, "gate": False, "output_norm": False}])
     register.impl("mixer", "kda", "reference", fn=kda_reference, doc="token by token in fp32")
     register.impl("mixer", "kda", "chunk", fn=kda_chunk, priority=10,
-                  doc="chunks of 64, UT transform, secondary chunks of 8 for the per-channel decay, PyTorch")
+                  doc="chunks of 64, UT transform, per-channel decay scores by recursive halving, PyTorch")
