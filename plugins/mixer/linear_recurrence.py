@@ -210,29 +210,94 @@ def _channel_scores(b: Tensor, g: Tensor, rows: list[Tensor]) -> list[Tensor]:
     so that quadrant is one matmul of decayed rows; the two halves recurse, down to t = j
     (decay 1). Every pair is counted once, nothing overflows, and the elementwise work is
     two [C, K] passes per level (log2 C levels) instead of a [C, C, K] decay tensor. The
-    sums inside exp are differences of a float64 cumulative sum (as in segment_decay)."""
-    *lead, C, K = b.shape
+    sums inside exp are differences of a float64 cumulative sum (as in segment_decay).
+    The backward is written out (_ChannelScores): autograd's, through the per-level
+    slices, spent most of its time filling zeros."""
+    C = b.shape[-2]
     if C & (C - 1):
         raise ValueError(f"per-channel decay needs a power-of-two chunk, got {C}")
-    out = [torch.diag_embed((a * b).sum(-1)) for a in rows]  # t = j: decay exp(0) = 1
-    G = g.double().cumsum(-2)  # sums between two positions are differences of G
+    return list(_ChannelScores.apply(b, g, *rows))
+
+
+def _levels(G: Tensor, C: int, dtype: torch.dtype):
+    """Per halving level: (n blocks, half size m, the decays of the second halves from the
+    midpoint [.., n, m, K], of the first halves to the midpoint [.., n, m, K])."""
+    *lead, _, K = G.shape
     m = C // 2
     while m >= 1:
-        n = C // (2 * m)  # blocks of 2m tokens
+        n = C // (2 * m)
         Gb = G.reshape(*lead, n, 2, m, K)
         Gp = Gb[..., 0, m - 1:, :]  # at each block's midpoint p
-        row_decay = (Gb[..., 1, :, :] - Gp).to(b.dtype).exp()  # [.., n, m, K]: Σ_{p<s≤t} g_s
-        col_decay = (Gp - Gb[..., 0, :, :]).to(b.dtype).exp()  # Σ_{j<s≤p} g_s
-        cols = b.reshape(*lead, n, 2, m, K)[..., 0, :, :] * col_decay
-        eye = torch.eye(n, dtype=b.dtype, device=b.device)[:, None, :, None]  # [n, 1, n, 1]
-        for i, a in enumerate(rows):
-            quadrant = (a.reshape(*lead, n, 2, m, K)[..., 1, :, :] * row_decay) @ cols.transpose(-1, -2)
-            block = F.pad(quadrant, (0, m, m, 0))  # [.., n, 2m, 2m]: rows of the second half, columns of the first
-            if n > 1:  # the n blocks on the diagonal of [C, C]
-                block = (block[..., :, :, None, :] * eye).reshape(*lead, C, C)
-            out[i] = out[i] + block.reshape(*lead, C, C)
+        yield n, m, (Gb[..., 1, :, :] - Gp).to(dtype).exp(), (Gp - Gb[..., 0, :, :]).to(dtype).exp()
         m //= 2
-    return out
+
+
+def _halves(x: Tensor, n: int, m: int) -> tuple[Tensor, Tensor]:
+    """[.., C, K] (contiguous) -> views of its first and second halves of each 2m block, [.., n, m, K]."""
+    view = x.view(*x.shape[:-2], n, 2, m, x.shape[-1])
+    return view[..., 0, :, :], view[..., 1, :, :]
+
+
+def _quadrants(A: Tensor, n: int, m: int) -> Tensor:
+    """[.., C, C] (contiguous) -> the view [.., n, m, m] of its lower-left quadrant in each
+    of the n diagonal blocks of 2m."""
+    view = A.view(*A.shape[:-2], n, 2, m, n, 2, m).diagonal(dim1=-6, dim2=-3)  # [.., 2, m, 2, m, n]
+    return view[..., 1, :, 0, :, :].movedim(-1, -3)
+
+
+class _ChannelScores(torch.autograd.Function):
+    """Forward: see _channel_scores. Backward, per level and quadrant Q = (a₂ ⊙ R)(b₁ ⊙ D)ᵀ
+    (R, D the decays from / to the midpoint p): d(a₂R) = dQ (b₁D), d(b₁D) = dQᵀ (a₂R);
+    da₂ = d(a₂R) ⊙ R, db₁ = d(b₁D) ⊙ D; the exponents G₂ - G_p and G_p - G₁ take
+    d(a₂R) ⊙ a₂R and d(b₁D) ⊙ b₁D; dg is the reverse cumulative sum of dG."""
+
+    @staticmethod
+    def forward(ctx, b: Tensor, g: Tensor, *rows: Tensor) -> tuple[Tensor, ...]:
+        C = b.shape[-2]
+        b, rows = b.contiguous(), [a.contiguous() for a in rows]
+        G = g.double().cumsum(-2)
+        outs = [torch.diag_embed((a * b).sum(-1)) for a in rows]  # t = j: decay exp(0) = 1
+        for n, m, R, D in _levels(G, C, b.dtype):
+            cols = (_halves(b, n, m)[0] * D).transpose(-1, -2)
+            for out, a in zip(outs, rows):
+                _quadrants(out, n, m).copy_((_halves(a, n, m)[1] * R) @ cols)
+        ctx.save_for_backward(b, g, *rows)
+        return tuple(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor, ...]:
+        b, g, *rows = ctx.saved_tensors
+        C = b.shape[-2]
+        grads = [d.contiguous() for d in grads]
+        db, dG = torch.zeros_like(b), torch.zeros_like(b)
+        das = [torch.zeros_like(a) for a in rows]
+        for dA, a, da in zip(grads, rows, das):
+            diagonal = dA.diagonal(dim1=-2, dim2=-1)[..., None]  # [.., C, 1]
+            da += diagonal * b
+            db += diagonal * a
+        G = g.double().cumsum(-2)
+        for n, m, R, D in _levels(G, C, b.dtype):
+            b1 = _halves(b, n, m)[0]
+            cols = b1 * D
+            d_cols = torch.zeros_like(cols)
+            dG1, dG2 = _halves(dG, n, m)
+            dGp = dG1[..., m - 1:, :]
+            for dA, a, da in zip(grads, rows, das):
+                dQ = _quadrants(dA, n, m)  # [.., n, m(t), m(j)]
+                rows_r = _halves(a, n, m)[1] * R
+                d_rows = dQ @ cols
+                d_cols += dQ.transpose(-1, -2) @ rows_r
+                _halves(da, n, m)[1].add_(d_rows * R)
+                exponent = d_rows * rows_r  # d / d(G₂ - G_p)
+                dG2 += exponent
+                dGp -= exponent.sum(-2, keepdim=True)
+            _halves(db, n, m)[0].add_(d_cols * D)
+            exponent = d_cols * cols  # d / d(G_p - G₁)
+            dGp += exponent.sum(-2, keepdim=True)
+            dG1 -= exponent
+        dg = dG.flip(-2).cumsum(-2).flip(-2).to(g.dtype)
+        return (db, dg, *das)
 
 
 def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None, beta: Tensor | None = None,
