@@ -189,13 +189,6 @@ class _SegmentDecay(torch.autograd.Function):
         return dG.flip(-2).cumsum(-2).flip(-2)
 
 
-def _suffix(g: Tensor, axis: int) -> Tensor:
-    """Σ_{s>j} g_s along ``axis`` (exclusive suffix sums, each of its own terms)."""
-    inclusive = g.flip(axis).cumsum(axis).flip(axis)
-    return torch.cat([inclusive.narrow(axis, 1, g.shape[axis] - 1),
-                      torch.zeros_like(inclusive.narrow(axis, 0, 1))], dim=axis)
-
-
 def _channel_scores(b: Tensor, g: Tensor, rows: list[Tensor]) -> list[Tensor]:
     """For each a in ``rows``: [..., C, C] with [t, j] = Σ_d a_td b_jd exp(Σ_{j<s≤t} g_sd)
     for j ≤ t (0 above the diagonal); a, b, g [..., C, K], g the per-channel log decay, C a
@@ -363,9 +356,8 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
             Q0, K0 = Q * carry[..., None], Kc * carry[..., None]
             K_last, chunk_decay = Kc * last[..., None], carry_last.to(dtype)  # [B, 1, N]
     else:
-        prefix = gc.cumsum(3)  # [B, H, N, C(, K)]: decay from the chunk start to t
-        gamma, to_last = prefix.exp(), _suffix(gc, 3).exp()  # ... and from t to the chunk end
-        chunk_decay = prefix[:, :, :, -1].exp()  # [B, H, N(, K)]
+        # [B, H, N, C(, K)]: decay from the chunk start to t, from t to the chunk end; [B, H, N(, K)]
+        gamma, to_last, chunk_decay = _ChunkDecays.apply(gc)
         if carry is not None:
             gamma, to_last = gamma * _bcast(carry, gamma), to_last * _bcast(last, to_last)
             chunk_decay = chunk_decay * _bcast(carry_last, chunk_decay)
@@ -425,6 +417,30 @@ def _spans(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None, beta: Tensor | 
                                     chunk_size=chunk_size)
         outs.append(o)
     return torch.cat(outs, dim=1), state
+
+
+class _ChunkDecays(torch.autograd.Function):
+    """g [B, H, N, C(, K)] -> (Γ = exp(G), exp(G_C - G), exp(G_C)) with G the cumulative
+    sum over the chunk (axis 3), taken in float64 as in segment_decay. Backward written
+    out: dG = dΓ ⊙ Γ - dΓ' ⊙ Γ' (Γ' the second), G_C also takes Σ dΓ' ⊙ Γ' and the third's,
+    and dg is the reverse cumulative sum of dG."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        G = g.double().cumsum(3)
+        last = G[:, :, :, -1:]
+        outs = (G.to(g.dtype).exp(), (last - G).to(g.dtype).exp(), last[:, :, :, 0].to(g.dtype).exp())
+        ctx.save_for_backward(*outs)
+        return outs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_gamma: Tensor, d_to_last: Tensor, d_chunk: Tensor) -> Tensor:
+        gamma, to_last, chunk = ctx.saved_tensors
+        to_end = d_to_last * to_last
+        dG = d_gamma * gamma - to_end
+        dG[:, :, :, -1] += to_end.sum(3) + d_chunk * chunk
+        return dG.flip(3).cumsum(3).flip(3)
 
 
 def _bcast(mask: Tensor, like: Tensor) -> Tensor:

@@ -290,3 +290,22 @@ def test_channel_scores_values_and_its_written_backward():
         have = torch.autograd.grad((got[0] * w1).sum() + (got[1] * w2).sum(), [b, g, a1, a2])
         for x, y in zip(have, want):
             assert torch.allclose(x, y, atol=1e-10)
+
+
+def test_chunk_decays_and_their_written_backward():
+    """(exp(G), exp(G_C - G), exp(G_C)) with G the in-chunk cumulative sum: values and the
+    hand-written backward against autograd through the plain formula (float64)."""
+    from hybridlab.plugins.mixer.linear_recurrence import _ChunkDecays
+
+    torch.manual_seed(0)
+    for shape in ((1, 2, 3, 7), (2, 1, 2, 5, 4)):  # [B, H, N, C] and [B, H, N, C, K]
+        g = F.logsigmoid(torch.randn(*shape, dtype=f64)).requires_grad_()
+        G = g.cumsum(3)
+        plain = (G.exp(), (G[:, :, :, -1:] - G).exp(), G[:, :, :, -1].exp())
+        got = _ChunkDecays.apply(g)
+        for x, y in zip(got, plain):
+            assert torch.allclose(x, y, atol=1e-14)
+        weights = [torch.randn(x.shape, dtype=f64) for x in plain]
+        want, = torch.autograd.grad(sum((x * w).sum() for x, w in zip(plain, weights)), g)
+        have, = torch.autograd.grad(sum((x * w).sum() for x, w in zip(got, weights)), g)
+        assert torch.allclose(have, want, atol=1e-12)
