@@ -119,8 +119,9 @@ class Mamba2(Dispatched, SequenceMixer):
     SiLU short causal convolution over x, B and C (its tail is decoding state); per head
     dt = softplus(dt + dt_bias) with dt from log-uniform(dt_min, dt_max) at initialisation,
     A = -exp(A_log) with A from uniform(1, 16), the SSD recurrence, the skip D x (D = 1 at
-    initialisation), then norm(y · silu(z)) and the output projection. Unlike mamba_ssm,
-    the convolution has no bias (the shared short convolution)."""
+    initialisation), then norm(y · silu(z)) and the output projection. As in mamba_ssm
+    the convolution has a bias (conv_bias=True there); dt is not clamped (mamba_ssm's
+    default dt_limit (0, inf) clamps nothing either)."""
 
     category = "mixer"
     kind = "mamba2"
@@ -134,7 +135,7 @@ class Mamba2(Dispatched, SequenceMixer):
         self.groups = G = config.groups
         self.conv_channels = H * V + 2 * G * K  # x, B, C
         self.in_proj = nn.Linear(dims.d_model, (H * V if config.gate else 0) + self.conv_channels + H, bias=False)
-        self.conv = ShortConv(self.conv_channels, config.conv_size) if config.conv_size else None
+        self.conv = ShortConv(self.conv_channels, config.conv_size, bias=True) if config.conv_size else None
         self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
         dt = log_uniform_(torch.empty(H), config.dt_min, config.dt_max).clamp(min=1e-4)
         self.dt_bias = nn.Parameter(inverse_softplus(dt))

@@ -92,15 +92,16 @@ def l2_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
 
 class ShortConv(nn.Module):
     """Causal depthwise convolution over time followed by SiLU (fla's ShortConvolution;
-    Mamba, DeltaNet, Gated DeltaNet): y_t = silu(Σ_i w_i ⊙ x_{t-W+1+i}). The last W-1
+    Mamba, DeltaNet, Gated DeltaNet): y_t = silu(Σ_i w_i ⊙ x_{t-W+1+i} (+ b)). The last W-1
     inputs are the decoding state; tokens of an earlier document are not seen."""
 
-    def __init__(self, channels: int, size: int) -> None:
+    def __init__(self, channels: int, size: int, *, bias: bool = False) -> None:
         super().__init__()
         self.size = size
         self.weight = nn.Parameter(torch.empty(channels, size))  # [C, W]; w[:, -1] multiplies x_t
-        bound = size ** -0.5  # nn.Conv1d's default init for a depthwise kernel
+        bound = size ** -0.5  # nn.Conv1d's default init for a depthwise kernel (and its bias)
         nn.init.uniform_(self.weight, -bound, bound)
+        self.bias = nn.Parameter(torch.empty(channels).uniform_(-bound, bound)) if bias else None
 
     def forward(self, x: Tensor, tail: Tensor | None = None,
                 doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -119,6 +120,8 @@ class ShortConv(nn.Module):
             if doc_ids is not None:
                 term = term * (seg[:, i:i + T] == seg[:, W - 1:])[..., None]
             y = y + term
+        if self.bias is not None:
+            y = y + self.bias
         return F.silu(y), xp[:, xp.shape[1] - (W - 1):]
 
 

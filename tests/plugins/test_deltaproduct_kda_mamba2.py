@@ -200,7 +200,7 @@ def test_the_mamba2_layer_is_mamba_ssms_per_token_update(registry):
         z, xbc, dt_raw = zxbcdt.split([Hh * P, Hh * P + 2 * G * N, Hh], dim=-1)
         w = module.conv.weight  # [channels, W]
         padded = F.pad(xbc, (0, 0, w.shape[1] - 1, 0))
-        xbc = F.silu(sum(padded[:, i:i + 9] * w[:, i] for i in range(w.shape[1])))
+        xbc = F.silu(sum(padded[:, i:i + 9] * w[:, i] for i in range(w.shape[1])) + module.conv.bias)  # conv_bias
         xs, Bm, Cm = xbc.split([Hh * P, G * N, G * N], dim=-1)
         A = -module.A_log.exp()
         h = torch.zeros(2, Hh, P, N, dtype=f64)  # mamba_ssm's layout [headdim, d_state]
