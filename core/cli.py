@@ -60,7 +60,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             print(f"    registered: {', '.join(record.registered) or 'nothing'}")
     ok = len(registry.plugins) - failed
     print(f"{ok} plugin(s) loaded, {failed} failed")
-    return 0
+    return 1 if failed else 0  # the report is printed either way; the status lets a script notice
 
 
 def _load_any(path: str, overrides: list[str]) -> Any:

@@ -439,6 +439,8 @@ def test_cli_plugins_shows_packages_and_errors(example_site, broken_site, workdi
     assert "ERROR:" in text and "registered twice" in text and "hybridlab 0.1.0" in text
     text = about("fixture_invalid_config", "hybridlab-fixture-invalid-config")
     assert "ERROR:" in text and "extra='forbid'" in text
+    assert proc.returncode == 1 and "3 failed" in out  # a failed plugin is reported and shows in the status
+    assert run(["-m", "hybridlab", "plugins"], [example_site], workdir).returncode == 0
 
 
 def test_cli_train_example_pipeline(example_site, workdir, tmp_path):
