@@ -18,7 +18,6 @@ from hybridlab.core.config import Dims
 from hybridlab.core.dispatch import forced
 from hybridlab.core.model import Model
 from hybridlab.core.spec import ModelSpec, load_model_spec
-from hybridlab.core.verify import verify_model_decoding
 from hybridlab.plugins.mixer.gated_deltanet import gated_delta_rule_reference
 from hybridlab.plugins.mixer.gated_deltaproduct import gated_delta_product_chunk, gated_delta_product_reference
 from hybridlab.plugins.mixer.kda import kda_chunk, kda_reference
@@ -26,16 +25,7 @@ from hybridlab.plugins.mixer.mamba2 import ssd_chunk, ssd_reference
 from hybridlab.testing import assert_verified
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: a second thread only adds synchronisation, which on a busy
-    2-core machine costs up to 8x the run time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (see conftest)
 
 
 KINDS = ["gated_deltaproduct", "kda", "mamba2"]
@@ -485,21 +475,8 @@ HYBRID = {
 
 
 @pytest.mark.parametrize("impl", ["", "reference"])
-def test_a_hybrid_with_attention_decodes_from_state(impl, registry):
-    spec = ModelSpec.model_validate(HYBRID, context={"registry": registry})
-    with forced(impl):
-        report = verify_model_decoding(spec, registry=registry, decode_tokens=70, prompt_len=9)
-    assert report.passed and report.checks, report.checks
-    model = Model(spec, registry).double()
-    tokens = torch.randint(0, 29, (2, 77))
-    with forced(impl), torch.no_grad():
-        full = model(tokens).logits
-        out = model(tokens[:, :70], model.init_state(2))  # prefill through the chunked form
-        logits = [out.logits]
-        for t in range(70, 77):
-            out = model.step(tokens[:, t], out.state)
-            logits.append(out.logits)
-    torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-9, atol=1e-9)
+def test_a_hybrid_with_attention_decodes_from_state(impl, assert_hybrid_decodes):
+    assert_hybrid_decodes(HYBRID, impl)
 
 
 def test_chunk_and_reference_agree_inside_a_model(registry):

@@ -14,16 +14,7 @@ from hybridlab.plugins.mixer.gla import gla_chunk, gla_reference
 from hybridlab.plugins.mixer.linear_attention import linear_attn_chunk, linear_attn_reference
 from hybridlab.plugins.mixer.retention import retention_chunk, retention_reference
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: a second thread only adds synchronisation, which on a busy
-    2-core machine costs up to 8x the run time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (see conftest)
 
 
 B, T, H, K, V = 2, 9, 3, 5, 4

@@ -15,19 +15,9 @@ from hybridlab.core.dispatch import forced
 from hybridlab.core.errors import HybridlabError
 from hybridlab.core.model import Model
 from hybridlab.core.spec import ModelSpec, load_model_spec
-from hybridlab.core.verify import verify_model_decoding
 from hybridlab.testing import assert_verified
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: a second thread only adds synchronisation, which on a busy
-    2-core machine costs up to 8x the run time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (see conftest)
 
 
 KINDS = ["linear_attention", "retention", "gla", "deltanet", "gated_deltanet"]
@@ -214,21 +204,8 @@ HYBRID = {
 
 
 @pytest.mark.parametrize("impl", ["", "reference"])
-def test_a_hybrid_with_attention_decodes_from_state(impl, registry):
-    spec = ModelSpec.model_validate(HYBRID, context={"registry": registry})
-    with forced(impl):
-        report = verify_model_decoding(spec, registry=registry, decode_tokens=70, prompt_len=9)
-    assert report.passed and report.checks, report.checks
-    model = Model(spec, registry).double()
-    tokens = torch.randint(0, 29, (2, 77))
-    with forced(impl), torch.no_grad():
-        full = model(tokens).logits
-        out = model(tokens[:, :70], model.init_state(2))  # prefill through the chunked form
-        logits = [out.logits]
-        for t in range(70, 77):
-            out = model.step(tokens[:, t], out.state)
-            logits.append(out.logits)
-    torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-9, atol=1e-9)
+def test_a_hybrid_with_attention_decodes_from_state(impl, assert_hybrid_decodes):
+    assert_hybrid_decodes(HYBRID, impl)
 
 
 def test_generate_continues_greedily_like_the_parallel_forward(registry):
