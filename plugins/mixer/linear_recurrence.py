@@ -29,15 +29,16 @@ u_t = β_t (v_t - (Diag(a_t) S_{t-1})^T k_t) (or u_t = v_t without the delta rul
 
 Only ``u = U - W S_0`` and the state update run chunk after chunk; everything else is
 batched matmuls. Decay ratios Γ_t / Γ_j are formed as exp of the segment sum
-Σ_{j<s≤t} g_s (≤ 0), never as exp(G_t) / exp(G_j), which underflows, nor as exp(G_t - G_j),
-which is inaccurate after strong decays (see segment_decay). A document boundary inside a chunk becomes masks: with r_t the
+Σ_{j<s≤t} g_s (≤ 0), never as exp(G_t) / exp(G_j), which underflows; the segment sums are
+differences of a float64 cumulative sum, since in fp32 they would carry the rounding of
+|G| (see segment_decay). Per-channel decays factor only through points between j and t
+(see _channel_scores). A document boundary inside a chunk becomes masks: with r_t the
 number of boundaries in the chunk up to t, pairs (t, j) count only when r_t = r_j, S_0 only
 reaches tokens with r_t = 0, and only tokens with r_j = r_C reach the next chunk.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import torch
@@ -145,14 +146,6 @@ def _chunks(x: Tensor, C: int) -> Tensor:
     return x.reshape(B, T // C, C, H, *x.shape[3:]).transpose(1, 3).transpose(2, 3)
 
 
-@functools.lru_cache(maxsize=16)
-def _segments(C: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """[C·C, C] 0/1: row (t, j) selects the positions s with j < s ≤ t."""
-    s = torch.arange(C, device=device)
-    t, j = s.view(C, 1, 1), s.view(1, C, 1)
-    return ((j < s) & (s <= t)).to(dtype).reshape(C * C, C)
-
-
 def segment_decay(g: Tensor) -> Tensor:
     """g [..., C, K] log decay (time on axis -2; K = 1 for a scalar decay) -> [..., C, C, K]
     with [t, j] = exp(Σ_{j<s≤t} g_s) for j ≤ t and 0 above the diagonal: the decay of the
@@ -182,6 +175,7 @@ class _SegmentDecay(torch.autograd.Function):
         return decay
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> Tensor:
         (decay,) = ctx.saved_tensors
         P = grad * decay
