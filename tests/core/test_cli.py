@@ -52,17 +52,21 @@ def test_validate_reports_every_problem_with_file_line_and_path(tmp_path):
     code, out, err = run("validate", bad.name, cwd=tmp_path)
     assert code == 2 and "Traceback" not in err
     lines = err.strip().splitlines()
-    assert "tiny.yaml:14: layers[1].mixer.kv_heads: must divide heads (4), got 3" in lines
-    assert any(l.startswith("tiny.yaml:15: norm: unknown normalization kind 'rmsnrm' (did you mean 'rmsnorm'?)")
-               for l in lines)
+    text = bad.read_text().splitlines()
+    kv_line = next(i for i, t in enumerate(text, 1) if "kv_heads: 3" in t)
+    norm_line = next(i for i, t in enumerate(text, 1) if t.startswith("norm:"))
+    assert f"tiny.yaml:{kv_line}: layers[2].mixer.kv_heads: must divide heads (4), got 3" in lines
+    unknown = f"tiny.yaml:{norm_line}: norm: unknown normalization kind 'rmsnrm' (did you mean 'rmsnorm'?)"
+    assert any(l.startswith(unknown) for l in lines)
 
 
 def test_validate_ok_and_set_override(capsys):
-    assert main(["validate", str(TINY), "--set", "layers[1].mixer.heads=8"]) == 0
-    assert "OK (model 'tiny-hybrid', 2 blocks)" in capsys.readouterr().out
-    assert main(["validate", str(TINY), "--set", "layers[1].mixer.heads=3"]) == 2
+    assert main(["validate", str(TINY), "--set", "layers[2].mixer.heads=8"]) == 0
+    assert "OK (model 'tiny-hybrid', 3 blocks)" in capsys.readouterr().out
+    assert main(["validate", str(TINY), "--set", "layers[2].mixer.heads=3"]) == 2
     # the override made the file's kv_heads wrong: the error points at the file's line
-    assert "tiny-hybrid.yaml:14: layers[1].mixer.kv_heads: must divide heads (3), got 2" in capsys.readouterr().err
+    line = next(i for i, text in enumerate(TINY.read_text().splitlines(), 1) if "kv_heads: 2" in text)
+    assert f"tiny-hybrid.yaml:{line}: layers[2].mixer.kv_heads: must divide heads (3), got 2" in capsys.readouterr().err
     assert main(["validate", str(TINY), "--set", "d_model=-4"]) == 2
     assert "--set: d_model: input should be greater than or equal to 1, got -4" in capsys.readouterr().err
 
@@ -91,11 +95,11 @@ def test_invalid_yaml_syntax_names_the_line(tmp_path):
 def test_summary_prints_chosen_implementation_params_and_state(capsys):
     assert main(["summary", str(TINY), "--seq-len", "1000"]) == 0
     out = capsys.readouterr().out
-    rows = {l.split()[0]: l for l in out.splitlines() if l.split()[:1] in (["0"], ["1"])}
-    assert rows["0"].split()[1:3] == ["gated_deltanet", "chunk"]
-    assert rows["1"].split()[1:3] == ["attention", "sdpa"] and "reference: lower priority than sdpa" in rows["1"]
-    # layer 1: 2 kv heads x head_dim 16 x 2 (k and v) x 1000 tokens x 4 bytes (float32)
-    assert "250.0 KiB" in rows["1"]
+    rows = {l.split()[0]: l for l in out.splitlines() if l.split()[:1] in (["0"], ["1"], ["2"])}
+    assert rows["0"].split()[1:3] == rows["1"].split()[1:3] == ["gated_deltanet", "chunk"]
+    assert rows["2"].split()[1:3] == ["attention", "sdpa"] and "reference: lower priority than sdpa" in rows["2"]
+    # the attention layer: 2 kv heads x head_dim 16 x 2 (k and v) x 1000 tokens x 4 bytes (float32)
+    assert "250.0 KiB" in rows["2"]
     assert "total parameters:" in out
 
 

@@ -655,7 +655,8 @@ def test_load_pipeline_default_job_validates(monkeypatch):
     raw = yaml.safe_load(Path("specs/train/default.yaml").read_text())
     assert (spec.name, spec.steps, spec.batch_size) == (raw["name"], raw["steps"], raw["batch_size"])
     assert spec.optimizer.lr == raw["optimizer"]["lr"]
-    assert spec.model.name == "tiny-hybrid" and len(spec.model.layers) == 2
+    assert spec.model.name == "tiny-hybrid" and [b.mixer.kind for b in spec.model.layers] == [
+        "gated_deltanet", "gated_deltanet", "attention"]  # Gated DeltaNet layers plus one attention layer
     assert (spec.data.kind, spec.optimizer.kind, spec.schedule.kind) == ("mqar", "adamw", "cosine")
     assert [o.kind for o in spec.objectives] == ["cross_entropy"]
     assert spec.model == load_model_spec("specs/models/tiny-hybrid.yaml")
