@@ -33,6 +33,7 @@ class Config(BaseModel):
         with no default kind (``mixer``) still needs one."""
         if not isinstance(data, dict):
             return data
+        filled = {}
         for name, info in cls.model_fields.items():
             value = data.get(name)
             if not isinstance(value, dict) or "kind" in value or component_category(info) is None:
@@ -40,8 +41,8 @@ class Config(BaseModel):
             default = info.get_default(call_default_factory=True)
             kind = default.get("kind") if isinstance(default, dict) else getattr(default, "kind", None)
             if isinstance(kind, str):
-                value["kind"] = kind  # the mapping keeps its positions (a LocDict) for later errors
-        return data
+                filled[name] = {"kind": kind, **value}
+        return {**data, **filled} if filled else data  # copies: the caller's mappings stay as given
 
     def check(self, dims: "Dims") -> Iterable[tuple[str, str]]:
         """Checks that need the model's dimensions. Yield ``(field, message)``; the

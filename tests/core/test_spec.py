@@ -820,3 +820,11 @@ def test_field_and_size_mistakes_are_reported_in_one_run(tmp_cwd):
           - mixer: {kind: attention, heads: 3}
     """)  # no valid d_model: nothing to check sizes against, only the field problem
     assert [p.path for p in spec_errors(load_model_spec, "bad_d_model.yaml")] == ["d_model"]
+
+
+def test_default_kind_filling_leaves_the_callers_mapping_alone(registry):
+    data = {"name": "m", "vocab_size": 8, "d_model": 8, "head": {"tied": False},
+            "layers": [{"mixer": {"kind": "attention", "heads": 2, "position": {"fraction": 0.5}}}]}
+    spec = ModelSpec.model_validate(data, context={"registry": registry})
+    assert (spec.head.kind, spec.layers[0].mixer.position.kind) == ("lm", "rope")
+    assert data["head"] == {"tied": False} and data["layers"][0]["mixer"]["position"] == {"fraction": 0.5}
