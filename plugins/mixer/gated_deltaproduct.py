@@ -9,7 +9,9 @@ takes fla's layout: n keys, values and betas per token, token-major (row t·n + 
 step i of token t). Two implementations: ``reference`` (token by token, the n steps in an
 inner loop, fp32) and ``chunk``: the n steps are n sub-tokens of a gated delta rule whose
 query reads only after the last step and whose decay acts only before the first (as fla
-does), run by the chunked form of 64 sub-tokens with the UT transform (linear_recurrence.py).
+does), run by the chunked form with the UT transform (linear_recurrence.py) in chunks of
+whole tokens (64 sub-tokens for n = 2, 63 for n = 3), computing outputs only for the rows
+that are read (``read_every=n``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from hybridlab.core.numerics import compute_dtype
 from hybridlab.registry import hookimpl
 
 from .gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig
-from .linear_recurrence import chunk_recurrence, new_document, recurrent_cases
+from .linear_recurrence import CHUNK, chunk_recurrence, new_document, recurrent_cases
 from .recurrent_layer import RecurrentState, ShortConv
 
 
@@ -124,9 +126,11 @@ def gated_delta_product_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: 
     q_steps = torch.cat([q.new_zeros(B, T, n - 1, H, K), q[:, :, None]], dim=2).view(B, T * n, H, K)
     g_steps = torch.cat([g[:, :, None], g.new_zeros(B, T, n - 1, H)], dim=2).view(B, T * n, H)
     doc_steps = None if doc_ids is None else doc_ids.repeat_interleave(n, dim=1)  # [B, T·n]
-    o, S = chunk_recurrence(q_steps, k, v, g=g_steps, beta=beta, scale=K ** -0.5 if scale is None else scale,
-                            initial_state=initial_state, doc_ids=doc_steps)
-    return o.reshape(B, T, n, H, -1)[:, :, -1], S  # [B, T, H, V]: the reads after each token's last step
+    # only the rows after each token's last step are read; chunks hold whole tokens (64 sub-steps
+    # for n = 2, 63 for n = 3)
+    return chunk_recurrence(q_steps, k, v, g=g_steps, beta=beta, scale=K ** -0.5 if scale is None else scale,
+                            initial_state=initial_state, doc_ids=doc_steps, chunk_size=CHUNK // n * n,
+                            read_every=n)
 
 
 def _gates(B: int, T: int, H: int, K: int, n: int) -> dict[str, Tensor]:

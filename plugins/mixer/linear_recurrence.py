@@ -289,14 +289,23 @@ class _ChannelScores(torch.autograd.Function):
 
 def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None, beta: Tensor | None = None,
                      scale: float | None = None, initial_state: Tensor | None = None,
-                     doc_ids: Tensor | None = None, chunk_size: int = CHUNK) -> tuple[Tensor, Tensor]:
+                     doc_ids: Tensor | None = None, chunk_size: int = CHUNK,
+                     read_every: int = 1) -> tuple[Tensor, Tensor]:
     """The chunked parallel form of :func:`recurrent_reference` (same arguments and
     results); autograd gives the backward. Any T: the tail is padded with tokens that leave
-    the state alone (k = 0, g = 0)."""
+    the state alone (k = 0, g = 0).
+
+    ``read_every = r > 1``: only every r-th row is read (rows r-1, 2r-1, ...; the others'
+    queries are ignored), and o has T / r rows. DeltaProduct's sub-steps use it, so the
+    rows that only write are not read. T and chunk_size must be multiples of r; the decay,
+    if any, is per head."""
     B, T, H, K = q.shape
+    if read_every > 1 and (T % read_every or chunk_size % read_every or (g is not None and g.dim() == 4)):
+        raise ValueError(f"read_every={read_every} needs T ({T}) and chunk_size ({chunk_size}) multiples of it "
+                         "and no per-channel decay")
     if T > SPAN * chunk_size:  # long inputs: spans of SPAN chunks, the state carried between them
         return _spans(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state, doc_ids=doc_ids,
-                      chunk_size=chunk_size)
+                      chunk_size=chunk_size, read_every=read_every)
     V = v.shape[-1]
     dtype = compute_dtype(q.dtype)
     scale = K ** -0.5 if scale is None else scale
@@ -317,6 +326,9 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
         return _chunks(F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) if pad else x, C).contiguous()
 
     Q, Kc, Vc = prep(q, scale), prep(k), prep(v)  # [B, H, N, C, K or V]
+    rows = slice(read_every - 1, None, read_every)  # the rows read (all of them by default)
+    if read_every > 1:
+        Q = Q[..., rows, :].contiguous()  # [B, H, N, C / r, K]
     gc = None if g is None else prep(g)  # [B, H, N, C] or [B, H, N, C, K]
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
 
@@ -331,24 +343,24 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
 
     # intra-chunk scores A_qk (j ≤ t) and A_kk (j < t), decays included
     if gc is None:
-        A_qk = (Q @ Kc.transpose(-1, -2)).masked_fill(~causal, 0.0)
+        A_qk = (Q @ Kc.transpose(-1, -2)).masked_fill(~causal[rows], 0.0)
         A_kk = (Kc @ Kc.transpose(-1, -2)) if beta is not None else None
     elif not per_channel:
         ratio = segment_decay(gc[..., None])[..., 0]  # [B, H, N, C, C]: decay from j to t
-        A_qk = (Q @ Kc.transpose(-1, -2)) * ratio
+        A_qk = (Q @ Kc.transpose(-1, -2)) * ratio[..., rows, :]
         A_kk = (Kc @ Kc.transpose(-1, -2)) * ratio if beta is not None else None
     else:
         A_qk, *rest = _channel_scores(Kc, gc, [Q, Kc] if beta is not None else [Q])
         A_kk = rest[0] if rest else None
     if same is not None:
-        A_qk = A_qk * same
+        A_qk = A_qk * same[..., rows, :]
         A_kk = A_kk * same if A_kk is not None else None
 
     # how S_0 reaches each token (Γ ⊙ Q, Γ ⊙ K) and each token the next chunk ((Γ_C / Γ) ⊙ K)
     if gc is None:
         Q0, K0, K_last, chunk_decay = Q, Kc, Kc, None
         if carry is not None:
-            Q0, K0 = Q * carry[..., None], Kc * carry[..., None]
+            Q0, K0 = Q * carry[..., rows, None], Kc * carry[..., None]
             K_last, chunk_decay = Kc * last[..., None], carry_last.to(dtype)  # [B, 1, N]
     else:
         # [B, H, N, C(, K)]: decay from the chunk start to t, from t to the chunk end; [B, H, N(, K)]
@@ -357,7 +369,7 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
             gamma, to_last = gamma * _bcast(carry, gamma), to_last * _bcast(last, to_last)
             chunk_decay = chunk_decay * _bcast(carry_last, chunk_decay)
         gamma, to_last = _col(gamma, per_channel), _col(to_last, per_channel)
-        Q0, K0, K_last = Q * gamma, Kc * gamma, Kc * to_last
+        Q0, K0, K_last = Q * gamma[..., rows, :], Kc * gamma, Kc * to_last
 
     if beta is not None:
         bt = prep(beta)[..., None]  # [B, H, N, C, 1]
@@ -390,13 +402,14 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
             update = K_n[n] @ u
         S = S * decay_n[n] + update if decay_n is not None else S + update
     u_all = U if W is None else torch.stack(us, dim=2)
-    O = Q0 @ torch.stack(entering, dim=2) + A_qk @ u_all  # [B, H, N, C, V]
-    o = O.transpose(2, 3).transpose(1, 3).reshape(B, N * C, H, V)[:, :T]  # [B, T, H, V]
+    O = Q0 @ torch.stack(entering, dim=2) + A_qk @ u_all  # [B, H, N, C / r, V]
+    o = O.transpose(2, 3).transpose(1, 3).reshape(B, N * C // read_every, H, V)[:, :T // read_every]
     return o.to(out_dtype), S
 
 
 def _spans(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None, beta: Tensor | None, scale: float | None,
-           initial_state: Tensor | None, doc_ids: Tensor | None, chunk_size: int) -> tuple[Tensor, Tensor]:
+           initial_state: Tensor | None, doc_ids: Tensor | None, chunk_size: int,
+           read_every: int = 1) -> tuple[Tensor, Tensor]:
     """chunk_recurrence over spans of SPAN chunks, carrying the state. The same arithmetic,
     but each step's tensors stay cache-sized: on CPU, one pass over T=4096 took 8x the time
     of T=1024 instead of 4x."""
@@ -409,7 +422,7 @@ def _spans(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None, beta: Tensor | 
         o, state = chunk_recurrence(q[:, part], k[:, part], v[:, part], g=None if g is None else g[:, part],
                                     beta=None if beta is None else beta[:, part], scale=scale,
                                     initial_state=state, doc_ids=None if doc_ids is None else doc_ids[:, part],
-                                    chunk_size=chunk_size)
+                                    chunk_size=chunk_size, read_every=read_every)
         outs.append(o)
     return torch.cat(outs, dim=1), state
 

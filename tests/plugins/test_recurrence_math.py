@@ -300,3 +300,28 @@ def test_chunk_decays_and_their_written_backward():
         want, = torch.autograd.grad(sum((x * w).sum() for x, w in zip(plain, weights)), g)
         have, = torch.autograd.grad(sum((x * w).sum() for x, w in zip(got, weights)), g)
         assert torch.allclose(have, want, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_decay", [False, True])
+def test_read_every_returns_every_rth_row_of_the_full_output(with_decay):
+    """chunk_recurrence(read_every=r) == the full output's rows r-1, 2r-1, ... (and the same
+    final state), across chunks, spans and packed documents; bad uses are errors."""
+    from hybridlab.plugins.mixer.linear_recurrence import chunk_recurrence
+
+    torch.manual_seed(0)
+    Tn, r = 150, 3
+    q, k, v = torch.randn(2, Tn, 2, 5, dtype=f64), F.normalize(torch.randn(2, Tn, 2, 5, dtype=f64), dim=-1), \
+        torch.randn(2, Tn, 2, 4, dtype=f64)
+    extra = {"beta": torch.rand(2, Tn, 2, dtype=f64)}
+    if with_decay:
+        extra["g"] = F.logsigmoid(torch.randn(2, Tn, 2, dtype=f64) + 1)
+    docs = (torch.rand(2, Tn) < 0.05).long().cumsum(1)
+    full, S_full = chunk_recurrence(q, k, v, **extra, doc_ids=docs, chunk_size=6)  # spans of 96 rows
+    read, S_read = chunk_recurrence(q, k, v, **extra, doc_ids=docs, chunk_size=6, read_every=r)
+    assert read.shape == (2, Tn // r, 2, 4)
+    torch.testing.assert_close(read, full[:, r - 1::r])
+    torch.testing.assert_close(S_read, S_full)
+    with pytest.raises(ValueError, match="read_every=3"):
+        chunk_recurrence(q[:, :100], k[:, :100], v[:, :100], read_every=r)  # 100 rows: not whole groups
+    with pytest.raises(ValueError, match="read_every=3"):
+        chunk_recurrence(q, k, v, g=torch.zeros(2, Tn, 2, 5, dtype=f64), read_every=r)  # per-channel decay
