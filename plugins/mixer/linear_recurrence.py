@@ -197,7 +197,7 @@ def _channel_scores(b: Tensor, g: Tensor, rows: list[Tensor]) -> list[Tensor]:
     so that quadrant is one matmul of decayed rows; the two halves recurse, down to t = j
     (decay 1). Every pair is counted once, nothing overflows, and the elementwise work is
     two [C, K] passes per level (log2 C levels) instead of a [C, C, K] decay tensor. The
-    sums inside exp are differences of a float64 cumulative sum (as in segment_decay).
+    decays are products of the per-step ones between j and t (see _levels).
     The backward is written out (_ChannelScores): autograd's, through the per-level
     slices, spent most of its time filling zeros."""
     C = b.shape[-2]
@@ -206,17 +206,31 @@ def _channel_scores(b: Tensor, g: Tensor, rows: list[Tensor]) -> list[Tensor]:
     return list(_ChannelScores.apply(b, g, *rows))
 
 
-def _levels(G: Tensor, C: int, dtype: torch.dtype):
-    """Per halving level: (n blocks, half size m, the decays of the second halves from the
-    midpoint [.., n, m, K], of the first halves to the midpoint [.., n, m, K])."""
-    *lead, _, K = G.shape
-    m = C // 2
-    while m >= 1:
+def _levels(a: Tensor, C: int):
+    """Per halving level, smallest blocks first: (n blocks, half size m, the decays of the
+    second halves from the midpoint [.., n, m, K], of the first halves to the midpoint
+    [.., n, m, K]); a = exp(g) [.., C, K] contiguous, the per-step decays.
+
+    The decays are products of the per-step ones, built bottom-up: P holds each token's
+    decay from the start of its aligned m-block (inclusive), S to the block's end
+    (exclusive), and a level of 2m multiplies in the neighbouring half's total. Each is a
+    product of at most 2 log2(C) rounded factors ≤ 1, all of them between t and p (an
+    error of a few ulps, as the reference's own step-by-step products), with one exp for
+    all levels: no float64 cumulative sums (which cost more than the levels' matmuls on
+    CPU) and no differences of large sums. The yielded tensors are views that the next
+    level overwrites: use them before asking for the next."""
+    *lead, _, K = a.shape
+    P, S, totals = a.clone(), torch.ones_like(a), a
+    m = 1
+    while m < C:
         n = C // (2 * m)
-        Gb = G.reshape(*lead, n, 2, m, K)
-        Gp = Gb[..., 0, m - 1:, :]  # at each block's midpoint p
-        yield n, m, (Gb[..., 1, :, :] - Gp).to(dtype).exp(), (Gp - Gb[..., 0, :, :]).to(dtype).exp()
-        m //= 2
+        Pb, Sb = P.view(*lead, n, 2, m, K), S.view(*lead, n, 2, m, K)
+        yield n, m, Pb[..., 1, :, :], Sb[..., 0, :, :]
+        pairs = totals.view(*lead, n, 2, 1, K)
+        Pb[..., 1, :, :] *= pairs[..., 0, :, :]
+        Sb[..., 0, :, :] *= pairs[..., 1, :, :]
+        totals = pairs[..., 0, 0, :] * pairs[..., 1, 0, :]  # [.., n, K]: decays over the 2m-blocks
+        m *= 2
 
 
 def _halves(x: Tensor, n: int, m: int) -> tuple[Tensor, Tensor]:
@@ -242,9 +256,8 @@ class _ChannelScores(torch.autograd.Function):
     def forward(ctx, b: Tensor, g: Tensor, *rows: Tensor) -> tuple[Tensor, ...]:
         C = b.shape[-2]
         b, rows = b.contiguous(), [a.contiguous() for a in rows]
-        G = g.double().cumsum(-2)
         outs = [torch.diag_embed((a * b).sum(-1)) for a in rows]  # t = j: decay exp(0) = 1
-        for n, m, R, D in _levels(G, C, b.dtype):
+        for n, m, R, D in _levels(g.to(b.dtype).exp(), C):
             cols = (_halves(b, n, m)[0] * D).transpose(-1, -2)
             for out, a in zip(outs, rows):
                 _quadrants(out, n, m).copy_((_halves(a, n, m)[1] * R) @ cols)
@@ -263,8 +276,7 @@ class _ChannelScores(torch.autograd.Function):
             diagonal = dA.diagonal(dim1=-2, dim2=-1)[..., None]  # [.., C, 1]
             da += diagonal * b
             db += diagonal * a
-        G = g.double().cumsum(-2)
-        for n, m, R, D in _levels(G, C, b.dtype):
+        for n, m, R, D in _levels(g.to(b.dtype).exp(), C):
             b1 = _halves(b, n, m)[0]
             cols = b1 * D
             d_cols = torch.zeros_like(cols)
@@ -429,15 +441,20 @@ def _spans(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None, beta: Tensor | 
 
 class _ChunkDecays(torch.autograd.Function):
     """g [B, H, N, C(, K)] -> (Γ = exp(G), exp(G_C - G), exp(G_C)) with G the cumulative
-    sum over the chunk (axis 3), taken in float64 as in segment_decay. Backward written
-    out: dG = dΓ ⊙ Γ - dΓ' ⊙ Γ' (Γ' the second), G_C also takes Σ dΓ' ⊙ Γ' and the third's,
-    and dg is the reverse cumulative sum of dG."""
+    sum over the chunk (axis 3). Formed as running products of the per-step decays exp(g)
+    (forward and backward from each token; as _levels: rounding relative to each value,
+    no float64 cumulative sum). Backward written out: dG = dΓ ⊙ Γ - dΓ' ⊙ Γ' (Γ' the
+    second), G_C also takes Σ dΓ' ⊙ Γ' and the third's, and dg is the reverse cumulative
+    sum of dG."""
 
     @staticmethod
     def forward(ctx, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        G = g.double().cumsum(3)
-        last = G[:, :, :, -1:]
-        outs = (G.to(g.dtype).exp(), (last - G).to(g.dtype).exp(), last[:, :, :, 0].to(g.dtype).exp())
+        a = g.exp()
+        gamma = a.cumprod(3)
+        # exp(G_C - G_t) = Π_{s>t} a_s: the products from the end, shifted by one token
+        after = torch.ones_like(a)
+        after[:, :, :, :-1] = a[:, :, :, 1:].flip(3).cumprod(3).flip(3)
+        outs = (gamma, after, gamma[:, :, :, -1].clone())
         ctx.save_for_backward(*outs)
         return outs
 
