@@ -325,3 +325,27 @@ def test_read_every_returns_every_rth_row_of_the_full_output(with_decay):
         chunk_recurrence(q[:, :100], k[:, :100], v[:, :100], read_every=r)  # 100 rows: not whole groups
     with pytest.raises(ValueError, match="read_every=3"):
         chunk_recurrence(q, k, v, g=torch.zeros(2, Tn, 2, 5, dtype=f64), read_every=r)  # per-channel decay
+
+
+@pytest.mark.parametrize("C", [1, 2, 5, 16, 17, 37, 63, 64])
+def test_unit_lower_inverse_and_the_solve_with_its_written_backward(C):
+    """unit_lower_inverse against a dense inverse for any C (padded to a power of two, with
+    blocks of 16 merged), ignoring M's diagonal and upper part; _UnitLowerSolve's values and
+    hand-written backward against autograd through torch's triangular solve (float64)."""
+    from hybridlab.plugins.mixer.linear_recurrence import _UnitLowerSolve, unit_lower_inverse
+
+    torch.manual_seed(C)
+    M = torch.randn(2, 3, C, C, dtype=f64) * 0.3
+    L = M.tril(-1) + torch.eye(C, dtype=f64)
+    assert torch.allclose(unit_lower_inverse(M), torch.linalg.inv(L), atol=1e-10)
+
+    Ml = M.tril(-1).requires_grad_()
+    R = torch.randn(2, 3, C, 7, dtype=f64, requires_grad=True)
+    plain = torch.linalg.solve_triangular(Ml + torch.eye(C, dtype=f64), R, upper=False)
+    got = _UnitLowerSolve.apply(Ml, R)
+    assert torch.allclose(got, plain, atol=1e-12)
+    w = torch.randn_like(plain)
+    want = torch.autograd.grad((plain * w).sum(), [Ml, R])
+    have = torch.autograd.grad((got * w).sum(), [Ml, R])
+    for x, y in zip(have, want):
+        assert torch.allclose(x, y.tril(-1) if x.shape == Ml.shape else y, atol=1e-10)
