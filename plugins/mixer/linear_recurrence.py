@@ -304,8 +304,11 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
                      doc_ids: Tensor | None = None, chunk_size: int = CHUNK,
                      read_every: int = 1) -> tuple[Tensor, Tensor]:
     """The chunked parallel form of :func:`recurrent_reference` (same arguments and
-    results); autograd gives the backward. Any T: the tail is padded with tokens that leave
-    the state alone (k = 0, g = 0).
+    results). The backward is autograd's through batched matmuls and elementwise steps,
+    with written ones where autograd's cost the most on CPU (the decays, the per-channel
+    scores, the Gram matrix, the UT solve, the chunk-after-chunk state pass; each tested in
+    float64 against autograd through its plain formula). Any T: the tail is padded with
+    tokens that leave the state alone (k = 0, g = 0).
 
     ``read_every = r > 1``: only every r-th row is read (rows r-1, 2r-1, ...; the others'
     queries are ignored), and o has T / r rows. DeltaProduct's sub-steps use it, so the
@@ -355,12 +358,13 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
 
     # intra-chunk scores A_qk (j ≤ t) and A_kk (j < t), decays included
     if gc is None:
-        A_qk = (Q @ Kc.transpose(-1, -2)).masked_fill(~causal[rows], 0.0)
-        A_kk = (Kc @ Kc.transpose(-1, -2)) if beta is not None else None
+        A_qk = Q @ Kc.transpose(-1, -2)
+        A_qk = A_qk.tril_() if read_every == 1 else A_qk.masked_fill(~causal[rows], 0.0)
+        A_kk = _Gram.apply(Kc) if beta is not None else None
     elif not per_channel:
         ratio = segment_decay(gc[..., None])[..., 0]  # [B, H, N, C, C]: decay from j to t
         A_qk = (Q @ Kc.transpose(-1, -2)) * ratio[..., rows, :]
-        A_kk = (Kc @ Kc.transpose(-1, -2)) * ratio if beta is not None else None
+        A_kk = _Gram.apply(Kc) * ratio if beta is not None else None
     else:
         A_qk, *rest = _channel_scores(Kc, gc, [Q, Kc] if beta is not None else [Q])
         A_kk = rest[0] if rest else None
@@ -394,28 +398,88 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
         chunk_decay = chunk_decay[..., None] if per_channel else chunk_decay[..., None, None]  # [B, H, N, K|1, 1]
 
     S = q.new_zeros(B, H, K, V, dtype=dtype) if initial_state is None else initial_state.to(dtype)
-    entering, us = [], []
-    # per-chunk views; unbind once (indexing inside the loop would cost a full-size zero
-    # gradient per chunk in the backward)
-    K_last_T = K_last.transpose(-1, -2)  # [B, H, N, K, C]
-    if W is None:  # additive: each chunk's own contribution is known up front
-        updates, U_n, W_n, K_n = (K_last_T @ U).unbind(2), None, None, None
-    else:
-        U_n, W_n, K_n = U.unbind(2), W.unbind(2), K_last_T.unbind(2)
-    decay_n = chunk_decay.unbind(2) if chunk_decay is not None else None
-    for n in range(N):
-        entering.append(S)
-        if W is None:
-            update = updates[n]
-        else:
-            u = U_n[n] - W_n[n] @ S  # [B, H, C, V]
-            us.append(u)
-            update = K_n[n] @ u
-        S = S * decay_n[n] + update if decay_n is not None else S + update
-    u_all = U if W is None else torch.stack(us, dim=2)
-    O = Q0 @ torch.stack(entering, dim=2) + A_qk @ u_all  # [B, H, N, C / r, V]
+    u_all, entering, S = _StatePass.apply(U, W, K_last.transpose(-1, -2), chunk_decay, S)
+    O = Q0 @ entering + A_qk @ u_all  # [B, H, N, C / r, V]
     o = O.transpose(2, 3).transpose(1, 3).reshape(B, N * C // read_every, H, V)[:, :T // read_every]
     return o.to(out_dtype), S
+
+
+class _StatePass(torch.autograd.Function):
+    """The chunk-after-chunk part: from S_0, for each chunk n
+
+        u_n = U_n - W_n S_n        (u_n = U_n without the delta rule: W None)
+        S_{n+1} = d_n ⊙ S_n + Kᵀ_n u_n
+
+    with U [B, H, N, C, V], W [B, H, N, C, K], Kᵀ [B, H, N, K, C] (the keys decayed to the
+    chunk's end), d [.., N, K | 1, 1] or None; returns (u [B, H, N, C, V], the states
+    entering each chunk [B, H, N, K, V], the final state). Backward written out, with
+    dS the gradient of S_{n+1} running backwards:
+
+        du_n = ḡ(u_n) + K_n dS,    dS_n = d_n ⊙ dS + ḡ(S_n) - W_nᵀ du_n,
+
+    and what does not feed the recursion (dW = -du Sᵀ, dKᵀ = dS uᵀ, dd = Σ dS ⊙ S) as
+    batched matmuls after the loop: two small matmuls per chunk instead of autograd's four,
+    and no per-chunk gradient buffers to stack."""
+
+    @staticmethod
+    def forward(ctx, U: Tensor, W: Tensor | None, KT: Tensor, decay: Tensor | None,
+                S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        N = U.shape[2]
+        entering = U.new_empty(*S.shape[:2], N, *S.shape[2:])  # [B, H, N, K, V]
+        if W is None:  # additive: each chunk's own contribution is known up front
+            u, updates = U, KT @ U
+        else:
+            u = torch.empty_like(U)
+        for n in range(N):
+            entering[:, :, n] = S
+            if W is None:
+                update = updates[:, :, n]
+            else:
+                un = torch.baddbmm(U[:, :, n].flatten(0, 1), W[:, :, n].flatten(0, 1), S.flatten(0, 1),
+                                   alpha=-1).view_as(U[:, :, n])
+                u[:, :, n] = un
+                update = KT[:, :, n] @ un
+            S = torch.addcmul(update, S, decay[:, :, n]) if decay is not None else S + update
+        ctx.save_for_backward(W, KT, decay, u, entering)
+        return u, entering, S
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, du: Tensor | None, d_entering: Tensor | None,
+                 dS: Tensor | None) -> tuple[Tensor | None, ...]:
+        W, KT, decay, u, entering = ctx.saved_tensors
+        B, H, N, K, V = entering.shape
+        dS = entering.new_zeros(B, H, K, V) if dS is None else dS.contiguous()
+        du_out = torch.zeros_like(u) if du is None else du.clone()  # becomes the total du
+        after = torch.empty_like(entering)  # dS of the state leaving each chunk
+        K_last = KT.transpose(-1, -2)
+        for n in range(N - 1, -1, -1):
+            after[:, :, n] = dS
+            if W is not None:
+                dun = du_out[:, :, n]
+                dun += K_last[:, :, n] @ dS
+            dS = dS * decay[:, :, n] if decay is not None else dS
+            if d_entering is not None:
+                dS = dS + d_entering[:, :, n]
+            if W is not None:
+                dS = dS - W[:, :, n].transpose(-1, -2) @ dun
+        need = ctx.needs_input_grad
+        dU = dW = dKT = d_decay = None
+        if W is None:
+            d_updates = after
+            if need[0]:
+                dU = du_out + K_last @ d_updates
+            if need[2]:
+                dKT = d_updates @ u.transpose(-1, -2)
+        else:
+            dU = du_out if need[0] else None
+            if need[1]:
+                dW = -(du_out @ entering.transpose(-1, -2))
+            if need[2]:
+                dKT = after @ u.transpose(-1, -2)
+        if decay is not None and need[3]:
+            d_decay = (after * entering).sum_to_size(decay.shape)
+        return dU, dW, dKT, d_decay, dS
 
 
 def _spans(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None, beta: Tensor | None, scale: float | None,
@@ -465,6 +529,22 @@ class _ChunkDecays(torch.autograd.Function):
         dG = d_gamma * gamma - to_end
         dG[:, :, :, -1] += to_end.sum(3) + d_chunk * chunk
         return dG.flip(3).cumsum(3).flip(3)
+
+
+class _Gram(torch.autograd.Function):
+    """K Kᵀ [.., C, C] for K [.., C, D], with the backward as one matmul, (dA + dAᵀ) K,
+    where autograd's would be two (the same K on both sides)."""
+
+    @staticmethod
+    def forward(ctx, K: Tensor) -> Tensor:
+        ctx.save_for_backward(K)
+        return K @ K.transpose(-1, -2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dA: Tensor) -> Tensor:
+        (K,) = ctx.saved_tensors
+        return (dA + dA.transpose(-1, -2)) @ K
 
 
 class _UnitLowerSolve(torch.autograd.Function):

@@ -349,3 +349,50 @@ def test_unit_lower_inverse_and_the_solve_with_its_written_backward(C):
     have = torch.autograd.grad((got * w).sum(), [Ml, R])
     for x, y in zip(have, want):
         assert torch.allclose(x, y.tril(-1) if x.shape == Ml.shape else y, atol=1e-10)
+
+
+@pytest.mark.parametrize("delta", [False, True])
+@pytest.mark.parametrize("decay", [None, "head", "channel"])
+def test_state_pass_and_gram_written_backwards(delta, decay):
+    """_StatePass (the chunk-after-chunk recursion) and _Gram against autograd through the
+    plain loop and product (float64), for the additive and delta forms and each decay
+    shape, with only some of the outputs used."""
+    from hybridlab.plugins.mixer.linear_recurrence import _Gram, _StatePass
+
+    torch.manual_seed(3)
+    B, H, N, C, K, V = 2, 3, 4, 5, 6, 7
+    U = torch.randn(B, H, N, C, V, dtype=f64, requires_grad=True)
+    W = torch.randn(B, H, N, C, K, dtype=f64, requires_grad=True) * 0.3 if delta else None
+    KT = torch.randn(B, H, N, K, C, dtype=f64, requires_grad=True)
+    shape = {None: None, "head": (B, H, N, 1, 1), "channel": (B, H, N, K, 1)}[decay]
+    d = torch.rand(*shape, dtype=f64, requires_grad=True) if shape else None
+    S0 = torch.randn(B, H, K, V, dtype=f64, requires_grad=True)
+
+    def plain():
+        S, us, states = S0, [], []
+        for n in range(N):
+            states.append(S)
+            u = U[:, :, n] - W[:, :, n] @ S if delta else U[:, :, n]
+            us.append(u)
+            S = (S * d[:, :, n] if d is not None else S) + KT[:, :, n] @ u
+        return torch.stack(us, 2), torch.stack(states, 2), S
+
+    leaves = [x for x in (U, W, KT, d, S0) if x is not None]
+    want, got = plain(), _StatePass.apply(U, W, KT, d, S0)
+    for x, y in zip(got, want):
+        assert torch.allclose(x, y, atol=1e-12)
+    for used in ([0, 1, 2], [1, 2], [0], [2]):
+        weights = [torch.randn_like(want[i]) for i in used]
+        g_want = torch.autograd.grad(sum((want[i] * w).sum() for i, w in zip(used, weights)), leaves,
+                                     retain_graph=True, allow_unused=True, materialize_grads=True)
+        g_got = torch.autograd.grad(sum((got[i] * w).sum() for i, w in zip(used, weights)), leaves,
+                                    retain_graph=True, allow_unused=True, materialize_grads=True)
+        for x, y in zip(g_got, g_want):
+            assert torch.allclose(x, y, atol=1e-10)
+
+    Kg = torch.randn(2, 3, C, K, dtype=f64, requires_grad=True)
+    w = torch.randn(2, 3, C, C, dtype=f64)
+    assert torch.allclose(_Gram.apply(Kg), Kg @ Kg.transpose(-1, -2))
+    g_want, = torch.autograd.grad(((Kg @ Kg.transpose(-1, -2)) * w).sum(), Kg)
+    g_got, = torch.autograd.grad((_Gram.apply(Kg) * w).sum(), Kg)
+    assert torch.allclose(g_got, g_want, atol=1e-12)
