@@ -4,6 +4,8 @@ products of transition matrices (delta rules), in float64 on small odd shapes. T
 properties of the chunked form the verify grid does not reach: packed documents equal
 separate runs, chunk -> state -> step equals the whole sequence, extreme decays."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -339,16 +341,24 @@ def test_unit_lower_inverse_and_the_solve_with_its_written_backward(C):
     L = M.tril(-1) + torch.eye(C, dtype=f64)
     assert torch.allclose(unit_lower_inverse(M), torch.linalg.inv(L), atol=1e-10)
 
-    Ml = M.tril(-1).requires_grad_()
-    R = torch.randn(2, 3, C, 7, dtype=f64, requires_grad=True)
-    plain = torch.linalg.solve_triangular(Ml + torch.eye(C, dtype=f64), R, upper=False)
-    got = _UnitLowerSolve.apply(Ml, R)
-    assert torch.allclose(got, plain, atol=1e-12)
-    w = torch.randn_like(plain)
-    want = torch.autograd.grad((plain * w).sum(), [Ml, R])
-    have = torch.autograd.grad((got * w).sum(), [Ml, R])
-    for x, y in zip(have, want):
-        assert torch.allclose(x, y.tril(-1) if x.shape == Ml.shape else y, atol=1e-10)
+    # two right-hand sides, solved apart; M's diagonal and upper part must not matter
+    Mg = M.clone().requires_grad_()
+    R1 = torch.randn(2, 3, C, 7, dtype=f64, requires_grad=True)
+    R2 = torch.randn(2, 3, C, 4, dtype=f64, requires_grad=True)
+    Lp = Mg.tril(-1) + torch.eye(C, dtype=f64)
+    plain = [torch.linalg.solve_triangular(Lp, R, upper=False) for R in (R1, R2)]
+    got = _UnitLowerSolve.apply(Mg, R1, R2)
+    for x, y in zip(got, plain):
+        assert torch.allclose(x, y, atol=1e-12)
+    w1, w2 = torch.randn_like(plain[0]), torch.randn_like(plain[1])
+    for used in ((1, 1), (1, 0), (0, 1)):  # an unused output gets no gradient
+        def loss(xs):
+            return sum((x * w).sum() for x, w, u in zip(xs, (w1, w2), used) if u)
+        grad = functools.partial(torch.autograd.grad, inputs=[Mg, R1, R2], retain_graph=True, allow_unused=True,
+                                 materialize_grads=True)
+        want, have = grad(loss(plain)), grad(loss(got))
+        for x, y in zip(have, want):
+            assert torch.allclose(x, y, atol=1e-10)
 
 
 @pytest.mark.parametrize("delta", [False, True])
