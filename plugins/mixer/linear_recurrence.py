@@ -29,10 +29,12 @@ u_t = β_t (v_t - (Diag(a_t) S_{t-1})^T k_t) (or u_t = v_t without the delta rul
 
 Only ``u = U - W S_0`` and the state update run chunk after chunk; everything else is
 batched matmuls. Decay ratios Γ_t / Γ_j are formed as exp of the segment sum
-Σ_{j<s≤t} g_s (≤ 0), never as exp(G_t) / exp(G_j), which underflows; the segment sums are
-differences of a float64 cumulative sum, since in fp32 they would carry the rounding of
-|G| (see segment_decay). Per-channel decays factor only through points between j and t
-(see _channel_scores). A document boundary inside a chunk becomes masks: with r_t the
+Σ_{j<s≤t} g_s (≤ 0), never as exp(G_t) / exp(G_j), which underflows; for a scalar decay
+the segment sums are differences of a float64 cumulative sum, since in fp32 they would
+carry the rounding of |G| (see segment_decay); per-channel decays factor only through
+points between j and t, as products of the per-step decays (see _channel_scores,
+_levels), and the decays from the chunk's start and to its end are running products
+(_ChunkDecays). A document boundary inside a chunk becomes masks: with r_t the
 number of boundaries in the chunk up to t, pairs (t, j) count only when r_t = r_j, S_0 only
 reaches tokens with r_t = 0, and only tokens with r_j = r_C reach the next chunk.
 """
@@ -616,7 +618,7 @@ def unit_lower_inverse(M: Tensor, base: int = 16) -> Tensor:
         M = F.pad(M, (0, size - C, 0, size - C))
     nb = size // b
     blocks = M.reshape(*lead, nb, b, nb, b).diagonal(dim1=-4, dim2=-2).movedim(-1, -3)  # [.., nb, b, b]
-    eye = torch.eye(b, dtype=M.dtype, device=M.device).expand(*lead, nb, b, b)
+    eye = torch.eye(b, dtype=M.dtype, device=M.device).expand(*lead, nb, b, b).contiguous()  # no 0-stride rhs
     inv = torch.linalg.solve_triangular(blocks, eye, upper=False, unitriangular=True)
     M = M.contiguous()
     s = b
