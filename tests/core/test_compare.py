@@ -46,7 +46,8 @@ def compare(out, lines=None, **kwargs):
 
 
 def results(out):
-    return {(r["spec"], r["seed"], r["lr"]): r["metrics"] for r in map(json.loads, (out / "results.jsonl").open())}
+    return {(r["spec"], r["seed"], r["lr"]): r["metrics"]
+            for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
 
 
 def test_compare_trains_every_cell_and_writes_tables_and_plots(files):

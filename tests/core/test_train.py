@@ -39,7 +39,8 @@ def test_resumed_run_equals_uninterrupted_bit_for_bit(registry, tmp_path):
     whole.run()
     part = Trainer(spec(registry), tmp_path / "part", registry=registry, progress=False)
     part.run(stop_at=9)  # killed after step 9: the last checkpoint is step 8
-    (tmp_path / "part" / "metrics.jsonl").open("a").write(json.dumps({"step": 9, "loss": -1.0}) + "\n")
+    with (tmp_path / "part" / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 9, "loss": -1.0}) + "\n")
     resumed = Trainer(spec(registry), tmp_path / "part", registry=registry, resume=True, progress=False)
     assert resumed.step == 8
     resumed.run()
