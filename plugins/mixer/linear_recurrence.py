@@ -437,24 +437,31 @@ class _StatePass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, U: Tensor, W: Tensor | None, KT: Tensor, decay: Tensor | None,
                 S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        N = U.shape[2]
-        entering = U.new_empty(*S.shape[:2], N, *S.shape[2:])  # [B, H, N, K, V]
+        # per-chunk 3D views over (B·H) taken once, and bmm on them: the loop is a few ops
+        # per chunk (indexing and matmul's reshapes inside it were most of its ops)
+        B, H, N, C, V = U.shape
+        K = KT.shape[-2]
+        KTs = KT.flatten(0, 1).unbind(1)  # [B·H, K, C] each
+        ds = _per_chunk(decay, B, H)
+        S = S.reshape(B * H, K, V)
+        states, us = [], []
         if W is None:  # additive: each chunk's own contribution is known up front
-            u, updates = U, KT @ U
+            updates = (KT @ U).flatten(0, 1).unbind(1)
         else:
-            u = torch.empty_like(U)
+            Us, Ws = U.flatten(0, 1).unbind(1), W.flatten(0, 1).unbind(1)
         for n in range(N):
-            entering[:, :, n] = S
+            states.append(S)
             if W is None:
-                update = updates[:, :, n]
+                update = updates[n]
             else:
-                un = torch.baddbmm(U[:, :, n].flatten(0, 1), W[:, :, n].flatten(0, 1), S.flatten(0, 1),
-                                   alpha=-1).view_as(U[:, :, n])
-                u[:, :, n] = un
-                update = KT[:, :, n] @ un
-            S = torch.addcmul(update, S, decay[:, :, n]) if decay is not None else S + update
-        ctx.save_for_backward(W, KT, decay, u, entering)
-        return u, entering, S
+                u = torch.baddbmm(Us[n], Ws[n], S, alpha=-1)  # U_n - W_n S
+                us.append(u)
+                update = torch.bmm(KTs[n], u)
+            S = torch.addcmul(update, S, ds[n]) if ds is not None else S + update
+        entering = torch.stack(states, 1).view(B, H, N, K, V)
+        u_all = U if W is None else torch.stack(us, 1).view(B, H, N, C, V)
+        ctx.save_for_backward(W, KT, decay, u_all, entering)
+        return u_all, entering, S.view(B, H, K, V)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -462,37 +469,48 @@ class _StatePass(torch.autograd.Function):
                  dS: Tensor | None) -> tuple[Tensor | None, ...]:
         W, KT, decay, u, entering = ctx.saved_tensors
         B, H, N, K, V = entering.shape
-        dS = entering.new_zeros(B, H, K, V) if dS is None else dS.contiguous()
-        du_out = torch.zeros_like(u) if du is None else du.clone()  # becomes the total du
-        after = torch.empty_like(entering)  # dS of the state leaving each chunk
-        K_last = KT.transpose(-1, -2)
+        dS = entering.new_zeros(B * H, K, V) if dS is None else dS.reshape(B * H, K, V)
+        ds = _per_chunk(decay, B, H)
+        d_ents = d_entering.flatten(0, 1).unbind(1) if d_entering is not None else None
+        if W is not None:
+            Ks = KT.flatten(0, 1).transpose(-1, -2).unbind(1)  # [B·H, C, K]
+            WTs = W.flatten(0, 1).transpose(-1, -2).unbind(1)  # [B·H, K, C]
+            dus_in = du.flatten(0, 1).unbind(1) if du is not None else None
+        afters, dus = [], []  # dS of the state leaving each chunk; the total du, last chunk first
         for n in range(N - 1, -1, -1):
-            after[:, :, n] = dS
+            afters.append(dS)
             if W is not None:
-                dun = du_out[:, :, n]
-                dun += K_last[:, :, n] @ dS
-            dS = dS * decay[:, :, n] if decay is not None else dS
-            if d_entering is not None:
-                dS = dS + d_entering[:, :, n]
+                dun = torch.baddbmm(dus_in[n], Ks[n], dS) if dus_in is not None else torch.bmm(Ks[n], dS)
+                dus.append(dun)
+            if ds is not None:
+                dS = torch.addcmul(d_ents[n], dS, ds[n]) if d_ents is not None else dS * ds[n]
+            elif d_ents is not None:
+                dS = dS + d_ents[n]
             if W is not None:
-                dS = dS - W[:, :, n].transpose(-1, -2) @ dun
+                dS = torch.baddbmm(dS, WTs[n], dun, alpha=-1)
+        after = torch.stack(afters[::-1], 1).view(B, H, N, K, V)
         need = ctx.needs_input_grad
         dU = dW = dKT = d_decay = None
         if W is None:
-            d_updates = after
             if need[0]:
-                dU = du_out + K_last @ d_updates
-            if need[2]:
-                dKT = d_updates @ u.transpose(-1, -2)
+                dU = KT.transpose(-1, -2) @ after
+                dU = dU + du if du is not None else dU
         else:
-            dU = du_out if need[0] else None
+            dU = torch.stack(dus[::-1], 1).view(u.shape)
             if need[1]:
-                dW = -(du_out @ entering.transpose(-1, -2))
-            if need[2]:
-                dKT = after @ u.transpose(-1, -2)
+                dW = -(dU @ entering.transpose(-1, -2))
+        if need[2]:
+            dKT = after @ u.transpose(-1, -2)
         if decay is not None and need[3]:
             d_decay = (after * entering).sum_to_size(decay.shape)
-        return dU, dW, dKT, d_decay, dS
+        return dU if need[0] else None, dW, dKT, d_decay, dS.view(B, H, K, V)
+
+
+def _per_chunk(decay: Tensor | None, B: int, H: int) -> tuple[Tensor, ...] | None:
+    """A chunk decay [B, H | 1, N, K | 1, 1] as N views [B·H, K | 1, 1]."""
+    if decay is None:
+        return None
+    return decay.expand(B, H, *decay.shape[2:]).reshape(B * H, *decay.shape[2:]).unbind(1)
 
 
 def _spans(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None, beta: Tensor | None, scale: float | None,
