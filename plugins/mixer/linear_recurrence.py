@@ -266,8 +266,11 @@ def _quadrants(A: Tensor, n: int, m: int) -> Tensor:
 class _ChannelScores(torch.autograd.Function):
     """Forward: see _channel_scores. Backward, per level and quadrant Q = (a₂ ⊙ R)(b₁ ⊙ D)ᵀ
     (R, D the decays from / to the midpoint p): d(a₂R) = dQ (b₁D), d(b₁D) = dQᵀ (a₂R);
-    da₂ = d(a₂R) ⊙ R, db₁ = d(b₁D) ⊙ D; the exponents G₂ - G_p and G_p - G₁ take
-    d(a₂R) ⊙ a₂R and d(b₁D) ⊙ b₁D; dg is the reverse cumulative sum of dG."""
+    da₂ = d(a₂R) ⊙ R, db₁ = d(b₁D) ⊙ D. Every pair (t, j) of the quadrant spans the steps
+    j < s ≤ t, so g_s of the second half takes the row terms d(a₂R) ⊙ a₂R of the rows
+    t ≥ s (a suffix sum inside the half), and g_s of the first half the column terms
+    d(b₁D) ⊙ b₁D of the columns j < s (a prefix sum): no global cumulative sum whose
+    cancelling terms would cost precision (see _SegmentDecay)."""
 
     @staticmethod
     def forward(ctx, b: Tensor, g: Tensor, *rows: Tensor) -> tuple[Tensor, ...]:
