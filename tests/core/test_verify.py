@@ -167,6 +167,21 @@ def test_model_level_passes_for_builtins(registry):
     assert {c.quantity for c in report.checks} >= {"logits", "loss", "greedy decode == parallel"}
 
 
+def test_model_level_a_structurally_zero_gradient_is_judged_on_the_models_scale(registry):
+    """A top-1 router whose gate is renormalised to 1 has an exact gradient of zero (1e-22 in
+    float64): fp32 rounding is huge relative to it but 1e-11 of the model's gradient. It
+    passes, and its check is measured against a thousandth of the model's RMS gradient."""
+    moe = {"kind": "moe", "experts": 5, "top_k": 1, "hidden": 16, "router": "sigmoid", "balance": "none"}
+    data = {"name": "zero-grad", "vocab_size": 17, "d_model": 24, "layers": [
+        {"mixer": {"kind": "attention", "heads": 2}, "ffn": moe}]}
+    spec = ModelSpec.model_validate(data, context={"registry": registry})
+    report = verify_model(spec, registry=registry)
+    assert report.passed, report.failures()
+    # and the pooled reference error did not swell with it (which would let anything pass)
+    grads = [c for c in report.checks if c.quantity.startswith("grad")]
+    assert grads and all(c.allowed < 1e-4 for c in grads), [(c.quantity, c.allowed) for c in grads]
+
+
 def test_model_level_names_the_first_diverging_block():
     @hookimpl
     def hybridlab_register(register):  # a wrong implementation the dispatcher prefers
