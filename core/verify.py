@@ -362,14 +362,23 @@ def verify_model(spec: Any, *, device: str = "cpu", dtype: torch.dtype = torch.f
     weights = master.state_dict()
     tokens = torch.randint(0, spec.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
 
-    def run(target_dtype: torch.dtype, pins: str | dict):
+    def run(target_dtype: torch.dtype, pins: str | dict, jitter: float = 0.0):
         model = build(target_dtype)
         model.load_state_dict(weights)
+        if jitter:
+            gen = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1 + jitter * (2 * torch.rand(p.shape, generator=gen, dtype=torch.float64) - 1).to(p))
         with forced(pins):
             return _model_run(model, tokens)
 
     oracle = run(torch.float64, "reference")
     ref_low = run(dtype, "reference")
+    # the reference again with every weight moved by about one unit in the last place: how
+    # far each gradient moves is its own rounding scale (large where the gradient is a sum
+    # that cancels), a floor under the reference's error for that gradient
+    ref_jitter = run(dtype, "reference", jitter=torch.finfo(dtype).eps)
     fast = run(dtype, {})
     from .dispatch import Dispatched
 
@@ -404,11 +413,19 @@ def verify_model(spec: Any, *, device: str = "cpu", dtype: torch.dtype = torch.f
     report.checks.append(check("loss", fast[1].reshape(1), ref_low[1].reshape(1), oracle[1].reshape(1)))
     # A parameter with a handful of elements (a per-head decay such as A_log) whose gradient
     # is a sum with heavy cancellation gives a noisy, sometimes lucky, estimate of the
-    # reference's own error; the reference's error over all gradients (each normalised)
-    # sets its minimum. Measured: chunk/reference ratios up to 7 on such parameters across
-    # seeds with correct implementations, while whole-gradient ratios stay near 1.
+    # reference's own error. Its minimum is the larger of the reference's error over all
+    # gradients (each normalised) and how far that gradient moved under the one-ulp jitter.
+    # Measured before the jitter floor: chunk/reference ratios up to 10 on such parameters
+    # (random specs: GDN's dt_bias behind mHC lanes and an engram), while whole-gradient
+    # ratios stay near 1.
     pooled = rel_rms(flat(ref_low[2]), flat(oracle[2]))
-    grad_checks = [check(f"grad {n}", fast[2][n], ref_low[2][n], oracle[2][n], pooled, grad_floor) for n in oracle[2]]
+
+    def floor_for(n: str) -> float:
+        return max(pooled, rel_rms(ref_jitter[2][n], ref_low[2][n], grad_floor * 1.0)
+                   if ref_low[2][n].abs().max() > 0 else 0.0)
+
+    grad_checks = [check(f"grad {n}", fast[2][n], ref_low[2][n], oracle[2][n], floor_for(n), grad_floor)
+                   for n in oracle[2]]
     worst = max(grad_checks, key=lambda c: c.error / c.allowed if c.allowed else math.inf)
     report.checks += [c for c in grad_checks if not c.passed] or [worst]
     if not all(c.passed for c in report.checks):
