@@ -589,31 +589,33 @@ class _Gram(torch.autograd.Function):
 class _UnitLowerSolve(torch.autograd.Function):
     """Xᵢ = (I + M)⁻¹ Rᵢ for M [.., C, C] strictly lower triangular (its diagonal and upper
     part are ignored, and get no gradient) and any number of right-hand sides Rᵢ
-    [.., C, Pᵢ] (solved apart: no concatenated copies): the forward by substitution
-    (torch's triangular solve), the backward through the explicit inverse
-    A = (I + M)⁻¹ (see unit_lower_inverse): dRᵢ = Aᵀ dXᵢ, dM = -tril(Σᵢ dRᵢ Xᵢᵀ, -1).
-    On CPU, torch's triangular solve of 64 x 64 blocks runs at a sixth of the matmuls'
-    rate and autograd's backward is a second solve: for the delta rule's [1, 4, 16, 64, 64]
-    systems with 128 right-hand sides, forward and backward took 7.9 ms; here 4.2.
+    [.., C, Pᵢ] (no concatenated copies), through the explicit inverse A = (I + M)⁻¹ (see
+    unit_lower_inverse), as the UT transform of the DeltaNet paper forms T = A Diag(β):
+    Xᵢ = A Rᵢ; backward dRᵢ = Aᵀ dXᵢ, dM = -tril(Σᵢ dRᵢ Xᵢᵀ, -1).
 
-    Why not X = A R as well (1.3 ms instead of 2.0 for the forward): where A's entries
-    cancel, the product loses precision that substitution keeps (over 16 random delta-rule
-    inputs, the float32 error over the reference's own grew from 1.20x to 1.36x on
-    geometric mean, and the worst float32 check of `hybridlab verify --kind deltanet` from
-    0.67 to 0.88 of its allowance); the backward's products with A changed no check. A is
-    formed in the backward, so inference does not pay for it."""
+    On CPU, torch's triangular solve of 64 x 64 blocks runs at a sixth of the matmuls' rate
+    and autograd's backward is a second solve: for the delta rule's [1, 4, 16, 64, 64]
+    systems with 128 right-hand sides, forward and backward took 7.9 ms; here about 3.
+    Substitution (the solve) is a little more precise where A's entries cancel: over 24
+    random delta-rule inputs (K from 6 to 64, β up to 2, with and without decay) the
+    float32 error over the reference's own was 1.71x instead of 1.64x for the output and
+    2.61x instead of 2.50x for the initial state's gradient (geometric means; worst 5.9x
+    instead of 5.2x), and the worst check of `hybridlab verify --kind deltanet` is at 0.78
+    of its allowance instead of 0.57 (K = 6: keys crowd a small space). Keeping the solve
+    in the forward cost 7-10% of the delta family's forward+backward."""
 
     @staticmethod
     def forward(ctx, M: Tensor, *rhs: Tensor) -> tuple[Tensor, ...]:
-        xs = tuple(torch.linalg.solve_triangular(M, R, upper=False, unitriangular=True) for R in rhs)
-        ctx.save_for_backward(M, *xs)
+        A = unit_lower_inverse(M)
+        xs = tuple(A @ R for R in rhs)
+        ctx.save_for_backward(A, *xs)
         return xs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *dxs: Tensor | None) -> tuple[Tensor | None, ...]:
-        M, *xs = ctx.saved_tensors
-        AT = unit_lower_inverse(M).transpose(-1, -2)
+        A, *xs = ctx.saved_tensors
+        AT = A.transpose(-1, -2)
         drs, dM = [], None
         for X, dX in zip(xs, dxs):
             if dX is None:
