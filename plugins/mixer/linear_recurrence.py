@@ -23,7 +23,7 @@ u_t = β_t (v_t - (Diag(a_t) S_{t-1})^T k_t) (or u_t = v_t without the delta rul
 
     S_t = Diag(Γ_t) S_0 + Σ_{j≤t} Diag(Γ_t / Γ_j) k_j u_j^T
     u   = (I + Diag(β) A_kk)^{-1} Diag(β) (V - (Γ ⊙ K) S_0)       A_kk[t, j] = Σ_d k_td k_jd Γ_td / Γ_jd, j < t
-        = U - W S_0            U, W: one triangular solve for all chunks at once
+        = U - W S_0            U, W: one triangular solve for all chunks at once (the code keeps -W)
     O   = (Γ ⊙ Q) S_0 + A_qk u                                       A_qk[t, j] as A_kk with q_t, j ≤ t
     S_C = Diag(Γ_C) S_0 + ((Γ_C / Γ) ⊙ K)^T u
 
@@ -413,7 +413,8 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
         bt = prep(beta)[..., None]  # [B, H, N, C, 1]
         # (I + Diag(β) A_kk) [U | W] = Diag(β) [V | Γ ⊙ K]: unit lower-triangular (the
         # solve reads only the strictly lower part of Diag(β) A_kk)
-        U, W = _UnitLowerSolve.apply(bt * A_kk, bt * Vc, bt * K0)
+        # W is solved for with its sign folded in (u = U + W S_0): no negation pass either way
+        U, W = _UnitLowerSolve.apply(bt * A_kk, bt * Vc, (-bt) * K0)
     else:
         U, W = Vc, None
     if chunk_decay is not None:
@@ -429,7 +430,7 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
 class _StatePass(torch.autograd.Function):
     """The chunk-after-chunk part: from S_0, for each chunk n
 
-        u_n = U_n - W_n S_n        (u_n = U_n without the delta rule: W None)
+        u_n = U_n + W_n S_n        (u_n = U_n without the delta rule: W None)
         S_{n+1} = d_n ⊙ S_n + Kᵀ_n u_n
 
     with U [B, H, N, C, V], W [B, H, N, C, K], Kᵀ [B, H, N, K, C] (the keys decayed to the
@@ -437,9 +438,9 @@ class _StatePass(torch.autograd.Function):
     entering each chunk [B, H, N, K, V], the final state). Backward written out, with
     dS the gradient of S_{n+1} running backwards:
 
-        du_n = ḡ(u_n) + K_n dS,    dS_n = d_n ⊙ dS + ḡ(S_n) - W_nᵀ du_n,
+        du_n = ḡ(u_n) + K_n dS,    dS_n = d_n ⊙ dS + ḡ(S_n) + W_nᵀ du_n,
 
-    and what does not feed the recursion (dW = -du Sᵀ, dKᵀ = dS uᵀ, dd = Σ dS ⊙ S) as
+    and what does not feed the recursion (dW = du Sᵀ, dKᵀ = dS uᵀ, dd = Σ dS ⊙ S) as
     batched matmuls after the loop: two small matmuls per chunk instead of autograd's four,
     and no per-chunk gradient buffers to stack."""
 
@@ -463,7 +464,7 @@ class _StatePass(torch.autograd.Function):
             if W is None:
                 update = updates[n]
             else:
-                u = torch.baddbmm(Us[n], Ws[n], S, alpha=-1)  # U_n - W_n S
+                u = torch.baddbmm(Us[n], Ws[n], S)  # U_n + W_n S
                 us.append(u)
                 update = torch.bmm(KTs[n], u)
             S = torch.addcmul(update, S, ds[n]) if ds is not None else S + update
@@ -496,7 +497,7 @@ class _StatePass(torch.autograd.Function):
             elif d_ents is not None:
                 dS = dS + d_ents[n]
             if W is not None:
-                dS = torch.baddbmm(dS, WTs[n], dun, alpha=-1)
+                dS = torch.baddbmm(dS, WTs[n], dun)
         after = torch.stack(afters[::-1], 1).view(B, H, N, K, V)
         need = ctx.needs_input_grad
         dU = dW = dKT = d_decay = None
@@ -507,7 +508,7 @@ class _StatePass(torch.autograd.Function):
         else:
             dU = torch.stack(dus[::-1], 1).view(u.shape)
             if need[1]:
-                dW = -(dU @ entering.transpose(-1, -2))
+                dW = dU @ entering.transpose(-1, -2)
         if need[2]:
             dKT = after @ u.transpose(-1, -2)
         if decay is not None and need[3]:

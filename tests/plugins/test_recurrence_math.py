@@ -382,7 +382,7 @@ def test_state_pass_and_gram_written_backwards(delta, decay):
         S, us, states = S0, [], []
         for n in range(N):
             states.append(S)
-            u = U[:, :, n] - W[:, :, n] @ S if delta else U[:, :, n]
+            u = U[:, :, n] + W[:, :, n] @ S if delta else U[:, :, n]
             us.append(u)
             S = (S * d[:, :, n] if d is not None else S) + KT[:, :, n] @ u
         return torch.stack(us, 2), torch.stack(states, 2), S
