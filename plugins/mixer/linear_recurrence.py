@@ -367,7 +367,6 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
     if read_every > 1:
         Q = Q[..., rows, :].contiguous()  # [B, H, N, C / r, K]
     gc = None if g is None else prep(g)  # [B, H, N, C] or [B, H, N, C, K]
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
 
     # document masks, [B, 1, N, C(, C)]: broadcast over heads
     same = carry = last = carry_last = None
@@ -381,7 +380,10 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
     # intra-chunk scores A_qk (j ≤ t) and A_kk (j < t), decays included
     if gc is None:
         A_qk = Q @ Kc.transpose(-1, -2)
-        A_qk = A_qk.tril_() if read_every == 1 else A_qk.masked_fill(~causal[rows], 0.0)
+        if read_every == 1:
+            A_qk = A_qk.tril_()
+        else:  # row i is token i·r + r - 1
+            A_qk = A_qk.masked_fill(~torch.ones(C, C, dtype=torch.bool, device=q.device).tril()[rows], 0.0)
         A_kk = _Gram.apply(Kc) if beta is not None else None
     elif not per_channel:
         ratio = segment_decay(gc)  # [B, H, N, C, C]: decay from j to t
@@ -411,9 +413,9 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
 
     if beta is not None:
         bt = prep(beta)[..., None]  # [B, H, N, C, 1]
-        # (I + Diag(β) A_kk) [U | W] = Diag(β) [V | Γ ⊙ K]: unit lower-triangular (the
-        # solve reads only the strictly lower part of Diag(β) A_kk)
-        # W is solved for with its sign folded in (u = U + W S_0): no negation pass either way
+        # (I + Diag(β) A_kk) [U | W] = Diag(β) [V | -Γ ⊙ K]: unit lower-triangular (the solve
+        # reads only the strictly lower part of Diag(β) A_kk). W here is the module
+        # docstring's -W, so u = U + W S_0: that spares a negation pass in the backward
         U, W = _UnitLowerSolve.apply(bt * A_kk, bt * Vc, (-bt) * K0)
     else:
         U, W = Vc, None
