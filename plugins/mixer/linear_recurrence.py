@@ -424,7 +424,9 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
 
     S = q.new_zeros(B, H, K, V, dtype=dtype) if initial_state is None else initial_state.to(dtype)
     u_all, entering, S = _StatePass.apply(U, W, K_last.transpose(-1, -2), chunk_decay, S)
-    O = Q0 @ entering + A_qk @ u_all  # [B, H, N, C / r, V]
+    # O = Q0 S_entering + A_qk u  [B, H, N, C / r, V], the sum inside one batched matmul
+    O = torch.baddbmm((A_qk @ u_all).flatten(0, 2), Q0.flatten(0, 2), entering.flatten(0, 2))
+    O = O.view(*A_qk.shape[:-1], V)
     o = O.transpose(2, 3).transpose(1, 3).reshape(B, N * C // read_every, H, V)[:, :T // read_every]
     return o.to(out_dtype), S
 
