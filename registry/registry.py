@@ -84,6 +84,9 @@ class Impl:
     ``tolerance`` is the factor over the reference's own error (the reference run in the
     same low dtype, both measured against the reference in float64) that verification
     allows; ``floor`` is an absolute relative-RMS floor for outputs that are exactly zero.
+    ``param_tolerance`` raises the tolerance for the gradients of named parameters of the
+    kind's module at model level (``hybridlab verify SPEC``), where an implementation is
+    less stable for one ill-conditioned gradient than for the rest; pass a mapping.
     ``supports(config, device, dtype)`` returns None or the reason it cannot serve.
     """
 
@@ -99,6 +102,7 @@ class Impl:
     priority: int = 0
     tolerance: float = 2.0
     floor: float = 1e-6
+    param_tolerance: tuple[tuple[str, float], ...] = ()  # (parameter name in the module, tolerance)
     supports: Callable[[Any, str, torch.dtype], str | None] | None = None
     doc: str = ""
 
@@ -282,6 +286,13 @@ class Register:
         for key in ("tolerance", "floor"):
             if key in options and not options[key] > 0:
                 raise RegistrationError(f"{where}: {key} must be > 0, got {options[key]!r}")
+        if "param_tolerance" in options:
+            given = options["param_tolerance"]
+            pairs = tuple(dict(given).items()) if isinstance(given, dict) else None
+            if pairs is None or not all(isinstance(n, str) and isinstance(t, (int, float)) and t > 0 for n, t in pairs):
+                raise RegistrationError(f"{where}: param_tolerance must map parameter names to tolerances > 0, "
+                                        f"got {given!r}")
+            options["param_tolerance"] = pairs
         self._impls.append(Impl(category, kind, name, fn, self.owner, **options))
 
     def check_complete(self) -> None:

@@ -182,6 +182,58 @@ def test_model_level_a_structurally_zero_gradient_is_judged_on_the_models_scale(
     assert grads and all(c.allowed < 1e-4 for c in grads), [(c.quantity, c.allowed) for c in grads]
 
 
+class _WeightGradOff(torch.autograd.Function):
+    """y = x · w with w's gradient off by a relative 1e-4 (as an unstable but correct
+    algorithm could be for one ill-conditioned parameter)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x * w
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        dw = (grad * x).sum(tuple(range(grad.dim() - 1)))
+        return grad * w, dw * (1 + 1e-4)
+
+
+def rmsnorm_weight_grad_off(x, weight, eps):
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return _WeightGradOff.apply(y, weight.to(y.dtype)) if weight is not None else y
+
+
+@pytest.mark.parametrize("param_tolerance, passes", [(None, False), ({"weight": 1e4}, True), ({"bias": 1e4}, False)])
+def test_model_level_param_tolerance_applies_to_the_named_parameter_only(param_tolerance, passes):
+    """An implementation may declare a wider tolerance for one parameter's gradient; it
+    covers that parameter of its kind's modules and nothing else."""
+    options = {} if param_tolerance is None else {"param_tolerance": param_tolerance}
+
+    @hookimpl
+    def hybridlab_register(register):
+        register.impl("normalization", "rmsnorm", "weight_grad_off", fn=rmsnorm_weight_grad_off, priority=100,
+                      **options)
+
+    registry = load_registry([("off", types.SimpleNamespace(hybridlab_register=hybridlab_register))])
+    assert all(p.ok for p in registry.plugins), [p.error for p in registry.plugins if not p.ok]
+    spec = ModelSpec.model_validate(MODEL, context={"registry": registry})  # rmsnorm by default
+    report = verify_model(spec, registry=registry)
+    assert report.passed == passes, report.failures()
+    if not passes:
+        assert all(c.quantity.endswith("norm.weight") for c in report.failures())
+
+
+def test_param_tolerance_is_validated_at_registration():
+    @hookimpl
+    def hybridlab_register(register):
+        register.impl("normalization", "rmsnorm", "bad", fn=rmsnorm_eps_outside, param_tolerance={"weight": -1})
+
+    registry = load_registry([("bad", types.SimpleNamespace(hybridlab_register=hybridlab_register))])
+    errors = [p.error for p in registry.plugins if not p.ok]
+    assert errors and "param_tolerance must map parameter names to tolerances > 0" in str(errors[0])
+
+
 def test_model_level_names_the_first_diverging_block():
     @hookimpl
     def hybridlab_register(register):  # a wrong implementation the dispatcher prefers
