@@ -92,29 +92,38 @@ def triton_peer(op: str) -> Callable | str:
     return table[op]
 
 
-def peers(op: str, device: str = "cpu") -> dict[str, Callable | str]:
-    """name -> fn(**inputs) returning the output, or the reason it is not available."""
+def peers(op: str, device: str = "cpu", chunks: tuple[int, ...] = (64, 32)) -> dict[str, Callable | str]:
+    """name -> fn(**inputs) returning the output, or the reason it is not available. The
+    PyTorch chunked peers run at every chunk size in ``chunks`` (named name/C64, ...): our
+    chunk picks its size per device, so each peer gets its best too."""
     found: dict[str, Callable | str] = {}
     if device == "cuda":
         found["fla_triton"] = triton_peer(op)
+
+    def per_chunk(name: str, make: Callable[[int], Callable]) -> None:
+        for C in chunks:
+            found[f"{name}/C{C}"] = make(C)
+
     if op == "gated_delta_rule":
         try:
             module = importlib.import_module("transformers.models.qwen3_next.modeling_qwen3_next")
             fn = inspect.unwrap(module.torch_chunk_gated_delta_rule)  # the decorator would send CPU tensors to Triton
-            found["hf_torch_chunk"] = lambda q, k, v, g, beta: fn(q, k, v, g=g, beta=beta, initial_state=None,
-                                                                  output_final_state=True)[0]
+            per_chunk("hf_torch_chunk", lambda C: lambda q, k, v, g, beta: fn(
+                q, k, v, g=g, beta=beta, chunk_size=C, initial_state=None, output_final_state=True)[0])
         except (ImportError, AttributeError) as exc:
             found["hf_torch_chunk"] = f"not available: {type(exc).__name__}: {exc}"
     if op == "delta_rule":
         try:
             fn = importlib.import_module("fla.ops.delta_rule.naive").delta_rule_chunkwise
 
-            def fla_delta(q, k, v, beta):  # fla's naive chunked form is head-major [B, H, T, D]
-                o, _ = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), beta.transpose(1, 2),
-                          chunk_size=64)
-                return o.transpose(1, 2)
+            def fla_delta(C):  # fla's naive chunked form is head-major [B, H, T, D]
+                def run(q, k, v, beta):
+                    o, _ = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), beta.transpose(1, 2),
+                              chunk_size=C)
+                    return o.transpose(1, 2)
+                return run
 
-            found["fla_naive_chunkwise"] = fla_delta
+            per_chunk("fla_naive_chunkwise", fla_delta)
         except (ImportError, AttributeError) as exc:
             found["fla_naive_chunkwise"] = f"not available: {type(exc).__name__}: {exc}"
     if op in ("kda", "ssd", "gated_delta_product"):  # fla's PyTorch chunked forms, time-major like ours
@@ -127,17 +136,20 @@ def peers(op: str, device: str = "cpu") -> dict[str, Callable | str]:
         else:
             # fla has no PyTorch DeltaProduct; its layer runs the gated delta rule over the steps
             # (q read after each token's last step, g applied before its first), as this does
-            def fla_product(q, k, v, g, beta):
-                B, T, H, K = q.shape
-                n = k.shape[1] // T
-                q_steps = torch.cat([q.new_zeros(B, T, n - 1, H, K), q[:, :, None]], 2).flatten(1, 2)
-                g_steps = torch.cat([g[:, :, None], g.new_zeros(B, T, n - 1, H)], 2).flatten(1, 2)
-                return fla_gated_delta(q_steps, k, v, g_steps, beta, chunk_size=64)[0].unflatten(1, (T, n))[:, :, -1]
+            def fla_product(C):
+                def run(q, k, v, g, beta):
+                    B, T, H, K = q.shape
+                    n = k.shape[1] // T
+                    q_steps = torch.cat([q.new_zeros(B, T, n - 1, H, K), q[:, :, None]], 2).flatten(1, 2)
+                    g_steps = torch.cat([g[:, :, None], g.new_zeros(B, T, n - 1, H)], 2).flatten(1, 2)
+                    o = fla_gated_delta(q_steps, k, v, g_steps, beta, chunk_size=C)[0]
+                    return o.unflatten(1, (T, n))[:, :, -1]
+                return run
 
-            found["fla_naive_chunk"] = {
-                "kda": lambda q, k, v, g, beta: fla_kda(q, k, v, g, beta, chunk_size=64)[0],
-                "ssd": lambda q, k, v, g: fla_simple_gla(q, k, v, g, chunk_size=64)[0],
-                "gated_delta_product": fla_product}[op]
+            per_chunk("fla_naive_chunk", {
+                "kda": lambda C: lambda q, k, v, g, beta: fla_kda(q, k, v, g, beta, chunk_size=C)[0],
+                "ssd": lambda C: lambda q, k, v, g: fla_simple_gla(q, k, v, g, chunk_size=C)[0],
+                "gated_delta_product": fla_product}[op])
     return found
 
 
@@ -180,6 +192,8 @@ def main() -> None:
                    help="do not time the reference beyond this T (it is the slow one)")
     p.add_argument("--peers", nargs="*", default=None,
                    help="only these peers (default: every one importable; none: --peers with no name)")
+    p.add_argument("--peer-chunks", type=int, nargs="+", default=[64, 32],
+                   help="chunk sizes to run the PyTorch chunked peers at (each a row: name/C64, ...)")
     p.add_argument("--out", default="benchmarks/results/recurrence.json")
     args = p.parse_args()
     if args.threads:
@@ -192,8 +206,8 @@ def main() -> None:
     for op in args.ops:
         kind = OPS[op]
         impls: dict[str, Callable | str] = {i.name: i.fn for i in registry.impls("mixer", kind)}
-        impls.update({name: fn for name, fn in peers(op, args.device).items()
-                      if args.peers is None or name in args.peers})
+        impls.update({name: fn for name, fn in peers(op, args.device, tuple(args.peer_chunks)).items()
+                      if args.peers is None or name.split("/")[0] in args.peers})
         for T in args.T:
             inputs = make_inputs(op, T, args.device, dtype)
             reference_fb = None

@@ -33,7 +33,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_block_mask, flex_attention
 
 from hybridlab.plugins.mixer.attention import _check
 from hybridlab.registry import hookimpl
@@ -124,14 +124,15 @@ def attention_flex(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: floa
         score_mod = _score_mod(softcap=None if softcap is None else torch.tensor(softcap, dtype=fp32, device=q.device),
                                alibi=None if alibi is None else alibi.to(fp32),
                                offset=torch.tensor(Tk - Tq, device=q.device))
-    lse = {"return_lse": True} if sinks is not None else {}
+    # the log-sum-exp as an auxiliary output (return_lse is deprecated since torch 2.9)
+    lse = {"return_aux": AuxRequest(lse=True)} if sinks is not None else {}
     # no backward on CPU: run without a graph there, so a caller's grad mode never recompiles
     no_graph = torch.no_grad() if q.device.type == "cpu" else contextlib.nullcontext()
     with no_graph, warnings.catch_warnings():  # the float64 path is unfused on purpose
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         out = _flex(q.dtype, static=doc_ids is not None)(q, k, v, score_mod=score_mod, block_mask=block_mask,
                                                          scale=scale, enable_gqa=H != Hkv, **lse)
-    out = out[..., :Dv] if not lse else out[0][..., :Dv] * _sink_share(out[1], sinks, fp32)
+    out = out[..., :Dv] if not lse else out[0][..., :Dv] * _sink_share(out[1].lse, sinks, fp32)
     return out.to(q.dtype)
 
 

@@ -4,7 +4,7 @@ Programmers", ICML 2021; the chunked form and this layer: Yang, Wang, Zhang, She
 "Parallelizing Linear Transformers with the Delta Rule over Sequence Length", NeurIPS 2024).
 
 The core op, ``delta_rule(q, k, v, beta, *, scale, initial_state, doc_ids)``, has two
-implementations: ``reference`` (token by token, fp32) and ``chunk`` (chunks of 64 with the
+implementations: ``reference`` (token by token, fp32) and ``chunk`` (chunks of 64 tokens (32 on CPU) with the
 UT transform; see linear_recurrence.py for the derivation).
 """
 
@@ -49,7 +49,7 @@ def delta_rule_reference(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *, scale
 
 def delta_rule_chunk(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *, scale: float | None = None,
                      initial_state: Tensor | None = None, doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Same contract as delta_rule_reference; chunks of 64, UT transform."""
+    """Same contract as delta_rule_reference; chunks of 64 tokens (32 on CPU), UT transform."""
     check_inputs(q, k, v, beta=beta, initial_state=initial_state, doc_ids=doc_ids)
     return chunk_recurrence(q, k, v, beta=beta, scale=scale, initial_state=initial_state, doc_ids=doc_ids)
 
@@ -82,4 +82,4 @@ def hybridlab_register(register):
                                            "gate": True}, {"heads": 4, "conv_size": 0, "output_norm": False}])
     register.impl("mixer", "deltanet", "reference", fn=delta_rule_reference, doc="token by token in fp32")
     register.impl("mixer", "deltanet", "chunk", fn=delta_rule_chunk, priority=10,
-                  doc="chunks of 64, UT transform, PyTorch")
+                  doc="chunks of 64 tokens (32 on CPU), UT transform, PyTorch")

@@ -64,7 +64,7 @@ def gated_delta_rule_reference(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta:
 def gated_delta_rule_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *,
                            scale: float | None = None, initial_state: Tensor | None = None,
                            doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Same contract as gated_delta_rule_reference; chunks of 64, UT transform."""
+    """Same contract as gated_delta_rule_reference; chunks of 64 tokens (32 on CPU), UT transform."""
     check_inputs(q, k, v, g=g, beta=beta, initial_state=initial_state, doc_ids=doc_ids)
     return chunk_recurrence(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state, doc_ids=doc_ids)
 
@@ -113,4 +113,4 @@ def hybridlab_register(register):
     register.impl("mixer", "gated_deltanet", "reference", fn=gated_delta_rule_reference,
                   doc="token by token in fp32")
     register.impl("mixer", "gated_deltanet", "chunk", fn=gated_delta_rule_chunk, priority=10,
-                  doc="chunks of 64, UT transform, PyTorch")
+                  doc="chunks of 64 tokens (32 on CPU), UT transform, PyTorch")

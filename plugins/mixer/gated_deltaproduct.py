@@ -28,7 +28,7 @@ from hybridlab.core.numerics import compute_dtype
 from hybridlab.registry import hookimpl
 
 from .gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig
-from .linear_recurrence import CHUNK, chunk_recurrence, new_document, recurrent_cases
+from .linear_recurrence import chunk_recurrence, new_document, recurrent_cases
 from .recurrent_layer import RecurrentState, ShortConv
 
 
@@ -118,7 +118,7 @@ def gated_delta_product_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: 
                               scale: float | None = None, initial_state: Tensor | None = None,
                               doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Same contract as gated_delta_product_reference: a gated delta rule over T·n
-    sub-tokens in chunks of 64, UT transform."""
+    sub-tokens in chunks (see default_chunk), UT transform."""
     n = _householder_steps(q, k, v, g, beta, initial_state, doc_ids)
     B, T, H, K = q.shape
     # sub-token t·n + i is step i of token t: token t's decay acts before its first step, its
@@ -126,10 +126,10 @@ def gated_delta_product_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: 
     q_steps = torch.cat([q.new_zeros(B, T, n - 1, H, K), q[:, :, None]], dim=2).view(B, T * n, H, K)
     g_steps = torch.cat([g[:, :, None], g.new_zeros(B, T, n - 1, H)], dim=2).view(B, T * n, H)
     doc_steps = None if doc_ids is None else doc_ids.repeat_interleave(n, dim=1)  # [B, T·n]
-    # only the rows after each token's last step are read; chunks hold whole tokens (64 sub-steps
-    # for n = 2, 63 for n = 3)
+    # only the rows after each token's last step are read; chunks hold whole tokens (on CPU 32
+    # sub-steps for n = 2, 30 for n = 3)
     return chunk_recurrence(q_steps, k, v, g=g_steps, beta=beta, scale=K ** -0.5 if scale is None else scale,
-                            initial_state=initial_state, doc_ids=doc_steps, chunk_size=CHUNK // n * n,
+                            initial_state=initial_state, doc_ids=doc_steps,
                             read_every=n)
 
 
@@ -210,4 +210,4 @@ def hybridlab_register(register):
     register.impl("mixer", "gated_deltaproduct", "reference", fn=gated_delta_product_reference,
                   doc="token by token (the n steps in an inner loop) in fp32")
     register.impl("mixer", "gated_deltaproduct", "chunk", fn=gated_delta_product_chunk, priority=10,
-                  doc="n sub-tokens per token, chunks of 64 sub-tokens, UT transform, PyTorch")
+                  doc="n sub-tokens per token, chunks of sub-tokens (64 on GPU, 32 on CPU), UT transform, PyTorch")

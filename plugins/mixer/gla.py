@@ -3,7 +3,7 @@ Attention Transformers with Hardware-Efficient Training", ICML 2024): linear att
 whose state decays per key channel, with a data-dependent gate.
 
 The core op, ``gla(q, k, v, g, *, scale, initial_state, doc_ids)``, has two
-implementations: ``reference`` (token by token, fp32) and ``chunk`` (chunks of 64 whose
+implementations: ``reference`` (token by token, fp32) and ``chunk`` (chunks of 64 tokens (32 on CPU) whose
 per-channel decay scores are built by halving each chunk through its midpoints; see
 linear_recurrence.py).
 """
@@ -58,7 +58,7 @@ def gla_reference(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, scale: float | 
 
 def gla_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, scale: float | None = None,
               initial_state: Tensor | None = None, doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Same contract as gla_reference; chunks of 64, scores by recursive halving."""
+    """Same contract as gla_reference; chunks of 64 tokens (32 on CPU), scores by recursive halving."""
     check_inputs(q, k, v, g=g, g_per="channel", initial_state=initial_state, doc_ids=doc_ids)
     return chunk_recurrence(q, k, v, g=g, scale=scale, initial_state=initial_state, doc_ids=doc_ids)
 
@@ -100,4 +100,4 @@ def hybridlab_register(register):
                             {"heads": 4, "conv_size": 0, "gate": False, "output_norm": False}])
     register.impl("mixer", "gla", "reference", fn=gla_reference, doc="token by token in fp32")
     register.impl("mixer", "gla", "chunk", fn=gla_chunk, priority=10,
-                  doc="chunks of 64, per-channel decay scores by recursive halving, PyTorch")
+                  doc="chunks of 64 tokens (32 on CPU), per-channel decay scores by recursive halving, PyTorch")

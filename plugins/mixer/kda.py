@@ -4,7 +4,7 @@ Gated DeltaNet with the scalar decay per head refined to a decay per key channel
 refines RetNet's.
 
 The core op, ``kda(q, k, v, g, beta, *, scale, initial_state, doc_ids)``, has two
-implementations: ``reference`` (token by token, fp32) and ``chunk`` (chunks of 64, the UT
+implementations: ``reference`` (token by token, fp32) and ``chunk`` (chunks of 64 tokens (32 on CPU), the UT
 transform with the per-channel decay scores built by halving each chunk through its
 midpoints; see linear_recurrence.py for the derivation).
 """
@@ -62,7 +62,7 @@ def kda_reference(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, s
 
 def kda_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, scale: float | None = None,
               initial_state: Tensor | None = None, doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Same contract as kda_reference; chunks of 64, UT transform, scores by recursive halving."""
+    """Same contract as kda_reference; chunks of 64 tokens (32 on CPU), UT transform, scores by recursive halving."""
     check_inputs(q, k, v, g=g, g_per="channel", beta=beta, initial_state=initial_state, doc_ids=doc_ids)
     return chunk_recurrence(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state, doc_ids=doc_ids)
 
@@ -141,4 +141,5 @@ def hybridlab_register(register):
                             {"heads": 4, "conv_size": 0, "gate": False, "output_norm": False}])
     register.impl("mixer", "kda", "reference", fn=kda_reference, doc="token by token in fp32")
     register.impl("mixer", "kda", "chunk", fn=kda_chunk, priority=10,
-                  doc="chunks of 64, UT transform, per-channel decay scores by recursive halving, PyTorch")
+                  doc="chunks of 64 tokens (32 on CPU), UT transform, per-channel decay scores by recursive "
+                      "halving, PyTorch")

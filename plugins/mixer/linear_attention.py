@@ -4,7 +4,7 @@
 is Σ phi(k_t) v_t^T.
 
 The core op, ``linear_attn(q, k, v, *, scale, initial_state, doc_ids)``, has two
-implementations: ``reference`` (token by token, fp32) and ``chunk`` (chunks of 64; see
+implementations: ``reference`` (token by token, fp32) and ``chunk`` (chunks of 64 tokens (32 on CPU); see
 linear_recurrence.py). The paper's normaliser phi(q_t)·Σ phi(k_j) is computed by the same
 op: the module appends a column of ones to v, whose output is the normaliser.
 """
@@ -68,7 +68,7 @@ def linear_attn_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float | Non
 
 def linear_attn_chunk(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
                       initial_state: Tensor | None = None, doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Same contract as linear_attn_reference; chunks of 64."""
+    """Same contract as linear_attn_reference; chunks of 64 tokens (32 on CPU)."""
     check_inputs(q, k, v, initial_state=initial_state, doc_ids=doc_ids)
     return chunk_recurrence(q, k, v, scale=scale, initial_state=initial_state, doc_ids=doc_ids)
 
@@ -113,4 +113,4 @@ def hybridlab_register(register):
                             {"heads": 4, "conv_size": 0, "normalize": False, "feature_map": "identity"}])
     register.impl("mixer", "linear_attention", "reference", fn=linear_attn_reference, doc="token by token in fp32")
     register.impl("mixer", "linear_attention", "chunk", fn=linear_attn_chunk, priority=10,
-                  doc="chunks of 64, PyTorch")
+                  doc="chunks of 64 tokens (32 on CPU), PyTorch")

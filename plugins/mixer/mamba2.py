@@ -7,7 +7,7 @@ data-dependent scalar decay: the state space dual (SSD).
 The core op, ``ssd(q, k, v, g, *, scale, initial_state, doc_ids)``, takes fla's
 conventions (fla calls it simple GLA); in Mamba2's names q = C, k = B, v = dt·x, g = dt·A
 and scale = 1. Two implementations: ``reference`` (token by token, fp32) and ``chunk``
-(chunks of 64: SSD's block decomposition, intra-chunk decays from segment sums; see
+(chunks of 64 tokens (32 on CPU): SSD's block decomposition, intra-chunk decays from segment sums; see
 linear_recurrence.py).
 """
 
@@ -80,7 +80,7 @@ def ssd_reference(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, scale: float | 
 
 def ssd_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, scale: float | None = None,
               initial_state: Tensor | None = None, doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Same contract as ssd_reference; chunks of 64."""
+    """Same contract as ssd_reference; chunks of 64 tokens (32 on CPU)."""
     check_inputs(q, k, v, g=g, initial_state=initial_state, doc_ids=doc_ids)
     return chunk_recurrence(q, k, v, g=g, scale=scale, initial_state=initial_state, doc_ids=doc_ids)
 
@@ -196,4 +196,4 @@ def hybridlab_register(register):
                   examples=[{"heads": 2}, {"heads": 6, "head_dim": 5, "expand_v": 1.6, "groups": 3, "qk_norm": "l2"},
                             {"heads": 4, "conv_size": 0, "gate": False, "output_norm": False}])
     register.impl("mixer", "mamba2", "reference", fn=ssd_reference, doc="token by token in fp32")
-    register.impl("mixer", "mamba2", "chunk", fn=ssd_chunk, priority=10, doc="chunks of 64, PyTorch")
+    register.impl("mixer", "mamba2", "chunk", fn=ssd_chunk, priority=10, doc="chunks of 64 tokens (32 on CPU), PyTorch")

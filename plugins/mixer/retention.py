@@ -3,7 +3,7 @@ Xue, Wang & Wei, "Retentive Network: A Successor to Transformer for Large Langua
 Models", 2023): linear attention with a fixed decay per head, gamma_h = 1 - 2^(-5-h).
 
 The core op, ``retention(q, k, v, *, scale, initial_state, doc_ids)``, has two
-implementations: ``reference`` (token by token, fp32) and ``chunk`` (chunks of 64; see
+implementations: ``reference`` (token by token, fp32) and ``chunk`` (chunks of 64 tokens (32 on CPU); see
 linear_recurrence.py). The paper's xPos rotation of q and k is left out, as in fla.
 """
 
@@ -63,7 +63,7 @@ def retention_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None 
 
 def retention_chunk(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
                     initial_state: Tensor | None = None, doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Same contract as retention_reference; chunks of 64."""
+    """Same contract as retention_reference; chunks of 64 tokens (32 on CPU)."""
     check_inputs(q, k, v, initial_state=initial_state, doc_ids=doc_ids)
     return chunk_recurrence(q, k, v, g=_log_decay(q), scale=scale, initial_state=initial_state, doc_ids=doc_ids)
 
@@ -88,4 +88,5 @@ def hybridlab_register(register):
                   examples=[{"heads": 2}, {"heads": 3, "head_dim": 6, "expand_v": 2},
                             {"heads": 4, "conv_size": 0, "gate": False, "output_norm": False}])
     register.impl("mixer", "retention", "reference", fn=retention_reference, doc="token by token in fp32")
-    register.impl("mixer", "retention", "chunk", fn=retention_chunk, priority=10, doc="chunks of 64, PyTorch")
+    register.impl("mixer", "retention", "chunk", fn=retention_chunk, priority=10,
+                  doc="chunks of 64 tokens (32 on CPU), PyTorch")

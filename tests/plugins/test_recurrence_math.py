@@ -445,3 +445,20 @@ def test_decay_gradient_keeps_the_references_precision_in_long_chunks(per):
         ratios.append(rel(grad_g(chunk_recurrence, torch.float32, chunk_size=256), exact)
                       / rel(grad_g(recurrent_reference, torch.float32), exact))
     assert max(ratios) < 2.5, ratios
+
+
+def test_the_default_chunk_is_per_device_and_is_what_chunk_recurrence_uses():
+    """64 tokens (fla's size) on accelerators, 32 on CPU where it measured faster; the
+    default call is the same computation as passing that size."""
+    from hybridlab.plugins.mixer.linear_recurrence import chunk_recurrence, default_chunk
+
+    assert default_chunk("cpu") == 32 and default_chunk(torch.device("cuda", 0)) == 64
+    torch.manual_seed(0)
+    Tn = 100
+    q, k, v, S0 = inputs(unit_keys=True, T=Tn)
+    beta, g = torch.rand(B, Tn, H, dtype=f64), F.logsigmoid(torch.randn(B, Tn, H, dtype=f64))
+    o, S = chunk_recurrence(q, k, v, g=g, beta=beta, initial_state=S0)
+    for C, same in ((32, True), (64, False)):
+        o_c, S_c = chunk_recurrence(q, k, v, g=g, beta=beta, initial_state=S0, chunk_size=C)
+        assert torch.equal(o, o_c) == same and torch.equal(S, S_c) == same
+        assert_close(o, o_c)
