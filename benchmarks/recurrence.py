@@ -3,13 +3,14 @@
 
     python benchmarks/recurrence.py [--T 256 1024 4096] [--ops gated_delta_rule ...]
         [--device cpu] [--dtype float32] [--repeats 3] [--threads 2] [--peers NAME ...]
-        [--out benchmarks/results/recurrence.json]
+        [--peer-chunks 64 32] [--out benchmarks/results/recurrence.json]
 
 Prints tokens/s per row (best of --repeats) and writes JSON. Peers run on the same inputs when their
 package is importable (never installed by this script): the pure-PyTorch Gated DeltaNet
 fallback of HF transformers (Qwen3-Next, ``torch_chunk_gated_delta_rule``, unwrapped from
-its kernel decorator) and flash-linear-attention's PyTorch ``delta_rule_chunkwise``;
-on a GPU also fla's Triton kernels (``fla_triton``).
+its kernel decorator) and flash-linear-attention's PyTorch ``naive`` chunked forms, each
+at every chunk size of --peer-chunks (ours uses its device's default, recorded in the
+JSON); on a GPU also fla's Triton kernels (``fla_triton``).
 The issue's targets: chunk fwd+bwd at T=1024 >= 10x reference; faster than every peer;
 T=4096 within 4.5x of T=1024.
 """
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridlab.registry import default_registry
+from hybridlab.plugins.mixer.linear_recurrence import default_chunk
 
 # public op -> mixer kind
 OPS = {"linear_attn": "linear_attention", "retention": "retention", "gla": "gla", "delta_rule": "deltanet",
@@ -240,6 +242,7 @@ def main() -> None:
     for what, why in skipped.items():
         print(f"skipped {what}: {why}")
     report = {"benchmark": "recurrence", "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
+              "chunk": default_chunk(args.device), "peer_chunks": args.peer_chunks,
               "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
               "python": platform.python_version(), "rows": rows, "growth_4096_over_1024": growth, "skipped": skipped}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
