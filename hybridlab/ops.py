@@ -8,6 +8,12 @@ conventions so results can be checked against it:
 - ``doc_ids`` [B, T] marks packed documents: the state restarts where the id changes;
 - every op returns ``(o, final_state)``, the state in fp32 (fp64 for fp64 inputs).
 
+Arguments are checked before anything runs: tensors where tensors belong, one floating
+dtype for q, k, v, shapes against each other, and g ≤ 0 (-inf, a hard reset, is allowed;
+this value check costs one host sync on a GPU and is skipped under torch.compile). The
+``chunk`` implementations have written backwards: one gradient, no double backward
+(``reference`` has autograd's throughout).
+
 ``impl=`` names an implementation ("reference", "chunk", or a plugin's); by default the
 dispatcher picks the best one that can serve the inputs, and ``HYBRIDLAB_IMPL`` pins it
 as everywhere else. Each op's docstring writes its recurrence and cites its paper.
@@ -43,15 +49,31 @@ def op(name: str, kind: str, reference: Callable) -> Callable:
     kind's reference implementation) plus ``impl=``; runs the implementation of ``kind``
     that ``impl`` names, or the dispatcher's choice."""
 
+    signature = inspect.signature(reference)
+    tensor_args = [p for p, param in signature.parameters.items() if "Tensor" in str(param.annotation)]
+
     @functools.wraps(reference)
     def run(*args: Any, impl: str | None = None, **kwargs: Any) -> Any:
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{name}{signature}: {exc}") from None
+        for arg in tensor_args:
+            value = bound.arguments.get(arg)
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(value).__name__}")
+        g = bound.arguments.get("g")
+        # g is a log decay; a positive one (a growing state) is outside every op's contract
+        # (the chunked forms cap decay ratios at 1). One host sync; skipped while compiling
+        if g is not None and not torch.compiler.is_compiling() and g.is_floating_point() and bool((g > 0).any()):
+            raise ValueError(f"{name}: g is the log of the decay and must be ≤ 0 (or -inf), "
+                             f"got a largest value of {g.max().item():g}")
+        tensors = [a for a in bound.arguments.values() if isinstance(a, torch.Tensor)]
         first = tensors[0]
         training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         chosen = choose("mixer", kind, None, first.device, first.dtype, training=training, pin=impl).impl
         return chosen.fn(*args, **kwargs)
 
-    signature = inspect.signature(reference)
     impl_param = inspect.Parameter("impl", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="str | None")
     run.__signature__ = signature.replace(parameters=[*signature.parameters.values(), impl_param])
     run.__name__ = run.__qualname__ = name

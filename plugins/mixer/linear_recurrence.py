@@ -71,12 +71,21 @@ def default_chunk(device: torch.device | str) -> int:
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None, g_per: str = "head",
                  beta: Tensor | None = None, initial_state: Tensor | None = None,
                  doc_ids: Tensor | None = None) -> None:
-    """Raise ValueError naming the expected and the received shapes. ``g_per`` is
-    'head' (g [B, T, H]) or 'channel' (g [B, T, H, K])."""
+    """Raise ValueError naming the expected and the received shapes and dtypes. ``g_per``
+    is 'head' (g [B, T, H]) or 'channel' (g [B, T, H, K]). Shapes and dtypes only: the
+    values (g ≤ 0) are checked by the public ops (hybridlab.ops), not on the module path,
+    where they hold by construction and a check would cost a host sync per layer on GPU."""
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"expected q, k [B, T, H, K] and v [B, T, H, V] (time-major); got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not q.is_floating_point() or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"expected q, k and v of one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, T, H, K = q.shape
+    if K == 0:
+        raise ValueError(f"the key dim K of q and k must be at least 1, got q {tuple(q.shape)}")
+    for name, value in (("g", g), ("beta", beta), ("initial_state", initial_state)):
+        if value is not None and not value.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {value.dtype}")
     V = v.shape[-1]
     expected = {"g": (B, T, H) if g_per == "head" else (B, T, H, K), "beta": (B, T, H),
                 "initial_state": (B, H, K, V), "doc_ids": (B, T)}
@@ -114,7 +123,7 @@ def recurrent_reference(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = N
 
     q, k [B, T, H, K], v [B, T, H, V], g [B, T, H] or [B, T, H, K] (log decay, ≤ 0),
     beta [B, T, H] (delta rule when given), initial_state [B, H, K, V], doc_ids [B, T]
-    -> o [B, T, H, V] in q's dtype, final state [B, H, K, V] in the compute dtype."""
+    -> o [B, T, H, V] in the inputs' dtype, final state [B, H, K, V] in the compute dtype."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype, out_dtype = compute_dtype(q.dtype), v.dtype
@@ -183,7 +192,9 @@ class _SegmentDecay(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g: Tensor) -> Tensor:
-        G = g.double().cumsum(-1)
+        # a log decay of -inf (a hard reset) would make the differences inf - inf: below
+        # -1e4, exp is 0 in float64 too, so the floor changes no value
+        G = g.double().clamp_min(-1e4).cumsum(-1)
         # above the diagonal the sums are ≥ 0: clamped to exp(0) and cleared by tril (a
         # masked fill before exp cost as much as the exp)
         decay = (G[..., :, None] - G[..., None, :]).to(g.dtype).clamp_max_(0.0).exp_().tril_()
@@ -353,6 +364,10 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
     B, T, H, K = q.shape
     if chunk_size is None:
         chunk_size = default_chunk(q.device) // read_every * read_every
+    if T == 0:  # nothing to read: the state passes through
+        S = initial_state.to(compute_dtype(q.dtype)) if initial_state is not None else \
+            q.new_zeros(B, H, K, v.shape[-1], dtype=compute_dtype(q.dtype))
+        return v.new_zeros(B, 0, H, v.shape[-1]), S
     if read_every > 1 and (T % read_every or chunk_size % read_every or (g is not None and g.dim() == 4)):
         raise ValueError(f"read_every={read_every} needs T ({T}) and chunk_size ({chunk_size}) multiples of it "
                          "and no per-channel decay")

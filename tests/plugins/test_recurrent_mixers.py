@@ -170,6 +170,52 @@ def test_ops_run_the_chosen_implementation_with_fla_conventions():
         ops.gla(q, k, v, g)  # gla decays per channel
 
 
+def test_ops_reject_what_is_outside_their_contract_with_a_named_error():
+    B, T, H, K, V = 1, 40, 2, 4, 3
+    q, k, v = torch.randn(B, T, H, K), torch.nn.functional.normalize(torch.randn(B, T, H, K), dim=-1), \
+        torch.randn(B, T, H, V)
+    with pytest.raises(ValueError, match=r"ssd: g is the log of the decay and must be ≤ 0.*0.1"):
+        ops.ssd(q, k, v, torch.full((B, T, H), 0.1))  # a growing state: the chunked form caps ratios at 1
+    with pytest.raises(TypeError, match="linear_attn: q must be a torch.Tensor, got ndarray"):
+        ops.linear_attn(q.numpy(), k, v)
+    with pytest.raises(TypeError, match=r"linear_attn\(q.*too many positional arguments"):
+        ops.linear_attn(q, k, v, torch.zeros(B, H, K, V))  # initial_state is keyword-only
+    with pytest.raises(ValueError, match="one floating dtype, got torch.float64, torch.float32"):
+        ops.linear_attn(q.double(), k, v)
+    with pytest.raises(ValueError, match="initial_state must be floating point, got torch.int64"):
+        ops.linear_attn(q, k, v, initial_state=torch.zeros(B, H, K, V, dtype=torch.long))
+    with pytest.raises(ValueError, match="key dim K of q and k must be at least 1"):
+        ops.linear_attn(q[..., :0], k[..., :0], v)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunk"])
+def test_ops_take_no_tokens_and_hard_resets(impl):
+    """T = 0 passes the state through; g = -inf (a hard reset) gives what the reference
+    gives, gradients included (the chunked scalar-decay form once made inf - inf = NaN)."""
+    import math
+
+    B, T, H, K, V = 2, 45, 2, 4, 3
+    torch.manual_seed(0)
+    q, k, v = torch.randn(B, T, H, K), torch.nn.functional.normalize(torch.randn(B, T, H, K), dim=-1), \
+        torch.randn(B, T, H, V)
+    beta, S0 = torch.rand(B, T, H), torch.randn(B, H, K, V)
+    o, S = ops.ssd(q[:, :0], k[:, :0], v[:, :0], torch.zeros(B, 0, H), initial_state=S0, impl=impl)
+    assert o.shape == (B, 0, H, V) and torch.equal(S, S0)
+    g = torch.full((B, T, H), -0.5)
+    g[0, 5], g[1, 40] = -math.inf, -math.inf
+    for op, extra in ((ops.ssd, ()), (ops.gated_delta_rule, (beta,))):
+        leaves = [x.clone().requires_grad_() for x in (q, g)]
+        o, S = op(leaves[0], k, v, leaves[1], *extra, initial_state=S0, impl=impl)
+        exact = [x.double().requires_grad_() for x in (q, g)]
+        o_ref, S_ref = op(exact[0], k.double(), v.double(), exact[1], *(x.double() for x in extra),
+                          initial_state=S0.double(), impl="reference")
+        torch.testing.assert_close(o.double(), o_ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(S.double(), S_ref, rtol=1e-4, atol=1e-5)
+        w = torch.randn_like(o_ref)
+        for got, want in zip(torch.autograd.grad((o * w).sum(), leaves), torch.autograd.grad((o_ref * w).sum(), exact)):
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------- specs and models
 
 SPEC_FILES = [f"{kind}-tiny.yaml" for kind in KINDS] + ["gdn-hybrid-tiny.yaml"]
