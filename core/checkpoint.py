@@ -98,11 +98,41 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
-    """Load weights into ``model`` (strict) and return the trainer state."""
-    missing, unexpected = safetensors.torch.load_model(model, str(path / "model.safetensors"), strict=False,
-                                                       device=str(device))
+    """Load weights into ``model`` (strict: same names, same shapes) and return the trainer
+    state. A file that cannot be read or does not fit is a HybridlabError naming it."""
+    weights = path / "model.safetensors"
+    try:
+        with safetensors.safe_open(str(weights), framework="pt") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - whatever the reader says, the file is damaged
+        raise _damaged(weights, exc) from None
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    wrong = [f"{name} is {list(shapes[name])} in the checkpoint, {list(expected[name])} in the model"
+             for name in sorted(shapes) if name in expected and shapes[name] != expected[name]]
+    if wrong:
+        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        raise HybridlabError(f"{path}: checkpoint does not fit the model (shape mismatch: {'; '.join(wrong[:3])}"
+                             f"{more}); was the model changed with --set?")
+    try:
+        missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False, device=str(device))
+    except Exception as exc:  # noqa: BLE001 - e.g. the data after a good header is cut short
+        raise _damaged(weights, exc) from None
     if missing or unexpected:
         raise HybridlabError(f"{path}: checkpoint does not fit the model (missing: {sorted(missing)[:5]}, "
                              f"unexpected: {sorted(unexpected)[:5]})")
     # on the CPU: RNG states must stay there; the optimizer moves its state to the parameters
-    return torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise _damaged(path / "trainer.pt", exc) from None
+
+
+def _damaged(file: Path, exc: Exception) -> HybridlabError:
+    """One line: which file, what the reader said, and the checkpoints to fall back to."""
+    reason = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:200]  # torch's go on for lines
+    step_dir = file.parent
+    earlier = sorted(p.name for p in step_dir.parent.glob("step-*") if p.is_dir() and p.name < step_dir.name)
+    fix = (f"earlier checkpoints: {', '.join(earlier)} (write one's name into {step_dir.parent / 'latest'} "
+           "to resume from it)" if earlier else "no earlier checkpoint to fall back to")
+    return HybridlabError(f"{file}: damaged checkpoint file, cannot be read ({type(exc).__name__}: {reason}); "
+                          f"{fix}")

@@ -2,7 +2,10 @@
 
 Resuming is exact: the data of step ``s`` is a pure function of (seed, s), and a
 checkpoint holds weights, optimizer, schedule position and RNG states, so on the CPU a
-resumed run's losses equal the uninterrupted run's, bit for bit.
+resumed run's losses equal the uninterrupted run's, bit for bit. Resuming with another
+``steps`` (``--set steps=N``, N past the current step) continues the weights, optimizer and
+data exactly, but the lr schedule is recomputed for N steps (cosine decays over the new
+length), so the lr can jump at the resume point; a one-line warning gives the jump.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ import contextlib
 import json
 import math
 import random
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm import tqdm
 
 from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -95,18 +100,37 @@ class Trainer:
         if path is None:
             raise HybridlabError(f"{self.run_dir}: no checkpoint to resume from")
         state = load_checkpoint(path, self.model, self.device)
+        step, steps = state["step"], self.spec.steps
+        saved_steps = _saved_steps(self.run_dir / "spec.yaml")  # before --set changed it
+        if steps < step or (steps == step and saved_steps not in (None, steps)):
+            raise HybridlabError(f"{self.run_dir}: steps={steps} does not go past the run's current step {step} "
+                                 f"(checkpoint {path.name}); set steps above {step} to train on")
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.bad_steps = state["step"], state.get("bad_steps", 0)
+        self.step, self.bad_steps = step, state.get("bad_steps", 0)
         torch.set_rng_state(state["rng"]["torch"])
         if self.device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         random.setstate(_tuple(state["rng"]["python"]))
+        if saved_steps is not None and saved_steps != steps:
+            self._warn_schedule_stretched(saved_steps)
         # the lines after the checkpoint are about to be computed again
         metrics = self.run_dir / "metrics.jsonl"
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
+        kept = [line for _, line in _metric_lines(metrics) if json.loads(line)["step"] <= self.step]
         atomic_write_text(metrics, "".join(line + "\n" for line in kept))
         atomic_write_text(self.run_dir / "spec.yaml", dump_spec(self.spec))
+
+    def _warn_schedule_stretched(self, saved_steps: int) -> None:
+        """A new ``steps`` stretches the schedule over the new length: say so when the lr
+        of the next step differs from what the run would have used."""
+        config = self.spec.schedule
+        before = self.registry.kind("schedule", config.kind).module(config, saved_steps)(self.step)
+        after = self.schedule(self.step)
+        if math.isclose(before, after, rel_tol=1e-9, abs_tol=0.0):
+            return
+        peak = self.optimizer.param_groups[0]["peak_lr"]
+        print(f"warning: steps changed from {saved_steps} to {self.spec.steps}: the {config.kind} lr schedule is "
+              f"re-stretched over {self.spec.steps} steps, so the lr at step {self.step + 1} jumps from "
+              f"{peak * before:.3g} to {peak * after:.3g}", file=sys.stderr, flush=True)
 
     def save(self) -> Path:
         rng = {"torch": torch.get_rng_state(), "python": list(random.getstate())}
@@ -229,6 +253,41 @@ class Trainer:
             result = self.evaluate()
         result["seconds"] = time.perf_counter() - start
         return result
+
+
+def _saved_steps(path: Path) -> int | None:
+    """``steps`` as the run directory's spec.yaml has it (None if it does not say)."""
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    steps = saved.get("steps") if isinstance(saved, dict) else None
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+
+
+def _metric_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, line) of each record in metrics.jsonl. A last line that is not JSON
+    is what a process killed mid-append leaves: it is dropped with a warning. A bad line
+    before the last is damage we cannot explain, and an error naming it."""
+    if not path.exists():
+        return []
+    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    out = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            ok = isinstance(record, dict) and isinstance(record.get("step"), int)
+            why = "" if ok else "a JSON record without an integer 'step'"
+        except json.JSONDecodeError as exc:
+            why = f"not JSON: {exc.msg}"
+        if not why:
+            out.append((n, line))
+        elif i == len(lines) - 1:
+            print(f"warning: {path}:{n}: dropped the last line, cut short ({why}), as a run killed while "
+                  "writing it leaves it", file=sys.stderr, flush=True)
+        else:
+            raise HybridlabError(f"{path}:{n}: {why}; fix or delete that line, then resume again")
+    return out
 
 
 def _tuple(value: Any) -> Any:

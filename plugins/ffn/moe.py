@@ -72,9 +72,12 @@ class MoEConfig(Config):
     def _consistent(self):
         if self.top_k > self.experts:
             raise ValueError(f"top_k ({self.top_k}) must be at most experts ({self.experts})")
-        if "aux_weight" in self.model_fields_set and self.balance != "aux_loss":
+        # judged by value, not by model_fields_set: a run's spec.yaml writes every field,
+        # defaults included, and must load again (the default is harmless either way)
+        defaults = type(self).model_fields
+        if self.aux_weight != defaults["aux_weight"].default and self.balance != "aux_loss":
             raise ValueError(f"aux_weight applies to balance: aux_loss, not balance: {self.balance}")
-        if "bias_rate" in self.model_fields_set and self.balance != "bias":
+        if self.bias_rate != defaults["bias_rate"].default and self.balance != "bias":
             raise ValueError(f"bias_rate applies to balance: bias, not balance: {self.balance}")
         return self
 

@@ -1,4 +1,4 @@
-"""Training runs, exact resume, atomic checkpoints, non-finite losses."""
+"""Training runs, exact resume, atomic checkpoints, non-finite losses, damaged or changed runs."""
 
 import json
 import math
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hybridlab.core import checkpoint as ckpt
+from hybridlab.core.cli import main
 from hybridlab.core.errors import HybridlabError
 from hybridlab.core.model import Model
 from hybridlab.core.spec import PipelineSpec
@@ -128,3 +129,114 @@ def test_unavailable_device_is_a_clear_error(registry, tmp_path):
         pytest.skip("this machine has CUDA")
     with pytest.raises(HybridlabError, match="CUDA is not available"):
         train(spec(registry), out=tmp_path / "r", device="cuda", progress=False, registry=registry)
+
+
+# ---------------------------------------------------------------- resuming a changed or damaged run
+
+
+def test_resume_with_a_reshaped_parameter_names_it_and_both_shapes(registry, tmp_path, capsys):
+    run_dir, _ = train(spec(registry, steps=4), out=tmp_path / "r", progress=False, registry=registry)
+    reshape = ["model.layers[1].mixer.kv_heads=1", "steps=8"]  # kv: 4 heads' worth -> 1 head's
+    with pytest.raises(HybridlabError, match=r"step-000004: checkpoint does not fit the model \(shape mismatch: "
+                                             r"blocks\.1\.mixer\.kv\.weight is \[32, 32\] in the checkpoint, "
+                                             r"\[16, 32\] in the model\)"):
+        train(None, resume=run_dir, overrides=reshape, progress=False, registry=registry)
+    assert main(["train", "--resume", str(run_dir), "--quiet", *[a for s in reshape for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "shape mismatch" in err[0]
+
+
+def test_a_partial_last_metrics_line_is_dropped_with_a_warning(registry, tmp_path, capsys):
+    whole = Trainer(spec(registry), tmp_path / "whole", registry=registry, progress=False)
+    whole.run()
+    Trainer(spec(registry), tmp_path / "part", registry=registry, progress=False).run(stop_at=9)
+    metrics = tmp_path / "part" / "metrics.jsonl"
+    with metrics.open("a") as f:
+        f.write('{"step": 9, "loss": 3.9')  # killed in the middle of an append
+    n = len(metrics.read_text().splitlines())
+    resumed = Trainer(spec(registry), tmp_path / "part", registry=registry, resume=True, progress=False)
+    assert capsys.readouterr().err.strip() == (f"warning: {metrics}:{n}: dropped the last line, cut short (not JSON: "
+                                               "Expecting ',' delimiter), as a run killed while writing it leaves it")
+    resumed.run()
+    assert losses(tmp_path / "part") == losses(tmp_path / "whole")
+
+
+def test_a_bad_metrics_line_before_the_last_is_an_error_naming_it(registry, tmp_path):
+    Trainer(spec(registry), tmp_path / "r", registry=registry, progress=False).run(stop_at=5)
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    damaged = "\n".join([lines[0], "not json", *lines[1:]]) + "\n"
+    metrics.write_text(damaged)
+    with pytest.raises(HybridlabError, match="metrics.jsonl:2: not JSON: Expecting value; fix or delete that line"):
+        Trainer(spec(registry), tmp_path / "r", registry=registry, resume=True, progress=False)
+    assert metrics.read_text() == damaged  # nothing rewritten
+
+
+def _header_too_large(path):
+    path.write_bytes((1 << 40).to_bytes(8, "little") + b"{}")
+
+
+def _cut_short(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _garbage(path):
+    path.write_bytes(b"garbage")
+
+
+@pytest.mark.parametrize("name, damage", [("model.safetensors", _header_too_large), ("model.safetensors", _cut_short),
+                                          ("model.safetensors", _garbage), ("trainer.pt", _cut_short),
+                                          ("trainer.pt", _garbage)])
+def test_a_damaged_checkpoint_file_is_a_clear_error_naming_it(registry, tmp_path, capsys, name, damage):
+    run_dir = tmp_path / "r"
+    Trainer(spec(registry), run_dir, registry=registry, progress=False).run(stop_at=9)  # checkpoints 4 and 8
+    damage(run_dir / "checkpoints" / "step-000008" / name)
+    with pytest.raises(HybridlabError) as info:
+        Trainer(spec(registry), run_dir, registry=registry, resume=True, progress=False)
+    message = str(info.value)
+    assert message.startswith(f"{run_dir / 'checkpoints' / 'step-000008' / name}: damaged checkpoint file, "
+                              "cannot be read (")
+    assert message.endswith(f"earlier checkpoints: step-000004 (write one's name into "
+                            f"{run_dir / 'checkpoints' / 'latest'} to resume from it)")
+    for args in (["train", "--resume", str(run_dir), "--quiet"], ["generate", str(run_dir), "--prompt", "1 2"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [message]
+    (run_dir / "checkpoints" / "latest").write_text("step-000004\n")  # the fix the message gives
+    resumed = Trainer(spec(registry), run_dir, registry=registry, resume=True, progress=False)
+    assert resumed.step == 4
+
+
+def test_resume_with_steps_not_past_the_current_step_is_an_error(registry, tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    Trainer(spec(registry), run_dir, registry=registry, progress=False).run(stop_at=9)  # at step 8 of 16
+    before = {p.name: p.read_text() for p in (run_dir / "spec.yaml", run_dir / "metrics.jsonl")}
+    for steps in (4, 8):
+        with pytest.raises(HybridlabError, match=f"steps={steps} does not go past the run's current step 8 "
+                                                 r"\(checkpoint step-000008\); set steps above 8 to train on"):
+            train(None, resume=run_dir, overrides=[f"steps={steps}"], progress=False, registry=registry)
+        assert main(["train", "--resume", str(run_dir), "--set", f"steps={steps}", "--quiet"]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert {p.name: p.read_text() for p in (run_dir / "spec.yaml", run_dir / "metrics.jsonl")} == before
+    # a finished run resumed as it is (or with the steps it has) still just evaluates
+    train(None, resume=run_dir, progress=False, registry=registry)
+    for overrides in ([], ["steps=16"]):
+        _, result = train(None, resume=run_dir, overrides=overrides, progress=False, registry=registry)
+        assert "eval/loss" in result
+
+
+def test_resume_with_other_steps_warns_that_the_lr_schedule_is_re_stretched(registry, tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    Trainer(spec(registry), run_dir, registry=registry, progress=False).run(stop_at=9)  # cosine over 16, at 8
+    Trainer(spec(registry), run_dir, registry=registry, resume=True, progress=False)
+    assert capsys.readouterr().err == ""  # same steps: the schedule continues as it was
+    resumed = Trainer(spec(registry, steps=32), run_dir, registry=registry, resume=True, progress=False)
+    schedule = registry.kind("schedule", "cosine").module
+    old, new = (3e-3 * schedule(resumed.spec.schedule, n)(8) for n in (16, 32))
+    assert capsys.readouterr().err.strip() == (
+        f"warning: steps changed from 16 to 32: the cosine lr schedule is re-stretched over 32 steps, so the lr "
+        f"at step 9 jumps from {old:.3g} to {new:.3g}")
+    resumed.run(stop_at=9)
+    [row] = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if r["step"] == 9 and "lr" in r]
+    assert row["lr"] == pytest.approx(new)

@@ -1,5 +1,6 @@
 """ffn ``moe``: reference vs grouped (outputs and routing decisions), the side channel,
-the loss-free bias update, decoding, exact resume and the parameter summary."""
+the loss-free bias update, decoding, exact resume (also from the run directory) and the
+parameter summary."""
 
 import json
 
@@ -7,12 +8,14 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from hybridlab.core import checkpoint as ckpt
 from hybridlab.core.cli import main
 from hybridlab.core.config import Dims
 from hybridlab.core.dispatch import forced
+from hybridlab.core.generate import generate
 from hybridlab.core.model import Model, count_parameters
 from hybridlab.core.spec import ModelSpec, PipelineSpec
-from hybridlab.core.train import Trainer
+from hybridlab.core.train import Trainer, train
 from hybridlab.plugins.ffn import moe as moe_plugin
 from hybridlab.plugins.ffn.moe import MoE, MoEConfig, grouped_matmul, moe_grouped, moe_reference
 from hybridlab.testing import assert_verified
@@ -247,6 +250,23 @@ def test_a_resumed_run_continues_the_bias_exactly(registry, tmp_path):
                 if "loss" in r and "eval/loss" not in r]
 
     assert rows("part") == rows("whole") and len(rows("whole")) == 8
+
+
+def test_a_run_directory_of_every_balance_resumes_and_generates(registry, tmp_path):
+    """The run's spec.yaml writes every field (aux_weight and bias_rate both), and
+    --resume and generate load it again: the config's checks judge values, not which
+    fields were written. (They judged model_fields_set, so no MoE run could resume.)"""
+    for balance in ("aux_loss", "bias", "none"):
+        config = MoEConfig(experts=4, balance=balance)
+        assert MoEConfig.model_validate(config.model_dump(mode="json")) == config
+        model = {**PIPELINE["model"], "layers": [block({"kind": "moe", "experts": 4, "hidden": 16,
+                                                         "balance": balance})]}
+        spec = PipelineSpec.model_validate({**PIPELINE, "model": model, "steps": 4}, context={"registry": registry})
+        Trainer(spec, tmp_path / balance, registry=registry, progress=False).run()
+        run_dir, _ = train(None, resume=tmp_path / balance, overrides=["steps=6"], progress=False, registry=registry)
+        assert ckpt.latest_checkpoint(run_dir).name == "step-000006"
+        new, _ = generate(run_dir, "1 2", max_new_tokens=2, registry=registry)
+        assert len(new) == 2
 
 
 def test_summary_shows_total_and_active_parameters(registry, tmp_path, capsys):
