@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import signal
 import sys
 from importlib import resources
 from pathlib import Path
@@ -241,6 +243,17 @@ def _print_report(report: Any, *, show_all: bool) -> None:
 # ---------------------------------------------------------------- helpers
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number ≥ 1 (a length, a count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
 def _bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -283,7 +296,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--device", default="cpu", help="device to choose implementations for (default cpu)")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    s.add_argument("--seq-len", type=int, default=4096, help="sequence length for the state size (default 4096)")
+    s.add_argument("--seq-len", type=_positive_int, default=4096,
+                   help="sequence length for the state size (default 4096)")
     s.set_defaults(fn=cmd_summary)
 
     s = sub.add_parser("verify", help="check fast implementations against references (components or a model)")
@@ -338,7 +352,14 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return args.fn(args)
+        status = args.fn(args)
+        sys.stdout.flush()  # a reader that went away shows here rather than at interpreter exit
+        return status
+    except BrokenPipeError:
+        # stdout was closed early (`hybridlab summary SPEC | head`): stop quietly like other
+        # Unix tools; stdout goes to devnull so the flush at exit cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except HybridlabError as exc:
         for line in exc.lines():
             print(line, file=sys.stderr)

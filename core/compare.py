@@ -109,6 +109,24 @@ def plan(model_specs: Sequence[str | Path], pipeline: str | Path, *, seeds: int 
     return cells
 
 
+def check_selection(select: str, cells: Sequence[Cell], *, registry: Any = None) -> None:
+    """--select before any training. Metrics are named SPLIT/NAME after the task's
+    evaluation splits; the names themselves (accuracy, loss, what the objectives and the
+    task add) are known once a cell has run, so they are checked against finished cells
+    when there are any (resuming), and otherwise after the first cell."""
+    if registry is None:
+        from hybridlab.registry import default_registry
+
+        registry = default_registry()
+    data, seed = cells[0].spec.data, cells[0].spec.seed
+    splits = registry.kind("data", data.kind).module(data, seed=seed).splits()
+    split, _, name = select.partition("/")
+    if not name or split not in splits:
+        raise HybridlabError(f"--select {select!r}: expected SPLIT/METRIC with SPLIT one of the {data.kind} task's "
+                             f"evaluation splits ({', '.join(splits)}), e.g. {splits[0]}/accuracy or {splits[0]}/loss")
+    summarize(finished_rows(cells), select)
+
+
 def _check_same_pipeline(cell: Cell) -> None:
     stored_path = cell.dir / "spec.yaml"
     if not stored_path.exists():
@@ -152,6 +170,8 @@ def run_compare(model_specs: Sequence[str | Path], pipeline: str | Path, *, seed
         out = Path("runs") / f"compare-{load_pipeline(pipeline, overrides, registry=registry).name}"
     out = Path(out)
     cells = plan(model_specs, pipeline, seeds=seeds, lrs=lrs, overrides=overrides, out=out, registry=registry)
+    if select is not None:
+        check_selection(select, cells, registry=registry)
     command = " ".join(["hybridlab compare", *map(str, model_specs), "--pipeline", str(pipeline), "--seeds",
                         str(seeds), *(["--lr", ",".join(f"{lr:g}" for lr in lrs)] if lrs else []),
                         *(f"--set {o}" for o in overrides), "--out", str(out)])

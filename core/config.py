@@ -10,11 +10,13 @@ discriminator tag appears in it.
 
 from __future__ import annotations
 
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Iterable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WrapValidator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationInfo, WrapValidator, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 
@@ -43,6 +45,20 @@ class Config(BaseModel):
             if isinstance(kind, str):
                 filled[name] = {"kind": kind, **value}
         return {**data, **filled} if filled else data  # copies: the caller's mappings stay as given
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_coercion(cls, value: Any, info: ValidationInfo) -> Any:
+        """Integer, boolean and number fields take only what YAML reads as such: pydantic's
+        lax mode would read ``heads: true`` as 1 head, ``gate: "yes"`` as true and
+        ``conv_size: "3"`` as 3. Strings stay allowed for number (float) fields, because
+        YAML 1.1 reads ``lr: 1e-3`` (no dot) as a string. Every subclass, third-party ones
+        included, gets this; other field types keep pydantic's own rules."""
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        problem = _loose_scalar(field.annotation, value) if field is not None else None
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
     def check(self, dims: "Dims") -> Iterable[tuple[str, str]]:
         """Checks that need the model's dimensions. Yield ``(field, message)``; the
@@ -138,3 +154,47 @@ class LossConfig(Config):
 
     weight: float = Field(default=1.0, ge=0)
     """Multiplier of this objective in the total loss."""
+
+
+# per scalar type: its name, and the types of value that lax mode would coerce into it
+# (bool is an int in Python, hence listed for int, and allowed back for bool below)
+_STRICT = {int: ("integer", (bool, str)), bool: ("boolean", (int, float, str)), float: ("number", (bool,))}
+
+
+def _scalar_type(annotation: Any) -> Any:
+    """int, bool or float for ``int``, ``int | None``, ``Annotated[int, ...]``; else None."""
+    if typing.get_origin(annotation) is Annotated:
+        return _scalar_type(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _scalar_type(members[0]) if len(members) == 1 else None
+    return annotation if annotation in _STRICT else None
+
+
+def _coerced(kind: Any, value: Any) -> str | None:
+    """'a boolean' / 'a string' / 'a number' when lax mode would coerce ``value`` into
+    ``kind``, else None."""
+    if not isinstance(value, _STRICT[kind][1]) or (kind is bool and isinstance(value, bool)):
+        return None
+    return "a boolean" if isinstance(value, bool) else "a string" if isinstance(value, str) else "a number"
+
+
+def _loose_scalar(annotation: Any, value: Any) -> str | None:
+    """Why ``value`` does not fit a scalar (or list of scalars) ``annotation`` without
+    coercion, or None when it does or the annotation is of another kind."""
+    kind = _scalar_type(annotation)
+    if kind is not None:
+        what = value is not None and _coerced(kind, value)
+        hint = " (true or false)" if kind is bool else ""
+        return f"input should be a valid {_STRICT[kind][0]}{hint}, not {what}, got {value!r}" if what else None
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # list[int] | None
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _loose_scalar(members[0], value) if len(members) == 1 else None
+    if typing.get_origin(annotation) in (list, tuple, set, frozenset) and isinstance(value, (list, tuple)):
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        kind = _scalar_type(args[0]) if args and all(a == args[0] for a in args) else None
+        for i, item in enumerate(value if kind is not None else ()):
+            what = _coerced(kind, item)
+            if what:
+                return f"items should be valid {_STRICT[kind][0]}s, not {what} (item {i}), got {value!r}"
+    return None

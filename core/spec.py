@@ -476,8 +476,20 @@ def load_model_spec(path: str | Path, overrides: Iterable[str] = (), *, registry
     """Read, merge, expand and validate a model spec file."""
     registry = _registry(registry)
     data = resolve_extends(Path(path))
+    _not_a_pipeline(data)
     apply_overrides(data, overrides)
     return model_spec_from_data(data, registry)
+
+
+def _not_a_pipeline(data: LocDict) -> None:
+    """A training pipeline where a model spec belongs is one error, not one 'unknown
+    field' per pipeline key."""
+    keys = [k for k in data if k in set(PipelineSpec.model_fields) - set(ModelSpec.model_fields)]
+    if "model" in keys or (keys and "layers" not in data):
+        loc = data.locs.get(keys[0]) or data.loc or Loc("<spec>", None, ())
+        raise SpecError([Problem(loc.file, loc.line, "", (
+            f"this is a training pipeline (it has {', '.join(keys[:3])}), not a model spec; a model spec has "
+            "vocab_size, d_model and layers (give a pipeline where one is asked for, e.g. compare --pipeline)"))])
 
 
 def model_spec_from_data(data: LocDict, registry: Any, prefix: tuple = ()) -> ModelSpec:
@@ -510,6 +522,7 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: 
             raise SpecError([data.locs["model"].problem(
                 f"model spec {model!r} not found (looked at {display_name(model_path)})")])
         data["model"] = resolve_extends(model_path)
+        _not_a_pipeline(data["model"])
     elif isinstance(model, dict) and "extends" in model:
         raise SpecError([data.locs["model"].problem("an inline model cannot use 'extends'; give a path instead")])
     apply_overrides(data, [o for o in overrides if o not in model_overrides])
@@ -538,5 +551,7 @@ def is_pipeline(path: str | Path) -> bool:
 
 
 def dump_spec(spec: BaseModel) -> str:
-    """The frozen, resolved spec as YAML (what the run directory stores)."""
+    """The frozen, resolved spec as YAML (what the run directory stores). Every field is
+    written, defaults included, and ``--resume`` / ``generate`` load it again: so config
+    validators judge values, never ``model_fields_set`` (which would then hold them all)."""
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

@@ -27,7 +27,8 @@ from hybridlab.core.numerics import compute_dtype
 from hybridlab.registry import hookimpl
 
 from .linear_recurrence import check_inputs, chunk_recurrence, recurrent_cases, recurrent_reference
-from .recurrent_layer import RecurrentConfig, RecurrentState, ShortConv, inverse_softplus, l2_norm, log_uniform_
+from .recurrent_layer import (RecurrentConfig, RecurrentState, ShortConv, inverse_softplus, l2_norm, log_uniform_,
+                              value_width)
 
 
 class Mamba2Config(RecurrentConfig):
@@ -131,7 +132,7 @@ class Mamba2(Dispatched, SequenceMixer):
         self.config = config
         self.heads = H = config.heads
         self.head_dim = K = config.head_dim or dims.d_model // H
-        self.value_dim = V = round(K * config.expand_v)
+        self.value_dim = V = value_width(K, config.expand_v)
         self.groups = G = config.groups
         self.conv_channels = H * V + 2 * G * K  # x, B, C
         self.in_proj = nn.Linear(dims.d_model, (H * V if config.gate else 0) + self.conv_channels + H, bias=False)

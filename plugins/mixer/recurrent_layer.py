@@ -39,7 +39,7 @@ class RecurrentConfig(Config):
     """Number of heads, each with its own state matrix [head_dim, head_dim·expand_v]."""
     head_dim: int | None = Field(default=None, ge=1)
     """Key (and query) width per head (default: d_model / heads)."""
-    expand_v: float = Field(default=1.0, gt=0)
+    expand_v: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     """Value width per head as a multiple of head_dim (head_dim·expand_v must be whole)."""
     conv_size: int = Field(default=4, ge=0)
     """Width of the short causal depthwise convolution (with SiLU) on q, k, v; 0 turns it off."""
@@ -54,9 +54,22 @@ class RecurrentConfig(Config):
         if self.head_dim is None and dims.d_model % self.heads:
             yield "heads", f"must divide d_model ({dims.d_model}) unless head_dim is set, got {self.heads}"
         head_dim = self.head_dim or dims.d_model // self.heads
-        if head_dim * self.expand_v != round(head_dim * self.expand_v) or head_dim * self.expand_v < 1:
+        width = value_width(head_dim, self.expand_v)
+        if width is None or width < 1:
             yield "expand_v", (f"head_dim × expand_v must be a whole number ≥ 1, got {head_dim} × {self.expand_v}; "
                                "pick expand_v so the value width is whole")
+
+
+def value_width(head_dim: int, expand_v: float) -> int | None:
+    """head_dim·expand_v as a whole number, or None when it is not one. Float products
+    miss whole numbers by a rounding error (25 × 2.2 = 55.000000000000007), so a product
+    within a relative 1e-9 of an integer counts as that integer; every layer that sizes
+    its values from expand_v uses this, so the check and the widths agree."""
+    width = head_dim * expand_v
+    if not math.isfinite(width):  # 1e308 × 25 overflows; round() of it would raise
+        return None
+    whole = round(width)
+    return whole if math.isclose(width, whole, rel_tol=1e-9) else None
 
 
 class DeltaRuleConfig(RecurrentConfig):
@@ -160,7 +173,9 @@ class RecurrentMixer(Dispatched, SequenceMixer):
         self.config = config
         self.heads = H = config.heads
         self.head_dim = K = config.head_dim or dims.d_model // H
-        self.value_dim = V = round(K * config.expand_v)
+        self.value_dim = V = value_width(K, config.expand_v)
+        if V is None:  # config.check reports this for specs; a config built by hand can still hold it
+            raise ValueError(f"head_dim × expand_v must be a whole number, got {K} × {config.expand_v}")
         self.qkv = nn.Linear(dims.d_model, H * (2 * K + V), bias=False)
         self.conv = ShortConv(H * (2 * K + V), config.conv_size) if config.conv_size else None
         self.norm = OutputNorm(V) if config.output_norm else None

@@ -1,6 +1,7 @@
 """The hybridlab command line: exit status 2 and one clear line for bad input."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,8 @@ def test_validate_ok_and_set_override(capsys):
     (["train", "--set", "steps=-1", "--out", "x"], "steps: input should be greater than or equal to 1, got -1"),
     (["train", "--resume", "nowhere"], "nowhere: not a run directory"),
     (["summary", str(TINY), "--device", "cuda:7"], "cuda"),
+    (["summary", str(TINY), "--seq-len", "-5"], "argument --seq-len: expected a positive whole number, got '-5'"),
+    (["summary", str(TINY), "--seq-len", "0"], "argument --seq-len: expected a positive whole number, got '0'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     code, out, err = run(*args, cwd=tmp_path)
@@ -101,6 +104,26 @@ def test_summary_prints_chosen_implementation_params_and_state(capsys):
     # the attention layer: 2 kv heads x head_dim 16 x 2 (k and v) x 1000 tokens x 4 bytes (float32)
     assert "250.0 KiB" in rows["2"]
     assert "total parameters:" in out
+
+
+def test_output_to_a_closed_pipe_ends_quietly():
+    """`hybridlab summary SPEC | head -4`: the reader is gone before the output is written;
+    no BrokenPipeError traceback, and the status a SIGPIPE would give (128 + 13)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "hybridlab", "summary", str(TINY)], stdout=write,
+                              stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr) == (141, "")
+
+
+def test_validate_expand_v_inf_is_one_line(tmp_path):
+    (tmp_path / "m.yaml").write_text("vocab_size: 64\nd_model: 50\nlayers:\n"
+                                     "  - mixer: {kind: gated_deltanet, heads: 2, expand_v: .inf}\n")
+    code, _, err = run("validate", "m.yaml", cwd=tmp_path)
+    assert (code, err) == (2, "m.yaml:4: layers[0].mixer.expand_v: input should be a finite number, got inf\n")
 
 
 def test_train_a_few_steps_writes_a_run_directory(tmp_path):

@@ -192,11 +192,25 @@ def test_parse_lrs():
     (["nope.yaml", "--pipeline", "p.yaml"], "nope.yaml: no such model spec"),
     (["one.yaml", "--pipeline", "missing.yaml"], "missing.yaml: no such file"),
     (["one.yaml", "--pipeline", "p.yaml", "--set", "steps=0"], "steps: input should be greater than or equal to 1"),
+    (["one.yaml", "--pipeline", "p.yaml", "--select", "nope/metric"],
+     "--select 'nope/metric': expected SPLIT/METRIC with SPLIT one of the parity task's evaluation splits "
+     "(len6, len12)"),
+    (["one.yaml", "--pipeline", "p.yaml", "--select", "accuracy"], "--select 'accuracy': expected SPLIT/METRIC"),
+    (["p.yaml", "--pipeline", "p.yaml"], "p.yaml:2: this is a training pipeline (it has model, data, optimizer), "
+                                         "not a model spec"),
 ])
 def test_bad_compare_input_is_one_line_and_exit_2(files, capsys, args, message):
     assert main(["compare", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+    assert not (files / "runs").exists()  # nothing trained, no directory made
+
+
+def test_select_is_checked_against_finished_cells_before_training(files, monkeypatch):
+    compare(files / "out", lrs=[1e-3])
+    monkeypatch.setattr(train_module.Trainer, "run", lambda self: pytest.fail("trained before checking --select"))
+    with pytest.raises(HybridlabError, match="--select 'len6/acuracy': no such metric; the runs report len6/loss"):
+        compare(files / "out", select="len6/acuracy")
 
 
 def test_bad_flags_are_one_line_without_a_traceback(files):
