@@ -62,6 +62,9 @@ def op(name: str, kind: str, reference: Callable) -> Callable:
             value = bound.arguments.get(arg)
             if value is not None and not isinstance(value, torch.Tensor):
                 raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(value).__name__}")
+        q, k, v = (bound.arguments[x] for x in ("q", "k", "v"))
+        if not (k.dtype == q.dtype == v.dtype):
+            raise ValueError(f"{name}: expected q, k and v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
         g = bound.arguments.get("g")
         # g is a log decay; a positive one (a growing state) is outside every op's contract
         # (the chunked forms cap decay ratios at 1). One host sync; skipped while compiling

@@ -28,7 +28,7 @@ from hybridlab.core.numerics import compute_dtype
 from hybridlab.registry import hookimpl
 
 from .gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig
-from .linear_recurrence import chunk_recurrence, new_document, recurrent_cases
+from .linear_recurrence import chunk_recurrence, new_document, no_autocast, recurrent_cases
 from .recurrent_layer import RecurrentState, ShortConv
 
 
@@ -71,6 +71,7 @@ def _householder_steps(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
     return n
 
 
+@no_autocast
 def gated_delta_product_reference(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *,
                                   scale: float | None = None, initial_state: Tensor | None = None,
                                   doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -41,6 +41,7 @@ reaches tokens with r_t = 0, and only tokens with r_j = r_C reach the next chunk
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -78,8 +79,8 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None, g_
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"expected q, k [B, T, H, K] and v [B, T, H, V] (time-major); got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if not q.is_floating_point() or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"expected q, k and v of one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.is_floating_point() and k.is_floating_point() and v.is_floating_point()):
+        raise ValueError(f"expected floating q, k and v, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, T, H, K = q.shape
     if K == 0:
         raise ValueError(f"the key dim K of q and k must be at least 1, got q {tuple(q.shape)}")
@@ -113,9 +114,26 @@ def new_document(doc_ids: Tensor) -> Tensor:
     return starts
 
 
+def no_autocast(fn: Callable) -> Callable:
+    """Run ``fn`` with autocast off on q's device: both forms compute in fp32 by design
+    (compute_dtype), and autocast would run their matmuls in bf16 inside the written
+    backwards' forwards, whose backwards (outside autocast) then meet mixed dtypes.
+    Outputs keep the inputs' dtype, as autocast's callers expect."""
+
+    @functools.wraps(fn)
+    def run(q: Tensor, *args, **kwargs):
+        if torch.is_autocast_enabled(q.device.type):
+            with torch.autocast(q.device.type, enabled=False):
+                return fn(q, *args, **kwargs)
+        return fn(q, *args, **kwargs)
+
+    return run
+
+
 # ---------------------------------------------------------------- reference
 
 
+@no_autocast
 def recurrent_reference(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None, beta: Tensor | None = None,
                         scale: float | None = None, initial_state: Tensor | None = None,
                         doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -231,7 +249,9 @@ def _channel_scores(b: Tensor, g: Tensor, rows: list[Tensor]) -> list[Tensor]:
     C = b.shape[-2]
     if C & (C - 1):
         raise ValueError(f"per-channel decay needs a power-of-two chunk, got {C}")
-    return list(_ChannelScores.apply(b, g, *rows))
+    if not 1 <= len(rows) <= 2:
+        raise ValueError(f"_channel_scores takes one or two row tensors, got {len(rows)}")
+    return list(_ChannelScores.apply(b, g, *rows, *[None] * (2 - len(rows))))
 
 
 def _levels(a: Tensor, C: int):
@@ -295,9 +315,10 @@ class _ChannelScores(torch.autograd.Function):
     cancelling terms would cost precision (see _SegmentDecay)."""
 
     @staticmethod
-    def forward(ctx, b: Tensor, g: Tensor, *rows: Tensor) -> tuple[Tensor, ...]:
+    def forward(ctx, b: Tensor, g: Tensor, a1: Tensor, a2: Tensor | None) -> tuple[Tensor, ...]:
+        # named rows, not *rows: torch.compile (2.13) misbinds a varargs forward
         C = b.shape[-2]
-        b, rows = b.contiguous(), [a.contiguous() for a in rows]
+        b, rows = b.contiguous(), [a.contiguous() for a in (a1, a2) if a is not None]
         outs = [torch.diag_embed((a * b).sum(-1)) for a in rows]  # t = j: decay exp(0) = 1
         for n, m, R, D in _levels(g.to(b.dtype).exp(), C):
             cols = (_halves(b, n, m)[0] * D).transpose(-1, -2)
@@ -335,7 +356,7 @@ class _ChannelScores(torch.autograd.Function):
             _halves(db, n, m)[0].add_(d_cols * D)
             if m > 1:
                 dg1[..., 1:, :] += (d_cols * cols)[..., :-1, :].cumsum(-2)
-        return (db, dg.to(g.dtype), *das)
+        return (db, dg.to(g.dtype), *das, *[None] * (2 - len(das)))
 
 
 def _suffix_sums(x: Tensor) -> Tensor:
@@ -343,6 +364,7 @@ def _suffix_sums(x: Tensor) -> Tensor:
     return x.flip(-2).cumsum(-2).flip(-2) if x.shape[-2] > 1 else x
 
 
+@no_autocast
 def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None, beta: Tensor | None = None,
                      scale: float | None = None, initial_state: Tensor | None = None,
                      doc_ids: Tensor | None = None, chunk_size: int | None = None,
@@ -382,7 +404,9 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
     if T > chunk_size:
         C = chunk_size
     else:  # one chunk (a decode step is T = 1); per-channel decay needs a power of two
-        C = 1 << max(T - 1, 0).bit_length() if per_channel else max(T, 1)
+        C = max(T, 1)
+        while per_channel and C & (C - 1):  # the power of two ≥ T (no int.bit_length: T may be symbolic)
+            C += C & -C
     N = -(-T // C)
     pad = N * C - T
 
@@ -630,8 +654,8 @@ class _Gram(torch.autograd.Function):
 
 class _UnitLowerSolve(torch.autograd.Function):
     """Xᵢ = (I + M)⁻¹ Rᵢ for M [.., C, C] strictly lower triangular (its diagonal and upper
-    part are ignored, and get no gradient) and any number of right-hand sides Rᵢ
-    [.., C, Pᵢ] (no concatenated copies), through the explicit inverse A = (I + M)⁻¹ (see
+    part are ignored, and get no gradient) and two right-hand sides Rᵢ [.., C, Pᵢ] (no
+    concatenated copy), through the explicit inverse A = (I + M)⁻¹ (see
     unit_lower_inverse), as the UT transform of the DeltaNet paper forms T = A Diag(β):
     Xᵢ = A Rᵢ; backward dRᵢ = Aᵀ dXᵢ, dM = -tril(Σᵢ dRᵢ Xᵢᵀ, -1).
 
@@ -647,9 +671,11 @@ class _UnitLowerSolve(torch.autograd.Function):
     in the forward cost 7-10% of the delta family's forward+backward."""
 
     @staticmethod
-    def forward(ctx, M: Tensor, *rhs: Tensor) -> tuple[Tensor, ...]:
+    def forward(ctx, M: Tensor, R1: Tensor, R2: Tensor) -> tuple[Tensor, ...]:
+        # named arguments, not *rhs: torch.compile (2.13) bound a varargs forward's first
+        # right-hand side to M
         A = unit_lower_inverse(M)
-        xs = tuple(A @ R for R in rhs)
+        xs = (A @ R1, A @ R2)
         ctx.save_for_backward(A, *xs)
         return xs
 
@@ -682,7 +708,9 @@ def unit_lower_inverse(M: Tensor, base: int = 16) -> Tensor:
     two batched matmuls per doubling. C is padded to base · 2^k with identity rows (the
     inverse of the padded matrix holds the wanted one in its corner)."""
     *lead, C, _ = M.shape
-    size = 1 << max(C - 1, 0).bit_length()  # a power of two, ≥ C
+    size = 1
+    while size < C:  # the power of two ≥ C (a loop, not int.bit_length: C may be symbolic under torch.compile)
+        size *= 2
     b = min(base, size)
     if size != C:
         M = F.pad(M, (0, size - C, 0, size - C))

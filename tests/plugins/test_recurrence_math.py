@@ -476,3 +476,36 @@ def test_the_default_chunk_is_per_device_and_is_what_chunk_recurrence_uses():
             grads = torch.autograd.grad((o_c * w).sum() + S_c.sum(), leaves)
             for got, want in zip(grads, grads_ref):
                 torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_the_written_backwards_trace_under_torch_compile():
+    """torch.compile (2.13) bound the first varargs input of an autograd.Function's forward
+    to the wrong parameter when no input needed a gradient (compile: true failed in the
+    first evaluation, in the UT solve); the solve and the per-channel scores take named
+    inputs, and compiled equals eager, without and with gradients. Small shapes: each
+    compiles in seconds."""
+    from hybridlab.plugins.mixer.linear_recurrence import _channel_scores, _UnitLowerSolve
+
+    def solve(M, R1, R2):
+        return _UnitLowerSolve.apply(M, R1, R2)
+
+    def scores(b, g, a1, a2):
+        return tuple(_channel_scores(b, g, [a1, a2]))
+
+    torch.manual_seed(0)
+    cases = ((solve, (torch.randn(2, 3, 32, 32).tril(-1) * 0.1, torch.randn(2, 3, 32, 5), torch.randn(2, 3, 32, 4))),
+             (scores, (torch.randn(2, 3, 8, 5), F.logsigmoid(torch.randn(2, 3, 8, 5)), torch.randn(2, 3, 8, 5),
+                       torch.randn(2, 3, 8, 5))))
+    for fn, args in cases:
+        compiled = torch.compile(fn, fullgraph=True)
+        with torch.no_grad():
+            for got, want in zip(compiled(*args), fn(*args)):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        results = []
+        for run in (compiled, fn):
+            leaves = [a.clone().requires_grad_() for a in args]
+            outs = run(*leaves)
+            sum((o * o).sum() for o in outs).backward()
+            results.append([o.detach() for o in outs] + [a.grad for a in leaves])
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

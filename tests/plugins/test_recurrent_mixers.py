@@ -110,6 +110,27 @@ def test_every_parameter_gets_a_gradient(kind, registry):
     assert not missing
 
 
+@pytest.mark.parametrize("kind", KINDS + ["gated_deltaproduct", "kda", "mamba2"])
+@pytest.mark.parametrize("impl", ["reference", "chunk"])
+def test_bf16_autocast_trains_and_the_recurrence_stays_fp32(kind, impl, registry):
+    """precision: bf16 trains under torch.autocast: the recurrences turn it off inside (they
+    compute in fp32; their written backwards once met bf16 saved tensors and failed on
+    mixed dtypes), so the layer's gradients stay close to the fp32 ones."""
+    module = build(registry, kind, gate=True).float()
+    x = torch.randn(2, 70, D)
+    with forced({kind: impl}):
+        y, _ = module(x)
+        y.square().mean().backward()
+        want = {n: p.grad.clone() for n, p in module.named_parameters()}
+        module.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y16, _ = module(x)
+        y16.float().square().mean().backward()
+    for n, p in module.named_parameters():
+        rel = ((p.grad - want[n]).norm() / want[n].norm().clamp_min(1e-12)).item()
+        assert rel < 0.1, (n, rel)  # bf16 projections around an fp32 recurrence: percent-level
+
+
 def test_gated_deltanet_follows_the_papers_parameterisation(registry):
     module = build(registry, "gated_deltanet", heads=4)
     A = module.A_log.exp()
@@ -147,6 +168,47 @@ def test_model_level_checks_name_the_field(registry):
         assert [f for f, _ in problems] == [field], problems
 
 
+def test_expand_v_is_whole_up_to_float_rounding_and_finite(registry):
+    """25 × 2.2 is 55.000000000000007 in floats: a whole width, and the one the modules
+    use; inf (or a product that overflows) is an error, not an OverflowError."""
+    for d_model, mixer, width in ((50, {"kind": "gated_deltanet", "heads": 2, "expand_v": 2.2}, 55),
+                                  (50, {"kind": "gated_deltanet", "heads": 1, "expand_v": 1.1}, 55),
+                                  (45, {"kind": "gla", "heads": 1, "expand_v": 1.4}, 63),
+                                  (50, {"kind": "mamba2", "heads": 2, "expand_v": 2.2}, 55)):
+        spec = ModelSpec.model_validate({"name": "t", "vocab_size": 11, "d_model": d_model,
+                                         "layers": [{"mixer": mixer}]}, context={"registry": registry})
+        assert list(spec.layers[0].mixer.check(spec.dims(registry=registry))) == []
+        module = Model(spec, registry).blocks[0].mixer
+        assert module.value_dim == width
+        y, _ = module(torch.randn(1, 5, d_model))
+        assert y.shape == (1, 5, d_model)
+    config = registry.kind("mixer", "gated_deltanet").config
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValidationError) as err:
+            config.model_validate({"kind": "gated_deltanet", "heads": 2, "expand_v": bad})
+        assert err.value.errors()[0]["loc"] == ("expand_v",) and "finite" in err.value.errors()[0]["msg"]
+    huge = config.model_validate({"kind": "gated_deltanet", "heads": 2, "expand_v": 1e308})
+    assert [f for f, _ in huge.check(Dims(d_model=50, vocab_size=11, n_layers=1))] == ["expand_v"]
+
+
+def test_recurrent_fields_take_no_bools_as_ints_nor_strings(registry):
+    """YAML's ``heads: true`` is not 1 head, ``gate: "yes"`` is not true, ``conv_size: "3"`` is not 3."""
+    for kind in ("gated_deltanet", "mamba2"):
+        config = registry.kind("mixer", kind).config
+        for field, bad, message in (("heads", True, "valid integer, not a boolean, got True"),
+                                    ("conv_size", "3", "valid integer, not a string, got '3'"),
+                                    ("head_dim", False, "valid integer, not a boolean"),
+                                    ("gate", "yes", "valid boolean (true or false), not a string, got 'yes'"),
+                                    ("output_norm", 1, "valid boolean (true or false), not a number, got 1"),
+                                    ("expand_v", True, "valid number, not a boolean")):
+            with pytest.raises(ValidationError) as err:
+                config.model_validate({"kind": kind, "heads": 2, field: bad})
+            [e] = err.value.errors()
+            assert e["loc"] == (field,) and message in e["msg"], (kind, e)
+        ok = config.model_validate({"kind": kind, "heads": 2, "head_dim": None, "expand_v": 2, "gate": False})
+        assert ok.expand_v == 2.0 and ok.head_dim is None
+
+
 # ---------------------------------------------------------------- hybridlab.ops
 
 
@@ -180,7 +242,7 @@ def test_ops_reject_what_is_outside_their_contract_with_a_named_error():
         ops.linear_attn(q.numpy(), k, v)
     with pytest.raises(TypeError, match=r"linear_attn\(q.*too many positional arguments"):
         ops.linear_attn(q, k, v, torch.zeros(B, H, K, V))  # initial_state is keyword-only
-    with pytest.raises(ValueError, match="one floating dtype, got torch.float64, torch.float32"):
+    with pytest.raises(ValueError, match="one dtype, got torch.float64, torch.float32"):
         ops.linear_attn(q.double(), k, v)
     with pytest.raises(ValueError, match="initial_state must be floating point, got torch.int64"):
         ops.linear_attn(q, k, v, initial_state=torch.zeros(B, H, K, V, dtype=torch.long))
