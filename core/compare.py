@@ -14,6 +14,12 @@ with a checkpoint resumes from it, exactly (core/train.py); the others start. A 
 directory that was trained with a different pipeline (say another ``--set steps``) is an
 error, never silently mixed into the table. Plots need matplotlib
 (``pip install 'hybridlab[plot]'``); without it compare writes the tables and says so.
+
+Losses: an evaluation's ``<split>/loss`` is the weighted sum of the objectives alone, without
+auxiliary losses (MoE balance, z-loss, router losses), which are logged as ``<split>/aux``;
+so the loss columns and the lower-loss tie-break compare an MoE spec and a dense one on the
+same terms. The training loss (``loss_curves.png``) is what was optimised, auxiliary terms
+included. Runs made before this rule have auxiliary terms inside ``<split>/loss``.
 """
 
 from __future__ import annotations

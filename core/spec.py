@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+import sys
 import typing
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -112,7 +113,8 @@ class PipelineSpec(Config):
     """Save a checkpoint every N steps (0: only at the end)."""
     log_every: int = Field(default=10, ge=1)
     """Write a line to metrics.jsonl every N steps."""
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    """Seeds the weights and the task's data streams (0 <= seed < 2**63)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 runs the forward under autocast; weights and optimizer stay fp32."""
     compile: bool = False
@@ -541,6 +543,12 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: 
                                     f"{spec.model.vocab_size}", rest))
     if problems:
         raise SpecError(problems)
+    warmup = getattr(spec.schedule, "warmup", None)  # any schedule kind with a warmup field
+    if isinstance(warmup, int) and warmup > spec.steps:
+        # a warning, not an error: `--set steps=3` on a real pipeline is a common smoke test
+        loc, rest = _walk(data, ("schedule", "warmup"))
+        print(f"warning: {loc.problem(f'warmup ({warmup} steps) is longer than the run (steps: {spec.steps}): the lr never reaches its peak', rest)}",
+              file=sys.stderr)
     return spec
 
 

@@ -153,7 +153,11 @@ class Trainer:
         batch = self.task.batch(split, index, self.spec.batch_size)
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def _loss(self, batch: dict[str, torch.Tensor], *,
+              with_aux: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+        """The weighted sum of the objectives, plus the auxiliary losses (MoE balance, z-loss...)
+        when ``with_aux``: training optimises that sum, evaluation reports the objectives alone
+        as ``loss`` (so specs with and without auxiliary terms compare fairly) and their sum as ``aux``."""
         with self._autocast():
             out = self.forward(batch["inputs"])
         total, metrics = torch.zeros((), device=self.device), {}
@@ -161,9 +165,14 @@ class Trainer:
             loss, m = objective(out, batch)
             total = total + weight * loss
             metrics.update(m)
+        aux_total = torch.zeros((), device=self.device)
         for name, aux_loss in out.aux_losses.items():
-            total = total + aux_loss
+            aux_total = aux_total + aux_loss
             metrics[name] = aux_loss.detach()
+        if out.aux_losses:
+            metrics["aux"] = aux_total.detach()
+            if with_aux:
+                total = total + aux_total
         metrics.update(out.metrics)
         if hasattr(self.task, "metrics"):  # e.g. accuracy per query type
             metrics.update(self.task.metrics(out, batch))
@@ -212,7 +221,7 @@ class Trainer:
         for split in self.task.splits():
             sums: dict[str, float] = {}
             for i in range(self.spec.eval_batches):
-                loss, metrics = self._loss(self._batch(split, i))
+                loss, metrics = self._loss(self._batch(split, i), with_aux=False)
                 for k, v in {"loss": loss, **metrics}.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
             results.update({f"{split}/{k}": v / self.spec.eval_batches for k, v in sums.items()})

@@ -358,8 +358,6 @@ def verify_model(spec: Any, *, device: str = "cpu", dtype: torch.dtype = torch.f
         torch.manual_seed(0)
         return Model(spec, registry).to(device=device, dtype=target_dtype)
 
-    master = build(torch.float32)
-    weights = master.state_dict()
     tokens = torch.randint(0, spec.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
 
     def run(target_dtype: torch.dtype, pins: str | dict, jitter: float = 0.0):
@@ -373,20 +371,34 @@ def verify_model(spec: Any, *, device: str = "cpu", dtype: torch.dtype = torch.f
         with forced(pins):
             return _model_run(model, tokens)
 
-    oracle = run(torch.float64, "reference")
-    ref_low = run(dtype, "reference")
-    # the reference again with every weight moved by about one unit in the last place: how
-    # far each gradient moves is its own rounding scale (large where the gradient is a sum
-    # that cancels), a floor under the reference's error for that gradient
-    ref_jitter = run(dtype, "reference", jitter=torch.finfo(dtype).eps)
-    fast = run(dtype, {})
+    label = f"B{batch} T{seq_len}"
+    # a plugin that raises (a third-party FFN returning the wrong shape...) is a failed
+    # check naming the stage and the exception, not a traceback; the other specs still run
+    stage, impl = "building the model", "dispatched"
+    try:
+        master = build(torch.float32)
+        weights = master.state_dict()
+        stage, impl = "float64 reference forward/backward", "reference"
+        oracle = run(torch.float64, "reference")
+        stage = f"{dtype_name(dtype)} reference forward/backward"
+        ref_low = run(dtype, "reference")
+        # the reference again with every weight moved by about one unit in the last place: how
+        # far each gradient moves is its own rounding scale (large where the gradient is a sum
+        # that cancels), a floor under the reference's error for that gradient
+        ref_jitter = run(dtype, "reference", jitter=torch.finfo(dtype).eps)
+        stage, impl = f"{dtype_name(dtype)} forward/backward", "dispatched"
+        fast = run(dtype, {})
+    except Exception as exc:  # noqa: BLE001 - a plugin's crash is a failed check
+        report.checks.append(Check(name, impl, dtype_name(dtype), label, f"{stage} raised {type(exc).__name__}: {exc}",
+                                   math.inf, 0, 0, False))
+        report.seconds = time.perf_counter() - start
+        return report
     from .dispatch import Dispatched
 
     used = {(m.category, m.kind) for m in master.modules() if isinstance(m, Dispatched)}
     impls = [i for c, k in used for i in registry.impls(c, k)]
     tolerance = max((i.tolerance for i in impls), default=2.0)
     floor = max((i.floor for i in impls), default=1e-6)
-    label = f"B{batch} T{seq_len}"
 
     def check(quantity: str, got: Tensor, ref: Tensor, expect: Tensor, min_ref_error: float = 0.0,
               min_scale: float = 0.0) -> Check:
@@ -487,6 +499,10 @@ def verify_model_decoding(spec: Any, *, device: str = "cpu", registry: Any = Non
             parallel = model(torch.cat(tokens, 1)).logits
     except NotImplementedError as exc:
         report.problems.append(f"model {spec.name}: cannot decode from state: {exc}")
+        return report
+    except Exception as exc:  # noqa: BLE001 - a plugin's crash is a failed check
+        report.checks.append(Check(f"model {spec.name}", "dispatched", "float64", label,
+                                   f"decoding raised {type(exc).__name__}: {exc}", math.inf, 0, 0, False))
         return report
     error = rel_rms(stepped, parallel)
     report.checks.append(Check(f"model {spec.name}", "dispatched", "float64", label, "greedy decode == parallel",

@@ -174,14 +174,25 @@ class Registry:
 
     def unknown_kind_message(self, category: str, name: Any) -> str:
         if category not in self.categories:
-            return f"unknown category {category!r}; categories: {', '.join(sorted(self.categories))}"
+            return (f"unknown category {category!r}; categories: {', '.join(sorted(self.categories))}"
+                    + self._failed_plugins_hint())
         known = self.kinds(category)
         listing = ", ".join(f"{k.name} ({k.owner.package})" for k in known) or "none registered"
         msg = f"unknown {category} kind {name!r}"
         close = difflib.get_close_matches(str(name), [k.name for k in known], n=1, cutoff=0.6)
         if close:
             msg += f" (did you mean {close[0]!r}?)"
-        return f"{msg}; registered {category} kinds: {listing}"
+        return f"{msg}; registered {category} kinds: {listing}" + self._failed_plugins_hint()
+
+    def _failed_plugins_hint(self) -> str:
+        """A kind may be missing because the plugin providing it failed to load: say so."""
+        failed = [p for p in self.plugins if not p.ok]
+        if not failed:
+            return ""
+        names = ", ".join(f"{p.name!r} ({p.package}: {str(p.error).strip().splitlines()[0] if p.error else ''})"
+                          for p in failed)
+        which = "plugin" if len(failed) == 1 else "plugins"
+        return f"; {which} {names} failed to load and may provide it (see `hybridlab plugins`)"
 
     # ---- writing (through Register only) ----
     def _commit(self, register: Register) -> None:

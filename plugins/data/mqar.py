@@ -83,7 +83,9 @@ class MQAR:
         """-> {'inputs': [B, T] long, 'targets': [B, T] long (-100 where not scored)}"""
         c = self.config
         if split == "train" or (split == "eval" and not c.eval_lengths):
-            g = torch.Generator().manual_seed(((self.seed * 7919 + SPLIT_SEEDS[split]) << 32) + index)
+            # folded into 63 bits so any seed in the pipeline's range (0 <= seed < 2**63) works;
+            # small seeds keep the streams they always had
+            g = torch.Generator().manual_seed((((self.seed * 7919 + SPLIT_SEEDS[split]) << 32) + index) & (2**63 - 1))
             T = c.length
         elif split in self.splits():
             g, T = generator(self.seed, split, index), split_length(split)

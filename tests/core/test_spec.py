@@ -755,6 +755,30 @@ def test_load_pipeline_device(fixtures, device, ok):
         assert problem.message == f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N"
 
 
+def test_load_pipeline_seed_range(fixtures):
+    assert load_pipeline("train/path_model.yaml", [f"seed={2**63 - 1}"]).seed == 2**63 - 1
+    for seed, fragment in [(-1, "greater than or equal to 0"), (2**63, "less than 9223372036854775808")]:
+        [problem] = spec_errors(load_pipeline, "train/path_model.yaml", [f"seed={seed}"])
+        assert (problem.file, problem.path) == ("--set", "seed") and fragment in problem.message
+
+
+def test_load_pipeline_warmup_longer_than_the_run_warns_at_its_line(tmp_cwd, capsys):
+    write(tmp_cwd, "m.yaml", TINY)
+    write(tmp_cwd, "p.yaml", """
+        model: m.yaml
+        data: {kind: mqar}
+        steps: 20
+        schedule: {kind: cosine, warmup: 30}
+    """)
+    assert load_pipeline("p.yaml").schedule.warmup == 30  # a warning: `--set steps=3` smoke tests still run
+    assert capsys.readouterr().err == ("warning: p.yaml:4: schedule.warmup: warmup (30 steps) is longer than "
+                                       "the run (steps: 20): the lr never reaches its peak\n")
+    load_pipeline("p.yaml", ["schedule.warmup=20"])
+    assert capsys.readouterr().err == ""
+    load_pipeline("p.yaml", ["schedule={kind: constant, warmup: 21}"])
+    assert capsys.readouterr().err.startswith("warning: --set: schedule.warmup: warmup (21 steps)")
+
+
 def test_load_pipeline_inline_model_cannot_extend(tmp_cwd):
     write(tmp_cwd, "m.yaml", TINY)
     write(tmp_cwd, "p.yaml", "data: {kind: mqar}\nmodel: {extends: m.yaml}\n")

@@ -240,3 +240,23 @@ def test_resume_with_other_steps_warns_that_the_lr_schedule_is_re_stretched(regi
     [row] = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
              if r["step"] == 9 and "lr" in r]
     assert row["lr"] == pytest.approx(new)
+
+
+def test_readme_says_how_many_checkpoints_are_kept():
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert f"Only the newest {ckpt.KEEP} checkpoints of a run are kept" in readme
+
+
+def test_eval_loss_is_the_objectives_alone_and_aux_is_logged_apart(registry, tmp_path):
+    """An MoE spec is evaluated on the same loss as a dense one: eval/loss leaves the
+    balance and z losses out (they are eval/aux); the training loss still includes them."""
+    model = {**PIPELINE["model"], "layers": [{"mixer": {"kind": "attention", "heads": 2},
+                                              "ffn": {"kind": "moe", "experts": 4, "top_k": 2, "hidden": 16,
+                                                      "z_loss": 1e-2}}]}
+    trainer = Trainer(spec(registry, model=model, steps=2), tmp_path / "moe", registry=registry, progress=False)
+    result = trainer.evaluate()
+    assert result["eval/aux"] > 0
+    assert result["eval/loss"] == pytest.approx(result["eval/ce"], rel=1e-6)
+    total, metrics = trainer._loss(trainer._batch("eval", 0))
+    assert float(total.detach()) == pytest.approx(float(metrics["ce"]) + float(metrics["aux"]), rel=1e-5)

@@ -287,3 +287,42 @@ def test_a_reference_that_raises_is_a_failed_check_not_a_crash():
     assert [c.case for c in report.failures()] == ["breaks"]
     assert "reference raised RuntimeError: planted reference failure" in report.failures()[0].quantity
     assert any(c.case == "fine" and c.passed for c in report.checks)
+
+
+class Chop(torch.nn.Module):
+    """A third-party FFN that returns the wrong shape: the residual add raises."""
+
+    def __init__(self, config, dims):
+        super().__init__()
+        self.proj = torch.nn.Linear(dims.d_model, dims.d_model)
+
+    def forward(self, x, *, aux=None):
+        return self.proj(x)[..., :-1]
+
+
+def test_model_level_a_plugin_that_raises_is_a_failed_check_not_a_crash(tmp_path, monkeypatch, capsys):
+    from hybridlab.core.config import Config
+    from hybridlab.registry import manager
+
+    class ChopFFNConfig(Config):
+        kind: Literal["chop"] = "chop"
+
+    @hookimpl
+    def hybridlab_register(register):
+        register.kind("ffn", "chop", config=ChopFFNConfig, module=Chop)
+
+    registry = load_registry([("chop", types.SimpleNamespace(hybridlab_register=hybridlab_register))])
+    model = {**MODEL, "layers": [{**MODEL["layers"][0], "ffn": {"kind": "chop"}}]}
+    spec = ModelSpec.model_validate(model, context={"registry": registry})
+    report = verify_model(spec, registry=registry)
+    assert not report.passed
+    [failure] = report.failures()
+    assert "reference forward/backward raised RuntimeError" in failure.quantity
+    # the CLI: a FAIL row and exit status 1 (as for other failed checks), no traceback
+    import yaml
+
+    monkeypatch.setattr(manager, "_DEFAULT", registry)
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(model))
+    assert main(["verify", str(tmp_path / "m.yaml")]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "raised RuntimeError" in out and "FAILED: 0/1 checks passed" in out

@@ -424,6 +424,26 @@ def test_unknown_kind_message():
         registry.kind("mixer", "tyo")
 
 
+def test_unknown_kind_message_names_plugins_that_failed_to_load(site, tmp_path, monkeypatch):
+    (site / "hltest_relu2.py").write_text("raise ImportError('needs triton')\n")
+    _dist(site, "relu2-ffn", "0.1", "hybridlab_test_group", {"relu2": "hltest_relu2"})
+    registry = load_registry([("acme", toy_plugin())], group="hybridlab_test_group")
+    hint = ("; plugin 'relu2' (relu2-ffn: import failed: ImportError: needs triton) failed to load and may "
+            "provide it (see `hybridlab plugins`)")
+    assert registry.unknown_kind_message("mixer", "relu2") == (
+        "unknown mixer kind 'relu2'; registered mixer kinds: toy (acme)" + hint)
+    assert registry.unknown_kind_message("mixr", "toy").endswith(hint)
+    # through a spec: the located error carries the hint
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.yaml").write_text("vocab_size: 8\nd_model: 8\nlayers:\n  - mixer: {kind: relu2}\n")
+    with pytest.raises(SpecError) as info:
+        load_model_spec("m.yaml", registry=registry)
+    [problem] = [p for p in info.value.problems if p.path == "layers[0].mixer"]  # (no built-ins here)
+    assert str(problem).startswith("m.yaml:4: layers[0].mixer: unknown mixer kind 'relu2'")
+    assert str(problem).endswith(hint)
+    assert "plugin" not in fresh(("acme", toy_plugin())).unknown_kind_message("mixer", "relu2")
+
+
 def test_unknown_kind_message_names_versions_free_packages_for_builtins():
     registry = default_registry()
     message = registry.unknown_kind_message("normalization", "rmsnrm")

@@ -43,3 +43,12 @@ def test_eval_lengths_pad_before_the_queries():
 def test_eval_lengths_must_hold_the_pairs_and_queries():
     with pytest.raises(ValueError, match="eval_lengths: 10 is shorter than 2·pairs"):
         MQARConfig(vocab=32, pairs=4, eval_lengths=[16, 10])
+
+
+@pytest.mark.parametrize("seed", [1_000_000, 2**40 + 7, 2**63 - 1])
+def test_large_seeds_give_data(seed):
+    # the train stream's seed is folded into 63 bits: no overflow for any pipeline seed
+    task = MQAR(MQARConfig(vocab=32, pairs=4), seed=seed)
+    check_answers(task.batch("train", 3, 4))
+    check_answers(task.batch("eval", 0, 4))
+    assert task.batch("train", 3, 4)["inputs"].equal(task.batch("train", 3, 4)["inputs"])
