@@ -36,8 +36,13 @@ def forced(pins: str | dict[str, str]) -> Iterator[None]:
 
 
 def current_pins() -> dict[str, str]:
-    """The environment's pins, overridden by any ``forced`` block."""
-    return {**pins_from_env(), **dict(_FORCED.get())}
+    """The environment's pins, overridden by any ``forced`` block. A forced blanket pin
+    (``forced("reference")``) overrides the environment's per-kind pins too: verify runs
+    its reference passes that way, and an environment pin such as attention=sdpa must not
+    turn them into the fast path compared with itself."""
+    forced = dict(_FORCED.get())
+    env = {} if "*" in forced else pins_from_env()
+    return {**env, **forced}
 
 
 @dataclass(frozen=True)

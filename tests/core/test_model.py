@@ -96,6 +96,21 @@ def test_pinning_an_unknown_or_unfit_implementation_is_an_error(registry, monkey
     assert choose("mixer", "attention", cfg, "cpu", torch.float32, training=True, registry=registry).impl.name == "reference"
 
 
+def test_a_forced_blanket_pin_overrides_the_environments_per_kind_pins(registry, monkeypatch):
+    """verify's reference passes run under forced("reference"): an environment pin such as
+    attention=sdpa must not turn them into the fast path compared with itself."""
+    from hybridlab.core.dispatch import current_pins, forced
+
+    cfg = make(registry).spec.layers[0].mixer
+    monkeypatch.setenv("HYBRIDLAB_IMPL", "attention=sdpa")
+    with forced("reference"):
+        assert current_pins() == {"*": "reference"}
+        assert choose("mixer", "attention", cfg, "cpu", torch.float32, training=True, registry=registry).impl.name \
+            == "reference"
+    with forced({"mlp": "reference"}):  # a per-kind forced pin leaves the other kinds' env pins
+        assert current_pins() == {"attention": "sdpa", "mlp": "reference"}
+
+
 def test_state_bytes_counts_the_kv_cache(registry):
     model = make(registry)
     # block 0: 2 kv heads x head_dim 8, keys and values, 100 tokens, bf16
