@@ -91,7 +91,11 @@ class Model(nn.Module):
         self.spec = spec
         dims = spec.dims(registry=registry)
         self.embedding = dims.build("embedding", spec.embedding)
-        self.stream = dims.build("residual", spec.residual)  # expand()/reduce() only
+        # expand()/reduce() only, so kept outside the module tree: a residual module's own
+        # parameters (hyper-connections' mixing weights) belong to the blocks' instances,
+        # and this one's would never get a gradient yet be counted, saved and optimized
+        object.__setattr__(self, "stream", dims.build("residual", spec.residual))
+        self._register_load_state_dict_pre_hook(_drop_stream_parameters)
         self.blocks = nn.ModuleList(Block(b, spec.dims(i, registry), spec.residual) for i, b in enumerate(spec.layers))
         self.norm = dims.build("normalization", spec.norm, spec.d_model)
         self.head = dims.build("head", spec.head)
@@ -182,6 +186,13 @@ class Model(nn.Module):
             tokens.append(nxt)
             out = self.step(nxt, out.state)
         return torch.cat(tokens, dim=1)
+
+
+def _drop_stream_parameters(state_dict, prefix, *args) -> None:
+    """Checkpoints written before the stream left the module tree hold its unused
+    parameters (``stream.*``); they load without them."""
+    for key in [k for k in state_dict if k.startswith(prefix + "stream.")]:
+        del state_dict[key]
 
 
 def build_model(spec: ModelSpec, registry: Any = None) -> Model:

@@ -105,7 +105,13 @@ class Trainer:
         if steps < step or (steps == step and saved_steps not in (None, steps)):
             raise HybridlabError(f"{self.run_dir}: steps={steps} does not go past the run's current step {step} "
                                  f"(checkpoint {path.name}); set steps above {step} to train on")
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:
+            # e.g. a hyper-connection / mHC run saved before the stream's unused parameters
+            # left the model (its weights still load; its optimizer state lists them)
+            raise HybridlabError(f"{path}: the optimizer state does not fit the model ({exc}); the weights load "
+                                 "(generate works), but training cannot continue from this checkpoint") from None
         self.step, self.bad_steps = step, state.get("bad_steps", 0)
         torch.set_rng_state(state["rng"]["torch"])
         if self.device.type == "cuda" and "cuda" in state["rng"]:

@@ -14,6 +14,15 @@ of r_t against "t is in its sequence's top-k", the paper's auxiliary-loss method
 evaluation and decoding choose causally: a token goes through the block when r_t > 0.
 In that mode each sequence chooses a different number of tokens, so the wrapper runs
 the block one sequence at a time and keeps one decoding state per sequence (batch 1).
+
+Not causal in training (the paper's known caveat, kept on purpose): the top-k choice
+reads the whole sequence, so a training-mode output at position t depends on tokens
+after t. The training loss and any training-mode accuracy of a MoD model can use future
+tokens, and the same weights give different logits in train and eval mode (top-k versus
+r_t > 0). Evaluation and decoding are causal. See docs/research-loop.md.
+
+In evaluation each sequence's block run reports its own losses and metrics (e.g. a MoE
+FFN's loads); the batch's are their average weighted by each sequence's chosen tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from hybridlab.core.config import Config, Dims
+from hybridlab.core.interfaces import Aux
 from hybridlab.core.numerics import upcast
 from hybridlab.registry import hookimpl
 
@@ -77,16 +87,19 @@ class MixtureOfDepths(nn.Module):
     def causal(self, block, h: Tensor, logits: Tensor, state, *, doc_ids, aux, step: bool):
         """Evaluation and decoding: token t runs the block when its router logit is > 0."""
         chosen = logits > 0  # [B, T]
-        rows, states = [], []
+        rows, states, reports = [], [], []
         for b in range(h.shape[0]):  # sequences choose different numbers of tokens
             idx = chosen[b].nonzero().view(1, -1)  # [1, k_b]
             row, s = h[b:b + 1], None if state is None else state[b]
             if idx.numel():
                 ids = None if doc_ids is None else doc_ids[b:b + 1]
-                row, s = self.run(block, row, idx, logits[b:b + 1], s, doc_ids=ids, aux=aux, step=step)
+                row_aux = None if aux is None else Aux(prefix=aux.prefix)  # its own: rows would overwrite
+                row, s = self.run(block, row, idx, logits[b:b + 1], s, doc_ids=ids, aux=row_aux, step=step)
+                reports.append((idx.shape[1], row_aux))
             rows.append(row)
             states.append(s)
         if aux is not None:
+            combine(reports, aux)
             aux.scope("mod").add_metric("processed", chosen.float().mean())
         return torch.cat(rows), None if state is None else states
 
@@ -105,6 +118,21 @@ class MixtureOfDepths(nn.Module):
     def init_state(self, block, batch: int, device, dtype):
         """One batch-1 state per sequence: each sequence's block sees only its own chosen tokens."""
         return [block.mixer.init_state(1, device, dtype) for _ in range(batch)]
+
+
+def combine(reports: list[tuple[int, Aux | None]], aux: Aux) -> None:
+    """The block's losses and metrics of the batch from those of its sequences (each ran
+    alone on its k_b chosen tokens): the average weighted by k_b, as if the block had seen
+    the batch's chosen tokens together. Exact for per-token means (an expert's share of the
+    load, a mean loss); for nonlinear statistics (a max over mean, a product of means) the
+    token-weighted average of the per-sequence values."""
+    total = sum(k for k, _ in reports)
+    for kind in ("losses", "metrics"):
+        names = dict.fromkeys(name for _, r in reports for name in getattr(r, kind))
+        for name in names:
+            parts = [(k, getattr(r, kind)[name]) for k, r in reports if name in getattr(r, kind)]
+            weight = sum(k for k, _ in parts) or total
+            getattr(aux, kind)[name] = sum(v * (k / weight) for k, v in parts)
 
 
 @hookimpl

@@ -175,11 +175,15 @@ def grouped_matmul(a: Tensor, b: Tensor, counts: Tensor) -> Tensor:
     """a [M, K] with rows grouped by expert (counts [G] rows each, in order), b [G, K, N]
     -> [M, N]: row r of group g times b[g]."""
     device = a.device.type
-    if device in GROUPED_MM_DEVICES and grouped_mm_runs(device, a.dtype) and _aligned(a) and _aligned(b):
+    # under torch.compile the padded bmm: Dynamo would trace the probe (its lru_cache does
+    # not hold there) and the fake kernel of _grouped_mm rejects some dtypes the eager op runs
+    if (not torch.compiler.is_compiling() and device in GROUPED_MM_DEVICES and grouped_mm_runs(device, a.dtype)
+            and _aligned(a) and _aligned(b)):
         return torch._grouped_mm(a, b, offs=counts.cumsum(0).to(torch.int32))
     # fallback: pad every group to the largest and run one batched matmul
     G = b.shape[0]
-    group = torch.repeat_interleave(torch.arange(G, device=a.device), counts)  # [M] group of each row
+    # [M]: the group of each row
+    group = torch.repeat_interleave(torch.arange(G, device=a.device), counts, output_size=a.shape[0])
     starts = counts.cumsum(0) - counts
     pos = torch.arange(a.shape[0], device=a.device) - starts[group]  # [M] row within its group
     width = int(counts.max()) if counts.numel() else 0

@@ -146,6 +146,20 @@ def test_resume_with_a_reshaped_parameter_names_it_and_both_shapes(registry, tmp
     assert len(err) == 1 and "shape mismatch" in err[0]
 
 
+def test_an_optimizer_state_that_does_not_fit_is_a_clear_error(registry, tmp_path):
+    """As a hyper-connection / mHC run saved while the stream's unused parameters were
+    still in the model: its weights load, its optimizer state lists one parameter more."""
+    run_dir, _ = train(spec(registry, steps=4), out=tmp_path / "r", progress=False, registry=registry)
+    trainer_file = sorted((run_dir / "checkpoints").glob("step-*"))[-1] / "trainer.pt"
+    state = torch.load(trainer_file, weights_only=False)
+    group = state["optimizer"]["param_groups"][0]
+    group["params"] = [*group["params"], max(p for g in state["optimizer"]["param_groups"] for p in g["params"]) + 1]
+    torch.save(state, trainer_file)
+    with pytest.raises(HybridlabError, match=r"step-000004: the optimizer state does not fit the model \(.*\); "
+                                             r"the weights load \(generate works\)"):
+        train(None, resume=run_dir, overrides=["steps=8"], progress=False, registry=registry)
+
+
 def test_a_partial_last_metrics_line_is_dropped_with_a_warning(registry, tmp_path, capsys):
     whole = Trainer(spec(registry), tmp_path / "whole", registry=registry, progress=False)
     whole.run()

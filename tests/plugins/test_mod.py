@@ -80,6 +80,42 @@ def test_decoding_from_state_equals_the_parallel_forward(registry, residual):
     assert len(set(caches)) > 1 and max(caches) < 23
 
 
+def test_evaluation_combines_the_block_losses_and_metrics_of_every_sequence(registry):
+    """In evaluation each sequence runs the block alone on its own chosen tokens; the batch's
+    MoE loads and losses are the average over sequences weighted by their chosen tokens
+    (not the last sequence's alone)."""
+    model = make(registry, ffn={"kind": "moe", "experts": 4, "top_k": 2, "hidden": 16, "z_loss": 1e-3}).eval()
+    tokens = torch.randint(0, 37, (3, 30))
+    with torch.no_grad():
+        batch = model(tokens)
+        rows = [model(tokens[b:b + 1]) for b in range(3)]
+    chosen = [float(r.metrics["layers.2.mod.processed"]) * 30 for r in rows]  # k_b of each sequence
+    assert len(set(chosen)) > 1 and min(chosen) > 0
+    names = [f"layers.2.moe.load.{e}" for e in range(4)]
+    for name in names + ["layers.2.moe.balance_loss", "layers.2.moe.z_loss"]:
+        values = [r.metrics[name] if name in r.metrics else r.aux_losses[name] for r in rows]
+        expected = sum(k * float(v) for k, v in zip(chosen, values)) / sum(chosen)
+        got = batch.metrics[name] if name in batch.metrics else batch.aux_losses[name]
+        assert float(got) == pytest.approx(expected, rel=1e-6), name
+        assert float(got) != pytest.approx(float(values[-1]), rel=1e-4), name  # not the last row's
+    # exact for the loads: the share of each expert among all the batch's chosen tokens
+    assert float(sum(batch.metrics[n] for n in names)) == pytest.approx(1.0)
+
+
+def test_evaluation_is_causal_and_training_is_not_as_documented(registry):
+    """The documented caveat (module docstring, docs/research-loop.md): training's top-k
+    reads the whole sequence, evaluation's r_t > 0 does not."""
+    model = make(registry)
+    tokens = torch.randint(0, 37, (2, 40))
+    changed = tokens.clone()
+    changed[:, 30:] = torch.randint(0, 37, (2, 10))
+    model.eval()
+    torch.testing.assert_close(model(changed).logits[:, :30], model(tokens).logits[:, :30], rtol=1e-12, atol=1e-12)
+    model.train()
+    assert (model(changed).logits[:, :30] - model(tokens).logits[:, :30]).abs().max() > 1e-6
+    assert (model(tokens).logits - model.eval()(tokens).logits).abs().max() > 1e-6  # train and eval differ
+
+
 def test_router_loss_and_metrics_flow_through_the_output_and_train_the_router(registry):
     model = make(registry).train()
     out = model(torch.randint(0, 37, (2, 16)))

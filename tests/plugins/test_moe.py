@@ -98,6 +98,34 @@ def test_grouped_mm_is_probed_per_device_and_dtype():
     assert moe_plugin.grouped_mm_runs("cpu", torch.float32) == hasattr(torch, "_grouped_mm")
 
 
+def test_a_compiled_moe_matches_eager_forward_and_backward(registry, one_thread):
+    """torch.compile traces grouped_matmul without its probe (Dynamo ignores the lru_cache,
+    and the fake _grouped_mm rejects fp32): compiled, it takes the padded bmm."""
+    from hybridlab.core.interfaces import Aux
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = MoE(MoEConfig(**{**MOE, "experts": 4, "hidden": 8}), Dims(d_model=16, vocab_size=5, n_layers=1))
+    module.registry = registry
+    module.init_weights(0.1)
+    x = torch.randn(2, 6, 16)
+
+    def run(fn):
+        aux = Aux()
+        y = fn(x, aux=aux)
+        grads = torch.autograd.grad(y.square().sum() + sum(aux.losses.values()), list(module.parameters()))
+        return y, aux.losses, grads
+
+    moe_plugin.grouped_mm_runs.cache_clear()  # as in a fresh process: the first forward is compiled
+    cy, closses, cgrads = run(torch.compile(module, backend="aot_eager"))
+    y, losses, grads = run(module)
+    torch.testing.assert_close(cy, y)
+    torch.testing.assert_close(closses, losses)
+    for c, g in zip(cgrads, grads):
+        torch.testing.assert_close(c, g)
+    torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------- the module and the model
 
 

@@ -105,3 +105,25 @@ def test_the_lanes_get_different_gradients_from_the_first_step(registry, residua
     module = model.blocks[0].mixer_residual
     grad = module.static.grad[:, -1] if residual["kind"] == "hyper_connections" else module.bias.grad[:, 1]
     assert grad.std() > 1e-2 * grad.abs().mean(), grad  # the write weight of each lane (B / b_post)
+
+
+@pytest.mark.parametrize("residual", RESIDUALS, ids=lambda r: f"{r['kind']}-{r['lanes']}")
+def test_every_parameter_of_a_model_with_lanes_is_used(registry, residual):
+    """The model's own residual module only expands and reduces the stream: it is kept out
+    of the module tree, so no mixing weights sit unused (counted, saved, optimized) beside
+    the blocks' ones; an old checkpoint that still holds them loads."""
+    from hybridlab.core.model import count_parameters
+
+    torch.manual_seed(0)
+    model = Model(spec(registry, residual), registry).double()
+    tokens = torch.randint(0, 37, (2, 15))
+    logits = model(tokens[:, :-1]).logits
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    unused = [name for name, p in model.named_parameters() if p.grad is None]
+    assert unused == []
+    used = {id(p): p for m in (model.embedding, model.blocks, model.norm, model.head) for p in m.parameters()}
+    assert count_parameters(model) == sum(p.numel() for p in used.values())
+    assert not any(key.startswith("stream.") for key in model.state_dict())
+    old = {**model.state_dict(), **{f"stream.{k}": v for k, v in model.stream.state_dict().items()}}
+    assert len(old) > len(model.state_dict())
+    Model(spec(registry, residual), registry).double().load_state_dict(old)  # strict
