@@ -233,6 +233,8 @@ def _print_report(report: Any, *, show_all: bool) -> None:
         if failures:
             print(f"\nfailing checks ({len(failures)}):")
             _table(header, [row(c) for c in failures])
+    for note in report.notes:
+        print(f"NOTE: {note}")
     for problem in report.problems:
         print(f"PROBLEM: {problem}")
     n, bad = len(report.checks), len(report.failures())

@@ -25,6 +25,12 @@ def format_path(path: tuple) -> str:
     return out
 
 
+class CannotDecode(NotImplementedError):
+    """A layer that by design has no step-by-step decoding (e.g. attention with causal:
+    false). verify_model skips its decode checks with a note; a mixer that merely lacks
+    init_state raises plain NotImplementedError, which verify reports as a problem."""
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with a spec, where it is, and what is wrong."""

@@ -61,9 +61,10 @@ def generate(run_dir: str | Path, prompt: str, *, max_new_tokens: int = 32, temp
     for i, block in enumerate(model.blocks):
         try:
             block.mixer.init_state(1, "cpu", torch.float32)
-        except NotImplementedError:
+        except NotImplementedError as exc:
+            why = str(exc) or "it has no init_state"
             raise HybridlabError(f"layer {i}: mixer {spec.model.layers[i].mixer.kind!r} cannot decode step by step "
-                                 "(it has no init_state)") from None
+                                 f"({why})") from None
     device_ = next(model.parameters()).device
     prompt_ids = torch.tensor([ids], device=device_)  # [1, T]
     g = torch.Generator(device=device_).manual_seed(seed)

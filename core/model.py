@@ -163,7 +163,13 @@ class Model(nn.Module):
         param = next(self.parameters())
         device = param.device if device is None else device
         dtype = param.dtype if dtype is None else dtype
-        states = [block.init_state(batch, device, dtype) for block in self.blocks]
+        states = []
+        for i, block in enumerate(self.blocks):
+            try:
+                states.append(block.init_state(batch, device, dtype))
+            except NotImplementedError as exc:  # CannotDecode stays CannotDecode
+                raise type(exc)(f"layer {i}: {exc}" if str(exc) else
+                                f"layer {i}: mixer cannot decode step by step (it has no init_state)") from None
         if hasattr(self.embedding, "inject"):
             states.append(self.embedding.init_state(batch, device, dtype))
         return states

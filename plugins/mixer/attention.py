@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from hybridlab.core.config import Component, Config, Dims
 from hybridlab.core.dispatch import Dispatched
+from hybridlab.core.errors import CannotDecode
 from hybridlab.core.interfaces import SequenceMixer
 from hybridlab.core.numerics import compute_dtype, upcast
 from hybridlab.core.verify import BATCHES, SEQ_LENS, Case
@@ -53,6 +54,20 @@ def kv_heads_divide_heads(cls, kv_heads: int | None, info) -> int | None:
     return kv_heads
 
 
+MAX_WINDOW = 2 ** 31
+"""The largest sliding window a spec may ask for (positions and ring slots stay in int64
+and a window beyond any real context is no window: leave it unset)."""
+
+
+def rope_rotates_nothing(position, width: int) -> str | None:
+    """The located-error message when ``position`` is a rope that rotates no dims of a
+    ``width``-wide head (the layer would silently get no position information)."""
+    rotary = getattr(position, "rotary_dims", None)
+    if rotary is not None and rotary(width) < 2:
+        return f"rope rotates no dims at head_dim {width}; raise fraction or use kind: none"
+    return None
+
+
 class AttentionConfig(Config):
     """Softmax attention; kv_heads < heads shares each K/V head across a group of query heads."""
 
@@ -65,7 +80,7 @@ class AttentionConfig(Config):
     """Width of each head (default: d_model / heads)."""
     causal: bool = True
     """Each token attends only to itself and earlier tokens."""
-    window: int | None = Field(default=None, ge=1)
+    window: int | None = Field(default=None, ge=1, le=MAX_WINDOW)
     """Sliding window: each token sees at most this many tokens, itself included (with
     causal: false, tokens less than this far away on either side). Decoding keeps a ring
     buffer of the last `window` keys instead of the whole history."""
@@ -90,9 +105,8 @@ class AttentionConfig(Config):
         if self.head_dim is None and dims.d_model % self.heads:
             yield "heads", f"must divide d_model ({dims.d_model}) unless head_dim is set, got {self.heads}"
         head_dim = self.head_dim or dims.d_model // self.heads
-        rotary = getattr(self.position, "rotary_dims", None)
-        if rotary is not None and rotary(head_dim) < 2:
-            yield "position", f"rope rotates no dims at head_dim {head_dim}; raise fraction or use kind: none"
+        if message := rope_rotates_nothing(self.position, head_dim):
+            yield "position", message
 
 
 # ---------------------------------------------------------------- masks, shared by the family
@@ -318,18 +332,22 @@ class KVCache:
         T = k.shape[-2]
         if self.window is None:
             return KVCache(torch.cat([self.k, k], -2), torch.cat([self.v, v], -2), self.seen + T)
+        seen = self.seen + T
+        if self.seen < self.window:
+            # still filling up: storage holds exactly the tokens seen (it grows like the
+            # window-free cache, never padded to `window`, which may be huge), and becomes a
+            # ring of `window` slots once: token t in slot t % window
+            ring_k, ring_v = torch.cat([self.k, k], -2), torch.cat([self.v, v], -2)
+            if seen <= self.window:
+                return KVCache(ring_k, ring_v, seen, self.window)
+            shift = (seen - self.window) % self.window  # the oldest kept token's slot
+            ring_k = torch.roll(ring_k[..., -self.window:, :], shift, dims=-2)
+            ring_v = torch.roll(ring_v[..., -self.window:, :], shift, dims=-2)
+            return KVCache(ring_k, ring_v, seen, self.window)
         keep = min(T, self.window)  # only the last `window` tokens survive
         slots = (self.seen + torch.arange(T - keep, T, device=k.device)) % self.window
-        ring_k, ring_v = self.k, self.v
-        if ring_k.shape[-2] < self.window:  # still filling up: the ring grows to its size once
-            pad = self.window - ring_k.shape[-2]
-            ring_k = torch.cat([ring_k, ring_k.new_zeros(*ring_k.shape[:-2], pad, ring_k.shape[-1])], -2)
-            ring_v = torch.cat([ring_v, ring_v.new_zeros(*ring_v.shape[:-2], pad, ring_v.shape[-1])], -2)
-        ring_k = ring_k.index_copy(-2, slots, k[..., T - keep:, :])
-        ring_v = ring_v.index_copy(-2, slots, v[..., T - keep:, :])
-        seen = self.seen + T
-        if seen < self.window:  # not full yet: keep only the filled, time-ordered prefix
-            ring_k, ring_v = ring_k[..., :seen, :], ring_v[..., :seen, :]
+        ring_k = self.k.index_copy(-2, slots, k[..., T - keep:, :])
+        ring_v = self.v.index_copy(-2, slots, v[..., T - keep:, :])
         return KVCache(ring_k, ring_v, seen, self.window)
 
 
@@ -381,6 +399,9 @@ class Attention(Dispatched, SequenceMixer):
         return self.out(o.transpose(1, 2).reshape(B, T, -1)), state  # [B, T, H·D] -> [B, T, D]
 
     def init_state(self, batch, device, dtype):
+        if not self.config.causal:
+            raise CannotDecode(f"{self.kind} with causal: false cannot decode step by step "
+                                      "(each token attends to later ones, which a decoder has not seen)")
         empty = torch.empty(batch, self.kv_heads, 0, self.head_dim, device=device, dtype=dtype)
         return KVCache(empty, empty.clone(), 0, self.config.window)
 

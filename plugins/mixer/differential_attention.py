@@ -22,10 +22,12 @@ from torch import Tensor, nn
 
 from hybridlab.core.config import Component, Config, Dims
 from hybridlab.core.dispatch import Dispatched
+from hybridlab.core.errors import CannotDecode
 from hybridlab.core.interfaces import SequenceMixer
 from hybridlab.core.numerics import upcast
 from hybridlab.core.verify import BATCHES, SEQ_LENS, Case
-from hybridlab.plugins.mixer.attention import KVCache, attention_mask, attention_sdpa, kv_heads_divide_heads
+from hybridlab.plugins.mixer.attention import (KVCache, attention_mask, attention_sdpa, kv_heads_divide_heads,
+                                               rope_rotates_nothing)
 from hybridlab.registry import hookimpl
 
 
@@ -51,6 +53,8 @@ class DifferentialAttentionConfig(Config):
     def check(self, dims: Dims):
         if self.head_dim is None and dims.d_model % (2 * self.heads):
             yield "heads", f"2 · heads must divide d_model ({dims.d_model}) unless head_dim is set, got {self.heads}"
+        if message := rope_rotates_nothing(self.position, self.head_dim or dims.d_model // self.heads // 2):
+            yield "position", message
         if getattr(self.position, "kind", None) == "alibi":
             yield "position", "alibi is not supported here; use rope or none"
 
@@ -176,6 +180,9 @@ class DifferentialAttention(Dispatched, SequenceMixer):
         return self.out(o.transpose(1, 2).reshape(B, T, -1)), state  # [B, T, H·2D] -> [B, T, D]
 
     def init_state(self, batch, device, dtype):
+        if not self.config.causal:
+            raise CannotDecode(f"{self.kind} with causal: false cannot decode step by step "
+                                      "(each token attends to later ones, which a decoder has not seen)")
         k = torch.empty(batch, 2, self.kv_heads, 0, self.head_dim, device=device, dtype=dtype)
         v = torch.empty(batch, self.kv_heads, 0, 2 * self.head_dim, device=device, dtype=dtype)
         return KVCache(k, v)

@@ -28,10 +28,12 @@ from torch import Tensor, nn
 
 from hybridlab.core.config import Component, Config, Dims
 from hybridlab.core.dispatch import Dispatched
+from hybridlab.core.errors import CannotDecode
 from hybridlab.core.interfaces import SequenceMixer
 from hybridlab.core.numerics import upcast
 from hybridlab.core.verify import BATCHES, SEQ_LENS, Case
-from hybridlab.plugins.mixer.attention import attention_mask, attention_reference, attention_sdpa, fused_sdpa
+from hybridlab.plugins.mixer.attention import (attention_mask, attention_reference, attention_sdpa, fused_sdpa,
+                                               rope_rotates_nothing)
 from hybridlab.registry import hookimpl
 
 
@@ -64,6 +66,9 @@ class MLAConfig(Config):
             yield "rope_dim", f"head_dim {head_dim} is too narrow for the default rope_dim (head_dim / 2); set it"
         if self.rope_dim is not None and self.rope_dim % 2:
             yield "rope_dim", f"must be even (it rotates in pairs), got {self.rope_dim}"
+        rope_dim = self.rope_dim or head_dim // 2 // 2 * 2
+        if rope_dim >= 2 and (message := rope_rotates_nothing(self.position, rope_dim)):
+            yield "position", message.replace("at head_dim", "at rope_dim")
         if getattr(self.position, "kind", None) == "alibi":
             yield "position", "alibi is not supported by mla; use rope or none"
 
@@ -213,6 +218,9 @@ class MLA(Dispatched, SequenceMixer):
         return self.out(o.transpose(1, 2).reshape(B, T, -1)), state  # [B, T, H·Dv] -> [B, T, D]
 
     def init_state(self, batch, device, dtype):
+        if not self.config.causal:
+            raise CannotDecode(f"{self.kind} with causal: false cannot decode step by step "
+                                      "(each token attends to later ones, which a decoder has not seen)")
         return LatentCache(torch.empty(batch, 0, self.kv_rank, device=device, dtype=dtype),
                            torch.empty(batch, 0, self.rope_dim, device=device, dtype=dtype))
 

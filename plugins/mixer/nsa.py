@@ -39,7 +39,8 @@ from hybridlab.core.dispatch import Dispatched
 from hybridlab.core.interfaces import SequenceMixer
 from hybridlab.core.numerics import upcast
 from hybridlab.core.verify import BATCHES, SEQ_LENS, Case
-from hybridlab.plugins.mixer.attention import attention_mask, attention_sdpa, kv_heads_divide_heads, masked_softmax
+from hybridlab.plugins.mixer.attention import (MAX_WINDOW, attention_mask, attention_sdpa, kv_heads_divide_heads,
+                                               masked_softmax, rope_rotates_nothing)
 from hybridlab.registry import hookimpl
 
 
@@ -59,24 +60,22 @@ class NSAConfig(Config):
     """Distance between the starts of consecutive compressed blocks (at most block)."""
     select: int = Field(default=4, ge=3)
     """Blocks each query attends to in full (the first and the two most recent included)."""
-    window: int = Field(default=64, ge=1)
+    window: int = Field(default=64, ge=1, le=MAX_WINDOW)
     """Tokens the sliding-window branch sees, the query itself included."""
     position: Component("position") = Field(default_factory=lambda: {"kind": "rope"}, validate_default=True)
     """Positional scheme applied to queries and keys (rope or none)."""
 
     _kv_heads_divide = field_validator("kv_heads")(kv_heads_divide_heads)
 
-    @field_validator("stride")
-    @classmethod
-    def _stride_within_block(cls, stride, info):
-        block = info.data.get("block")
-        if block is not None and stride > block:
-            raise ValueError(f"must be at most block ({block}) so compressed blocks cover every token, got {stride}")
-        return stride
-
     def check(self, dims: Dims):
+        # here, not in a field validator: that one is skipped when stride keeps its default
+        if self.stride > self.block:
+            yield "stride", (f"must be at most block ({self.block}) so compressed blocks cover every token, "
+                             f"got {self.stride}{'' if 'stride' in self.model_fields_set else ' (the default)'}")
         if self.head_dim is None and dims.d_model % self.heads:
             yield "heads", f"must divide d_model ({dims.d_model}) unless head_dim is set, got {self.heads}"
+        if message := rope_rotates_nothing(self.position, self.head_dim or dims.d_model // self.heads):
+            yield "position", message
         if getattr(self.position, "kind", None) == "alibi":
             yield "position", "alibi is not supported by nsa; use rope or none"
 

@@ -167,6 +167,35 @@ def test_model_level_passes_for_builtins(registry):
     assert {c.quantity for c in report.checks} >= {"logits", "loss", "greedy decode == parallel"}
 
 
+def test_model_level_skips_decoding_with_a_note_when_a_layer_is_not_causal(registry):
+    data = {**MODEL, "layers": [{"mixer": {"kind": "attention", "heads": 4, "causal": False}},
+                                {"mixer": {"kind": "gated_deltanet", "heads": 2}}]}
+    spec = ModelSpec.model_validate(data, context={"registry": registry})
+    report = verify_model(spec, registry=registry)
+    assert report.passed, (report.failures(), report.problems)
+    assert "greedy decode == parallel" not in {c.quantity for c in report.checks}
+    assert len(report.notes) == 1 and "layer 0: attention with causal: false cannot decode" in report.notes[0]
+    from hybridlab.core.model import Model
+
+    with pytest.raises(NotImplementedError, match="layer 0: attention with causal: false"):
+        Model(spec, registry).generate(torch.zeros(1, 3, dtype=torch.long), 2)
+
+
+def test_model_level_a_mixer_without_decoding_state_is_a_problem_not_a_note(registry, monkeypatch):
+    """Only a layer that cannot decode by design (CannotDecode) skips the decode checks; a
+    mixer that merely lacks init_state (plain NotImplementedError) fails verify."""
+    from hybridlab.plugins.mixer.gated_deltanet import GatedDeltaNet
+
+    def no_state(self, batch, device, dtype):
+        raise NotImplementedError
+
+    monkeypatch.setattr(GatedDeltaNet, "init_state", no_state)
+    data = {**MODEL, "layers": [{"mixer": {"kind": "gated_deltanet", "heads": 2}}]}
+    report = verify_model(ModelSpec.model_validate(data, context={"registry": registry}), registry=registry)
+    assert not report.passed and not report.notes
+    assert any("cannot decode from state: layer 0" in p for p in report.problems)
+
+
 def test_model_level_a_structurally_zero_gradient_is_judged_on_the_models_scale(registry):
     """A top-1 router whose gate is renormalised to 1 has an exact gradient of zero (1e-22 in
     float64): fp32 rounding is huge relative to it but 1e-11 of the model's gradient. It

@@ -116,6 +116,41 @@ def test_ring_buffer_slots_hold_the_last_window_tokens_in_time_order():
     assert ring.k.flatten().tolist() == [8.0, 9.0, 10.0, 7.0]  # token t lives in slot t % 4
 
 
+def test_a_window_larger_than_the_sequence_decodes_like_the_parallel_pass_with_storage_for_seen_tokens(registry):
+    module = make(registry, heads=4, kv_heads=2, window=1_000_000)  # never fills
+    x = torch.randn(2, 12, 32, dtype=torch.float64)
+    with torch.no_grad():
+        whole, _ = module(x)
+        y, state = module(x[:, :5], module.init_state(2, "cpu", torch.float64))
+        pieces = [y]
+        for t in range(5, 12):
+            y, state = module(x[:, t:t + 1], state)
+            pieces.append(y)
+            assert state.k.shape[2] == t + 1 and state.k.untyped_storage().nbytes() == 2 * 2 * (t + 1) * 8 * 8  # O(seen)
+    assert torch.allclose(torch.cat(pieces, 1), whole, atol=1e-12)
+
+
+def test_ring_storage_grows_with_the_tokens_seen_until_the_window_fills():
+    ring = KVCache(torch.zeros(1, 1, 0, 1), torch.zeros(1, 1, 0, 1), 0, window=1 << 16)
+    for t in range(5):
+        ring = ring.append(torch.full((1, 1, 1, 1), float(t)), torch.full((1, 1, 1, 1), float(t)))
+        assert ring.k.untyped_storage().nbytes() <= 4 * (t + 1) * 4  # never padded to the window
+    ring = KVCache(torch.zeros(1, 1, 0, 1), torch.zeros(1, 1, 0, 1), 0, window=4)
+    ring = ring.append(torch.arange(3.0).view(1, 1, 3, 1), torch.arange(3.0).view(1, 1, 3, 1))
+    ring = ring.append(torch.arange(3.0, 6.0).view(1, 1, 3, 1), torch.arange(3.0, 6.0).view(1, 1, 3, 1))
+    assert ring.k.flatten().tolist() == [4.0, 5.0, 2.0, 3.0] and ring.past()[0].flatten().tolist() == [2.0, 3.0, 4.0, 5.0]
+
+
+@pytest.mark.parametrize("kind, options", [("attention", {"heads": 4}), ("mla", {"heads": 4, "kv_rank": 8}),
+                                             ("differential_attention", {"heads": 2})])
+def test_a_layer_that_is_not_causal_has_no_decoding_state(registry, kind, options):
+    config = registry.kind("mixer", kind).config.model_validate({"kind": kind, **options, "causal": False},
+                                                                context={"registry": registry})
+    module = registry.kind("mixer", kind).module(config, Dims(d_model=32, vocab_size=11, n_layers=1, registry=registry))
+    with pytest.raises(NotImplementedError, match=f"{kind} with causal: false cannot decode step by step"):
+        module.init_state(1, "cpu", torch.float32)
+
+
 def test_packed_documents_equal_separate_sequences(registry):
     module = make(registry, heads=4, kv_heads=2, window=6, sinks=True, position={"kind": "alibi"})
     lengths = [5, 9, 3]
@@ -147,6 +182,7 @@ def test_a_gate_saturated_open_is_no_gate(registry):
 @pytest.mark.parametrize("field, value, message", [
     ("gate", "sigmoid", "'none', 'headwise' or 'elementwise'"),
     ("window", 0, "greater than or equal to 1"),
+    ("window", 10 ** 20, "less than or equal to 2147483648"),
     ("softcap", 0.0, "greater than 0"),
 ])
 def test_bad_options_are_spec_errors(registry, field, value, message):

@@ -3,6 +3,7 @@ the paper's parameterisation and depth schedule, and both implementations verify
 
 import math
 
+import pytest
 import torch
 
 from hybridlab.core.config import Dims
@@ -60,6 +61,19 @@ def test_state_bytes_count_both_key_halves_and_the_double_value(registry):
     state = m.init_state(1, "cpu", torch.float32)
     _, state = m(torch.randn(1, 100, 48), state)
     assert (state.k.numel() + state.v.numel()) * 4 == m.state_bytes(100, torch.float32)
+
+
+def test_a_rope_that_rotates_nothing_is_a_located_spec_error(registry, tmp_path):
+    import yaml
+
+    from hybridlab.core.errors import SpecError
+    from hybridlab.core.spec import load_model_spec
+
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"name": "m", "vocab_size": 11, "d_model": 24,
+                                    "layers": [{"mixer": {"kind": "differential_attention", "heads": 2, "head_dim": 1}}]}))
+    with pytest.raises(SpecError, match=r"m.yaml:\d+: layers\[0\].mixer.position: rope rotates no dims at head_dim 1"):
+        load_model_spec(path, registry=registry)
 
 
 def test_differential_attention_verifies():

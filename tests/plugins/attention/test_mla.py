@@ -55,6 +55,8 @@ def test_low_rank_queries_and_the_options_build(registry):
 @pytest.mark.parametrize("config, message", [
     ({"heads": 4, "kv_rank": 8, "rope_dim": 3}, "rope_dim: must be even"),
     ({"heads": 4, "kv_rank": 8, "position": {"kind": "alibi"}}, "alibi is not supported"),
+    ({"heads": 4, "kv_rank": 8, "rope_dim": 2, "position": {"fraction": 0.5}},
+     r"layers\[0\].mixer.position: rope rotates no dims at rope_dim 2"),
 ])
 def test_bad_configs_are_spec_errors(registry, tmp_path, config, message):
     import yaml

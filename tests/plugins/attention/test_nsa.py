@@ -1,6 +1,8 @@
 """mixer nsa: block selection (forced initial and local blocks, top-n by compressed score),
 each branch against plain attention, the cache, and verification of both implementations."""
 
+import re
+
 import pytest
 import torch
 
@@ -76,9 +78,24 @@ def test_packed_documents_are_refused_with_the_reason(registry):
         make(registry, heads=2)(torch.randn(1, 5, 48), doc_ids=torch.zeros(1, 5, dtype=torch.long))
 
 
-def test_stride_longer_than_block_is_an_error(registry):
-    with pytest.raises(ValueError, match="stride\n.*must be at most block \\(4\\)"):
-        NSAConfig.model_validate({"kind": "nsa", "heads": 2, "block": 4, "stride": 6}, context={"registry": registry})
+@pytest.mark.parametrize("config, message", [
+    ({"block": 4, "stride": 6}, r"m.yaml:\d+: layers\[0\].mixer.stride: must be at most block \(4\).*got 6$"),
+    ({"block": 4, "select": 3, "window": 5}, r"layers\[0\].mixer.stride: must be at most block \(4\).*got 8 \(the default\)"),
+    ({"head_dim": 1}, r"layers\[0\].mixer.position: rope rotates no dims at head_dim 1"),
+    ({"window": 2 ** 63 - 1}, r"layers\[0\].mixer.window: input should be less than or equal to 2147483648"),
+])
+def test_bad_configs_are_located_spec_errors(registry, tmp_path, config, message):
+    import yaml
+
+    from hybridlab.core.errors import SpecError
+    from hybridlab.core.spec import load_model_spec
+
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"name": "m", "vocab_size": 11, "d_model": 24,
+                                    "layers": [{"mixer": {"kind": "nsa", "heads": 4, **config}}]}))
+    with pytest.raises(SpecError) as err:
+        load_model_spec(path, registry=registry)
+    assert any(re.search(message, line) for line in str(err.value).splitlines()), str(err.value)
 
 
 def test_nsa_verifies():
