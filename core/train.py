@@ -6,6 +6,8 @@ resumed run's losses equal the uninterrupted run's, bit for bit. Resuming with a
 ``steps`` (``--set steps=N``, N past the current step) continues the weights, optimizer and
 data exactly, but the lr schedule is recomputed for N steps (cosine decays over the new
 length), so the lr can jump at the resume point; a one-line warning gives the jump.
+Optimizer settings changed on resume (``--set optimizer.lr=...``) take effect over the
+checkpoint's, keeping its moments, with a one-line warning naming them.
 """
 
 from __future__ import annotations
@@ -105,6 +107,9 @@ class Trainer:
         if steps < step or (steps == step and saved_steps not in (None, steps)):
             raise HybridlabError(f"{self.run_dir}: steps={steps} does not go past the run's current step {step} "
                                  f"(checkpoint {path.name}); set steps above {step} to train on")
+        # the spec's hyperparameters (peak lr, weight decay, betas...) as built; loading the
+        # optimizer state puts the checkpoint's back, and --set on resume must win
+        fresh = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups]
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as exc:
@@ -112,6 +117,12 @@ class Trainer:
             # left the model (its weights still load; its optimizer state lists them)
             raise HybridlabError(f"{path}: the optimizer state does not fit the model ({exc}); the weights load "
                                  "(generate works), but training cannot continue from this checkpoint") from None
+        changed = sorted({k for g, f in zip(self.optimizer.param_groups, fresh) for k in f if g.get(k) != f[k]})
+        for group, settings in zip(self.optimizer.param_groups, fresh):
+            group.update(settings)
+        if changed:
+            print(f"warning: optimizer {', '.join(changed)} changed since {path.name}: the run continues with the "
+                  "spec's values (moments and step counts are kept)", file=sys.stderr)
         self.step, self.bad_steps = step, state.get("bad_steps", 0)
         torch.set_rng_state(state["rng"]["torch"])
         if self.device.type == "cuda" and "cuda" in state["rng"]:

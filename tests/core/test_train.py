@@ -256,6 +256,24 @@ def test_resume_with_other_steps_warns_that_the_lr_schedule_is_re_stretched(regi
     assert row["lr"] == pytest.approx(new)
 
 
+def test_resume_with_another_optimizer_setting_uses_it_and_says_so(registry, tmp_path, capsys):
+    """Loading the optimizer state put the checkpoint's peak lr back, so --set
+    optimizer.lr on resume was silently ignored; the spec's settings now win."""
+    run_dir = tmp_path / "r"
+    Trainer(spec(registry), run_dir, registry=registry, progress=False).run(stop_at=9)
+    Trainer(spec(registry), run_dir, registry=registry, resume=True, progress=False)
+    assert capsys.readouterr().err == ""  # nothing changed: nothing said
+    optimizer = {**PIPELINE["optimizer"], "lr": 6e-3}
+    resumed = Trainer(spec(registry, optimizer=optimizer), run_dir, registry=registry, resume=True, progress=False)
+    assert capsys.readouterr().err.strip() == ("warning: optimizer peak_lr changed since step-000008: the run "
+                                               "continues with the spec's values (moments and step counts are kept)")
+    assert {g["peak_lr"] for g in resumed.optimizer.param_groups} == {6e-3}
+    resumed.run(stop_at=9)
+    [row] = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if r["step"] == 9 and "lr" in r]
+    assert row["lr"] == pytest.approx(6e-3 * resumed.schedule(8))
+
+
 def test_readme_says_how_many_checkpoints_are_kept():
     from pathlib import Path
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
