@@ -97,7 +97,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from .dispatch import choose
+    from .dispatch import Dispatched, choose
     from .model import Model, active_parameters, count_parameters
     from .spec import PipelineSpec
     from .train import resolve_device
@@ -113,8 +113,13 @@ def cmd_summary(args: argparse.Namespace) -> int:
     for i, (block_spec, block) in enumerate(zip(model_spec.layers, model.blocks)):
         mixer = block_spec.mixer
         if registry.impls("mixer", mixer.kind):
-            c = choose("mixer", mixer.kind, mixer, device, dtype, training=True, registry=registry)
-            impl, why = c.impl.name, c.why
+            pin = block.mixer.block_pin() if isinstance(block.mixer, Dispatched) else None
+            try:
+                c = choose("mixer", mixer.kind, mixer, device, dtype, training=True, registry=registry, pin=pin)
+            except HybridlabError as exc:  # a pin that cannot serve here: training would stop with this
+                impl, why = "-", str(exc)
+            else:
+                impl, why = c.impl.name, c.why
         else:
             impl, why = "module", "no separate implementations"
         ffn = block_spec.ffn.kind if block_spec.ffn is not None else "-"

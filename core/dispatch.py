@@ -115,12 +115,20 @@ class Dispatched:
     registry: Any = None
     spec_pin: str | None = None  # from the block's ``impl:`` in the spec; the environment wins
 
+    def block_pin(self) -> str | None:
+        """The spec's ``impl:`` pin for this module, unless a pin from the environment or a
+        ``forced`` block covers its kind (those win, and ``choose`` reads them itself)."""
+        if self.spec_pin is None:
+            return None
+        pins = current_pins()
+        if any(k in pins for k in ("*", self.kind, f"{self.category}.{self.kind}")):
+            return None
+        return self.spec_pin
+
     def impl_for(self, config: Any, x: torch.Tensor, *, decoding: bool = False, pin: str | None = None) -> Any:
         training = torch.is_grad_enabled()
-        if pin is None and self.spec_pin is not None:
-            pins = current_pins()
-            if not any(k in pins for k in ("*", self.kind, f"{self.category}.{self.kind}")):
-                pin = self.spec_pin
+        if pin is None:
+            pin = self.block_pin()
         key = (x.device.type, x.dtype, training, decoding, pin, os.environ.get(ENV, ""), _FORCED.get())
         cache = self.__dict__.setdefault("_impl_cache", {})
         if key not in cache:

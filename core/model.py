@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .config import Dims
 from .dispatch import Dispatched
+from .errors import HybridlabError
 from .interfaces import Aux, ModelOutput, State
 from .spec import BlockSpec, ModelSpec
 
@@ -43,9 +44,16 @@ class Block(nn.Module):
             self.ffn_residual = dims.build("residual", residual)
         # optional, generic: a block wrapper decides how the block runs (see forward)
         self.wrapper = dims.build("block_wrapper", spec.wrapper) if spec.wrapper is not None else None
-        for module in self.modules():  # the block's ``impl:`` pins
-            if isinstance(module, Dispatched) and module.kind in spec.impl:
+        dispatched = [m for m in self.modules() if isinstance(m, Dispatched)]
+        for module in dispatched:  # the block's ``impl:`` pins
+            if module.kind in spec.impl:
                 module.spec_pin = spec.impl[module.kind]
+        unused = [kind for kind in spec.impl if kind not in {m.kind for m in dispatched}]
+        if unused:  # a pin that pins nothing would leave the user believing it took effect
+            here = sorted({m.kind for m in dispatched})
+            raise HybridlabError(
+                f"layers[{dims.layer}].impl: {', '.join(map(repr, unused))} pinned, but no layer of this block is of "
+                f"that kind (its kinds with implementations: {', '.join(here) or 'none'})")
 
     def forward(self, h: Tensor, state: State | None = None, *, doc_ids: Tensor | None = None,
                 aux: Aux, step: bool = False) -> tuple[Tensor, State | None]:

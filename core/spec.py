@@ -18,10 +18,10 @@ import re
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
 from .config import Component, Config, Dims, component_category
 from .errors import HybridlabError, Problem, SpecError, format_path
@@ -422,14 +422,65 @@ def _checked(config: Any, path: tuple, dims: Dims, data: Any, prefix: tuple) -> 
     return problems
 
 
-def check_problems(model_spec: ModelSpec, data: Any, prefix: tuple = ()) -> list[Problem]:
-    """Run every component's ``check(dims)`` and locate what it reports."""
+def _components(config: Any, path: tuple) -> Iterator[tuple[Any, tuple]]:
+    """Every component config inside ``config`` (itself included), with its path."""
+    if isinstance(config, Config):
+        if isinstance(getattr(config, "kind", None), str):
+            yield config, path
+        for name in type(config).model_fields:
+            yield from _components(getattr(config, name), path + (name,))
+    elif isinstance(config, (list, tuple)):
+        for i, item in enumerate(config):
+            yield from _components(item, path + (i,))
+
+
+def _pin_problems(block: BlockSpec, path: tuple, registry: Any, data: Any, prefix: tuple) -> list[Problem]:
+    """A block's ``impl:`` pin whose implementation can serve none of the block's
+    components of that kind on any device or dtype (SDPA with a softcap): training would
+    fail on every machine, so it is a spec error here, at the pin's line."""
+    problems = []
+    for kind, name in block.impl.items():
+        for config, where in _components(block, ()):
+            if config.kind != kind:
+                continue
+            impls = [i for k in registry.kinds() if k.name == kind for i in registry.impls(k.category, kind)
+                     if i.name == name and isinstance(config, k.config)]
+            reason = impls[0].never_serves(config) if impls else None
+            if reason is not None:
+                message = f"{name!r} can never serve the {kind} at {format_path(path + where)}: {reason}"
+                loc, rest = _walk(data, prefix + path + ("impl", kind))
+                problems.append(loc.problem(message, rest) if loc else
+                                Problem("<spec>", None, format_path(prefix + path + ("impl", kind)), message))
+                break
+    return problems
+
+
+def check_problems(model_spec: ModelSpec, data: Any, prefix: tuple = (), registry: Any = None) -> list[Problem]:
+    """Run every component's ``check(dims)`` and locate what it reports; with the
+    registry, also check the blocks' ``impl:`` pins against their components."""
     problems: list[Problem] = []
     for i, block in enumerate(model_spec.layers):
         problems += _checked(block, ("layers", i), model_spec.dims(i), data, prefix)
+        if registry is not None and block.impl:
+            problems += _pin_problems(block, ("layers", i), registry, data, prefix)
     for name in ("embedding", "residual", "norm", "head"):
         problems += _checked(getattr(model_spec, name), (name,), model_spec.dims(), data, prefix)
     return problems
+
+
+def _valid_parts(raw: Any, registry: Any) -> Iterator[tuple[str, Any]]:
+    """The components of a block mapping that validate by themselves (its mixer, when
+    only its norm is wrong), as (field name, config)."""
+    if not isinstance(raw, dict):
+        return
+    for name, field in BlockSpec.model_fields.items():
+        if component_category(field) is None or raw.get(name) is None:
+            continue
+        annotation = typing.Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+        try:
+            yield name, TypeAdapter(annotation).validate_python(raw[name], context={"registry": registry})
+        except ValidationError:
+            continue
 
 
 def partial_check_problems(data: Any, registry: Any, prefix: tuple = ()) -> list[Problem]:
@@ -447,12 +498,15 @@ def partial_check_problems(data: Any, registry: Any, prefix: tuple = ()) -> list
         return []
     problems: list[Problem] = []
     for i, raw in enumerate(plain["layers"]):
+        dims = Dims(d_model, vocab, len(plain["layers"]), i, None)
         try:
             block = BlockSpec.model_validate(raw, context={"registry": registry})
-        except ValidationError:
-            continue  # its field problems are already reported
-        dims = Dims(d_model, vocab, len(plain["layers"]), i, None)
+        except ValidationError:  # its field problems are already reported; check the parts that are fine
+            for name, part in _valid_parts(raw, registry):
+                problems += _checked(part, ("layers", i, name), dims, data, prefix)
+            continue
         problems += _checked(block, ("layers", i), dims, data, prefix)
+        problems += _pin_problems(block, ("layers", i), registry, data, prefix)
     return problems
 
 
@@ -500,7 +554,7 @@ def model_spec_from_data(data: LocDict, registry: Any, prefix: tuple = ()) -> Mo
         spec = validate(ModelSpec, data, registry)
     except SpecError as exc:
         raise SpecError(problems + exc.problems + partial_check_problems(data, registry, prefix)) from None
-    problems += check_problems(spec, data)
+    problems += check_problems(spec, data, prefix, registry)
     if problems:
         raise SpecError(problems)
     return spec
@@ -535,7 +589,7 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: 
         spec = validate(PipelineSpec, data, registry)
     except SpecError as exc:
         raise SpecError(problems + exc.problems + partial_check_problems(data, registry, ("model",))) from None
-    problems += check_problems(spec.model, data, prefix=("model",))
+    problems += check_problems(spec.model, data, ("model",), registry)
     needed = getattr(spec.data, "min_vocab_size", None)
     if needed is not None and needed() > spec.model.vocab_size:
         loc, rest = _walk(data, ("data",))

@@ -343,7 +343,7 @@ def _model_run(model: Any, tokens: Tensor):
 
 
 def verify_model(spec: Any, *, device: str = "cpu", dtype: torch.dtype = torch.float32, registry: Any = None,
-                 batch: int = 2, seq_len: int = 45, decode_tokens: int = 8) -> Report:
+                 batch: int = 2, seq_len: int = 45, decode_tokens: int | None = None) -> Report:
     """Fast implementations vs references on one model, same weights and batch: logits,
     loss and every parameter's gradient under the oracle rule; names the first block that
     diverges. Then greedy decoding from state vs the parallel forward (float64)."""
@@ -476,12 +476,38 @@ def verify_model(spec: Any, *, device: str = "cpu", dtype: torch.dtype = torch.f
     return report
 
 
-def verify_model_decoding(spec: Any, *, device: str = "cpu", registry: Any = None, decode_tokens: int = 8,
+MAX_DECODE = 512  # tokens a model-level decode check runs at most (float64, one step at a time)
+
+
+def _reach(config: Any) -> int:
+    """The longest window, block or convolution any component of ``config`` sets (so
+    that a decode check runs past it: a KV ring wraps, a block completes)."""
+    from .config import Config
+
+    if isinstance(config, (list, tuple)):
+        return max((_reach(c) for c in config), default=0)
+    if not isinstance(config, Config):
+        return 0
+    found = [v for n, v in config if n in ("window", "block", "conv_size") and type(v) is int]
+    found += [_reach(v) for _, v in config]
+    return max(found, default=0)
+
+
+def verify_model_decoding(spec: Any, *, device: str = "cpu", registry: Any = None, decode_tokens: int | None = None,
                           weights: dict | None = None, prompt_len: int = 7) -> Report:
-    """Greedy decoding of N tokens from state gives the parallel forward's logits (float64)."""
+    """Greedy decoding of N tokens from state gives the parallel forward's logits
+    (float64). By default N runs 4 tokens past the longest window / block / convolution
+    in the spec (at least 8, at most MAX_DECODE in all), so that sliding-window caches
+    wrap inside the check."""
     from .model import Model
 
     report = Report()
+    if decode_tokens is None:
+        reach = _reach(list(spec.layers))
+        decode_tokens = min(max(8, reach + 4 - prompt_len), MAX_DECODE - prompt_len)
+        if reach + 4 > MAX_DECODE:
+            report.notes.append(f"model {spec.name}: decode check runs {MAX_DECODE} tokens, short of the spec's "
+                                f"longest window/block ({reach}): the cache does not wrap there")
     torch.manual_seed(0)
     model = Model(spec, registry).to(device=device, dtype=torch.float64).eval()
     if weights is not None:

@@ -124,6 +124,23 @@ class Impl:
             return self.supports(config, device, dtype)
         return None
 
+    def never_serves(self, config: Any) -> str | None:
+        """The reason this implementation cannot run the layer on any of its devices and
+        dtypes (e.g. SDPA with a logit softcap), or None if some setting can. A spec
+        pinning it is then wrong wherever it runs; a reason that holds only on some
+        devices (Triton on CPU) is left to ``choose``, on the device in use."""
+        reasons = []
+        for device in sorted(self.devices):
+            for dtype in sorted(self.dtypes, key=str):
+                try:
+                    reason = self.cannot_serve(config, device, dtype, training=False)
+                except Exception as exc:  # a plugin's supports() failing is itself the answer
+                    reason = f"its supports() check raised {type(exc).__name__}: {exc}"
+                if reason is None:
+                    return None
+                reasons.append(reason)
+        return reasons[0] if reasons else "it lists no device or dtype it runs on"
+
     def has_backward(self, device: str) -> bool:
         return self.backward is True or (not isinstance(self.backward, bool) and device in self.backward)
 

@@ -136,3 +136,57 @@ def test_train_a_few_steps_writes_a_run_directory(tmp_path):
     code, out, err = run("train", "--resume", tmp_path / "r", "--set", "steps=5", "--quiet")
     assert code == 0, err
     assert (tmp_path / "r" / "checkpoints" / "latest").read_text().strip() == "step-000005"
+
+
+def test_a_pin_that_can_never_serve_is_a_located_spec_error(tmp_path):
+    """SDPA has no logit softcap on any device: a spec pinning it is wrong everywhere,
+    so validate says so at the pin's line instead of training failing at its first step."""
+    (tmp_path / "m.yaml").write_text(
+        "vocab_size: 64\nd_model: 32\nlayers:\n"
+        "  - mixer: {kind: attention, heads: 2, softcap: 30.0}\n"
+        "    impl: {attention: sdpa}\n"
+        "  - mixer: {kind: attention, heads: 2}\n"
+        "    impl: {attention: sdpa}\n")
+    code, _, err = run("validate", "m.yaml", cwd=tmp_path)
+    assert code == 2 and err.count("\n") == 1, err  # the second block's pin is fine
+    assert err.startswith("m.yaml:5: layers[0].impl.attention: 'sdpa' can never serve the attention at "
+                          "layers[0].mixer:") and "soft-cap" in err
+
+
+def test_a_pin_for_a_kind_the_block_lacks_is_an_error(tmp_path):
+    (tmp_path / "m.yaml").write_text(
+        "vocab_size: 64\nd_model: 32\nlayers:\n"
+        "  - mixer: {kind: gated_deltanet, heads: 2}\n"
+        "    impl: {attention: reference}\n")
+    code, _, err = run("summary", "m.yaml", cwd=tmp_path)
+    assert code == 2 and "Traceback" not in err
+    assert "layers[0].impl: 'attention' pinned, but no layer of this block is of that kind" in err
+    assert "gated_deltanet" in err
+
+
+def test_summary_shows_the_block_pin(tmp_path, monkeypatch):
+    monkeypatch.delenv("HYBRIDLAB_IMPL", raising=False)
+    (tmp_path / "m.yaml").write_text(
+        "vocab_size: 64\nd_model: 32\nlayers:\n"
+        "  - mixer: {kind: gated_deltanet, heads: 2}\n"
+        "    impl: {gated_deltanet: reference}\n"
+        "  - mixer: {kind: gated_deltanet, heads: 2}\n")
+    code, out, err = run("summary", "m.yaml", cwd=tmp_path)
+    assert code == 0, err
+    rows = {l.split()[0]: l for l in out.splitlines() if l.split()[:1] in (["0"], ["1"])}
+    assert rows["0"].split()[1:3] == ["gated_deltanet", "reference"] and "pinned to reference" in rows["0"]
+    assert rows["1"].split()[1:3] == ["gated_deltanet", "chunk"]
+
+
+def test_validate_reports_size_mistakes_beside_a_field_mistake_in_the_same_block(tmp_path):
+    """A block whose norm has a bad field still has its mixer's size check run: one
+    validate shows both, instead of the second only after the first is fixed."""
+    (tmp_path / "m.yaml").write_text(
+        "vocab_size: 64\nd_model: 32\nlayers:\n"
+        "  - mixer: {kind: attention, heads: 3}\n"
+        "    norm: {kind: rmsnorm, eps: -1.0}\n")
+    code, _, err = run("validate", "m.yaml", cwd=tmp_path)
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines() == [
+        "m.yaml:5: layers[0].norm.eps: input should be greater than 0, got -1.0",
+        "m.yaml:4: layers[0].mixer.heads: must divide d_model (32) unless head_dim is set, got 3"], err

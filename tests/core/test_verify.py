@@ -355,3 +355,29 @@ def test_model_level_a_plugin_that_raises_is_a_failed_check_not_a_crash(tmp_path
     assert main(["verify", str(tmp_path / "m.yaml")]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "raised RuntimeError" in out and "FAILED: 0/1 checks passed" in out
+
+
+def test_model_level_decoding_runs_past_the_longest_window(registry, monkeypatch):
+    """The decode check runs past a sliding window, so a ring cache that overwrites the
+    wrong slot once full is caught (15 tokens never reached a window of 20)."""
+    from hybridlab.plugins.mixer.attention import KVCache
+
+    data = {**MODEL, "layers": [{"mixer": {"kind": "attention", "heads": 2, "window": 20}},
+                                {"mixer": {"kind": "gated_deltanet", "heads": 2}}]}
+    spec = ModelSpec.model_validate(data, context={"registry": registry})
+    report = verify_model(spec, registry=registry)
+    decode = [c for c in report.checks if c.quantity == "greedy decode == parallel"]
+    assert report.passed and len(decode) == 1 and decode[0].case == "B2 prompt 7 + 17"
+
+    append = KVCache.append
+
+    def off_by_one(self, k, v):  # once the ring is full, overwrites the slot after the oldest token's
+        if self.window is None or self.seen < self.window:
+            return append(self, k, v)
+        wrong = append(KVCache(self.k, self.v, self.seen + 1, self.window), k, v)
+        return KVCache(wrong.k, wrong.v, self.seen + k.shape[-2], self.window)
+
+    monkeypatch.setattr(KVCache, "append", off_by_one)
+    report = verify_model(spec, registry=registry)
+    assert not report.passed and any(c.quantity == "greedy decode == parallel" and not c.passed
+                                     for c in report.checks)
