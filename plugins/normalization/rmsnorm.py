@@ -34,7 +34,13 @@ def rmsnorm_reference(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
 
 
 def rmsnorm_torch(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-    """torch's fused F.rms_norm (same math as the reference)."""
+    """torch's fused F.rms_norm (same math as the reference). A bf16 input with an fp32
+    scale (autocast training) runs in the scale's dtype: torch has no fused kernel for
+    mixed dtypes (it warned and fell back to unfused ops), and the reference computes in
+    fp32 too."""
+    if weight is not None and weight.dtype != x.dtype:
+        dtype = torch.promote_types(x.dtype, weight.dtype)
+        return F.rms_norm(x.to(dtype), (x.shape[-1],), weight.to(dtype), eps).to(x.dtype)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
