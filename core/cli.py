@@ -198,7 +198,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for path in args.specs:
             spec = _load_any(path, args.set)
             model_spec = spec.model if isinstance(spec, PipelineSpec) else spec
-            part = verify_model(model_spec, device=device, dtype=getattr(torch, args.dtype))
+            part = verify_model(model_spec, device=device, dtype=getattr(torch, args.dtype), seq_len=args.seq_len)
             report.extend(part)
             report.seconds += part.seconds
     else:
@@ -317,6 +317,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     s.add_argument("--all", action="store_true", help="print every check, not the worst per group")
+    s.add_argument("--seq-len", type=_positive_int, default=131,
+                   help="tokens per sequence of a model-level check (default 131: past two 64-token chunks)")
     s.set_defaults(fn=cmd_verify)
 
     s = sub.add_parser("train", help="train a pipeline (default: the built-in MQAR job)")

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import pluggy
 
 from . import hookspecs
-from .registry import Owner, PluginRecord, Register, RegistrationError, Registry
+from .registry import Owner, PluginRecord, Register, RegistrationError, Registry, UnknownKindError
 
 GROUP = "hybridlab"
 CORE_PACKAGE = "hybridlab"
@@ -37,9 +37,9 @@ def _package(ep: metadata.EntryPoint) -> str:
     return ep.dist.metadata["Name"] if ep.dist is not None else "?"
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+def _describe(exc: BaseException, lines: int = 1) -> str:
+    text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {' '.join(text[:lines])}".rstrip(": ")
 
 
 def load_registry(plugins: Iterable[tuple[str, Any]] = (), *, entry_points: bool = True,
@@ -50,6 +50,7 @@ def load_registry(plugins: Iterable[tuple[str, Any]] = (), *, entry_points: bool
     pm = pluggy.PluginManager("hybridlab")
     pm.add_hookspecs(hookspecs)
 
+    waiting = []  # (record, plugin) whose hook used a kind not registered yet
     if entry_points:
         for ep in _entry_points(group):
             dist = ep.dist
@@ -62,41 +63,60 @@ def load_registry(plugins: Iterable[tuple[str, Any]] = (), *, entry_points: bool
                     raise
                 record.error = f"import failed: {_describe(exc)}"
                 continue
-            _register(pm, registry, record, obj)
+            if _register(pm, registry, record, obj):
+                waiting.append((record, obj))
     for name, obj in plugins:
         record = PluginRecord(name, getattr(obj, "__package__", None) or name, "",
                               getattr(obj, "__name__", repr(obj)))
         registry.plugins.append(record)
-        _register(pm, registry, record, obj)
+        if _register(pm, registry, record, obj):
+            waiting.append((record, obj))
+    # a package adding implementations to another package's kind does not depend on the
+    # order packages load in: retry those while any retry succeeds
+    while waiting:
+        retry, waiting = waiting, []
+        for record, obj in retry:
+            record.error = None
+            if _register(pm, registry, record, obj):
+                waiting.append((record, obj))
+        if len(waiting) == len(retry):
+            break  # no progress: their errors stand
     return registry
 
 
-def _register(pm: pluggy.PluginManager, registry: Registry, record: PluginRecord, obj: Any) -> None:
+def _register(pm: pluggy.PluginManager, registry: Registry, record: PluginRecord, obj: Any) -> bool:
+    """Register one plugin, or set ``record.error``. True when it failed only on a kind
+    that is not registered (yet): the caller may retry it after the other plugins."""
     try:
         pm.register(obj, name=f"{record.package}:{record.name}")
     except (pluggy.PluginValidationError, ValueError) as exc:
-        record.error = f"invalid plugin: {_describe(exc)}"
-        return
+        # pluggy puts the reason (e.g. an argument the hookspec lacks) on a later line
+        record.error = f"invalid plugin: {_describe(exc, lines=3)}"
+        return False
     impls = [i for i in pm.hook.hybridlab_register.get_hookimpls() if i.plugin is obj]
     if not impls:
         record.error = ("defines no hybridlab_register hook (a function of that name marked "
                         "with @hybridlab.registry.hookimpl)")
         pm.unregister(obj)
-        return
+        return False
     register = Register(registry, Owner(record.name, record.package, record.version))
+    waiting = False
     try:
         for impl in impls:
             impl.function(**{arg: register for arg in impl.argnames})
         register.check_complete()
     except RegistrationError as exc:
-        record.error = str(exc)
-    except Exception as exc:  # noqa: BLE001 - a plugin's bug is reported, not raised
+        record.error, waiting = str(exc), isinstance(exc, UnknownKindError)
+    except BaseException as exc:  # noqa: BLE001 - a plugin's bug (even sys.exit) is reported, not raised
+        if isinstance(exc, KeyboardInterrupt):
+            raise
         record.error = f"hybridlab_register raised {_describe(exc)}"
     if record.error is not None:
         pm.unregister(obj)
-        return
+        return waiting
     registry._commit(register)
     record.registered = register.summary()
+    return False
 
 
 _DEFAULT: Registry | None = None

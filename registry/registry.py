@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from pydantic import BaseModel
@@ -40,6 +41,11 @@ FLOAT_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.fl
 
 class RegistrationError(Exception):
     """A plugin asked for something the registry cannot accept."""
+
+
+class UnknownKindError(RegistrationError):
+    """An implementation (or kind) for a kind not registered yet: the loader retries the
+    plugin after the others, in case the package defining the kind loads later."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,10 @@ class Impl:
         if decoding and not self.decode:
             return "cannot step-decode from a state"
         if self.supports is not None:
-            return self.supports(config, device, dtype)
+            try:
+                return self.supports(config, device, dtype)
+            except Exception as exc:  # noqa: BLE001 - a plugin's check failing: this impl cannot serve
+                return f"its supports() check raised {type(exc).__name__}: {exc}"
         return None
 
     def never_serves(self, config: Any) -> str | None:
@@ -132,10 +141,7 @@ class Impl:
         reasons = []
         for device in sorted(self.devices):
             for dtype in sorted(self.dtypes, key=str):
-                try:
-                    reason = self.cannot_serve(config, device, dtype, training=False)
-                except Exception as exc:  # a plugin's supports() failing is itself the answer
-                    reason = f"its supports() check raised {type(exc).__name__}: {exc}"
+                reason = self.cannot_serve(config, device, dtype, training=False)
                 if reason is None:
                     return None
                 reasons.append(reason)
@@ -232,6 +238,56 @@ def _literal_kind(config: type[BaseModel]) -> Any:
     return None
 
 
+def _devices(where: str, key: str, value: Any) -> frozenset[str]:
+    """A set of torch device types ('cpu', 'cuda'), or a RegistrationError naming ``key``."""
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise RegistrationError(f"{where}: {key} must be a set of device types such as {{'cpu', 'cuda'}}, "
+                                f"got {value!r}")
+    for device in value:
+        try:
+            ok = isinstance(device, str) and torch.device(device).type == device
+        except (RuntimeError, ValueError):
+            ok = False
+        if not ok:
+            raise RegistrationError(f"{where}: {key}: {device!r} is not a torch device type (e.g. 'cpu', 'cuda')")
+    return frozenset(value)
+
+
+def _check_options(where: str, options: dict[str, Any]) -> None:
+    """Check (and normalise, in place) register.impl's options: a wrong type here would
+    otherwise surface later as a dispatch reason such as 'runs on c, p, u'."""
+
+    def number(key: str) -> None:
+        value = options[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise RegistrationError(f"{where}: {key} must be a number > 0, got {value!r}")
+
+    if "devices" in options:
+        options["devices"] = _devices(where, "devices", options["devices"])
+    if "dtypes" in options:
+        dtypes = options["dtypes"]
+        if isinstance(dtypes, (str, torch.dtype)) or not isinstance(dtypes, Iterable) or \
+                not all(isinstance(d, torch.dtype) for d in dtypes):
+            raise RegistrationError(f"{where}: dtypes must be a set of torch dtypes such as "
+                                    f"{{torch.float32, torch.bfloat16}}, got {dtypes!r}")
+        options["dtypes"] = frozenset(dtypes)
+    if not isinstance(options.get("backward", True), bool):
+        options["backward"] = _devices(where, "backward", options["backward"])
+    if not isinstance(options.get("decode", True), bool):
+        raise RegistrationError(f"{where}: decode must be True or False, got {options['decode']!r}")
+    priority = options.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise RegistrationError(f"{where}: priority must be an integer, got {priority!r}")
+    for key in ("tolerance", "floor"):
+        if key in options:
+            number(key)
+    if options.get("supports") is not None and not callable(options["supports"]):
+        raise RegistrationError(f"{where}: supports must be a function (config, device, dtype) -> reason or None, "
+                                f"got {options['supports']!r}")
+    if not isinstance(options.get("doc", ""), str):
+        raise RegistrationError(f"{where}: doc must be a string, got {options['doc']!r}")
+
+
 class Register:
     """The callback a plugin's ``hybridlab_register`` receives. Calls are checked at once
     and staged; :meth:`Registry._commit` applies them when the whole hook succeeded."""
@@ -294,26 +350,18 @@ class Register:
     def impl(self, category: str, kind: str, name: str, *, fn: Callable, **options: Any) -> None:
         where = f"implementation {name!r} of {category} kind {kind!r}"
         if self._existing_kind(category, kind) is None:
-            raise RegistrationError(f"{where}: kind {kind!r} is not registered in {category!r}")
+            raise UnknownKindError(f"{where}: kind {kind!r} is not registered in {category!r}")
         if not callable(fn):
             raise RegistrationError(f"{where}: fn must be callable, got {fn!r}")
         allowed = set(Impl.__dataclass_fields__) - {"category", "kind", "name", "fn", "owner"}
         unknown = set(options) - allowed
         if unknown:
             raise RegistrationError(f"{where}: unknown options {sorted(unknown)}; allowed: {sorted(allowed)}")
-        if "devices" in options:
-            options["devices"] = frozenset(options["devices"])
-        if "dtypes" in options:
-            options["dtypes"] = frozenset(options["dtypes"])
-        if not isinstance(options.get("backward", True), bool):
-            options["backward"] = frozenset(options["backward"])
+        _check_options(where, options)
         existing = dict(self._registry._impls.get((category, kind), {}))
         existing.update({i.name: i for i in self._impls if (i.category, i.kind) == (category, kind)})
         if name in existing:
             raise RegistrationError(f"{where} is registered twice: by {existing[name].owner} and by {self.owner}")
-        for key in ("tolerance", "floor"):
-            if key in options and not options[key] > 0:
-                raise RegistrationError(f"{where}: {key} must be > 0, got {options[key]!r}")
         if "param_tolerance" in options:
             given = options["param_tolerance"]
             pairs = tuple(dict(given).items()) if isinstance(given, dict) else None

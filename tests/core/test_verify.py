@@ -250,7 +250,7 @@ def test_model_level_param_tolerance_applies_to_the_named_parameter_only(param_t
     report = verify_model(spec, registry=registry)
     assert report.passed == passes, report.failures()
     if not passes:
-        assert all(c.quantity.endswith("norm.weight") for c in report.failures())
+        assert all("norm.weight" in c.quantity for c in report.failures())
 
 
 def test_param_tolerance_is_validated_at_registration():
@@ -381,3 +381,78 @@ def test_model_level_decoding_runs_past_the_longest_window(registry, monkeypatch
     report = verify_model(spec, registry=registry)
     assert not report.passed and any(c.quantity == "greedy decode == parallel" and not c.passed
                                      for c in report.checks)
+
+
+def _registry_with(fn):
+    registry = load_registry([("extra", types.SimpleNamespace(hybridlab_register=hookimpl(fn)))])
+    assert all(p.ok for p in registry.plugins), [p.error for p in registry.plugins if not p.ok]
+    return registry
+
+
+def test_a_float64_only_implementation_is_checked_at_float64():
+    """It ran no check at all (the low dtypes only) and verify said PASSED."""
+    registry = _registry_with(lambda register: register.impl(
+        "normalization", "rmsnorm", "f64_wrong", fn=rmsnorm_eps_outside, dtypes={torch.float64}, priority=50))
+    report = verify_kind("rmsnorm", impl="f64_wrong", registry=registry)
+    assert not report.passed and {c.dtype for c in report.checks} == {"float64"}
+
+
+def test_an_implementation_for_another_device_is_noted_and_a_kind_without_checks_fails():
+    registry = _registry_with(lambda register: register.impl(
+        "normalization", "rmsnorm", "gpu_only", fn=rmsnorm_eps_outside, devices={"cuda"}, priority=50))
+    report = verify_kind("rmsnorm", impl="gpu_only", registry=registry, device="cpu")
+    assert report.notes == ["normalization kind 'rmsnorm': implementation 'gpu_only' runs only on cuda: "
+                            "not checked on cpu"]
+    assert report.passed and not report.checks  # not a failure: it cannot run here
+
+    def no_cases(register):
+        register.kind("normalization", "blank", config=BlankConfig, module=lambda c, d, dim: None,
+                      cases=lambda dtype, device: iter(()))
+        register.impl("normalization", "blank", "reference", fn=lambda x: x)
+
+    report = verify_kind("blank", registry=_registry_with(no_cases))
+    assert not report.passed and report.problems == [
+        "verify ran no checks for 'blank': its cases and examples gave nothing to check"]
+
+
+class BlankConfig(__import__("hybridlab.core.config", fromlist=["Config"]).Config):
+    kind: Literal["blank"] = "blank"
+
+
+def test_cases_that_raise_are_a_problem_not_a_traceback():
+    def raising(dtype, device):
+        raise RuntimeError("no inputs today")
+
+    def fn(register):
+        register.kind("normalization", "blank", config=BlankConfig, module=lambda c, d, dim: None, cases=raising)
+        register.impl("normalization", "blank", "reference", fn=lambda x: x)
+
+    report = verify_kind("blank", registry=_registry_with(fn))
+    assert not report.passed
+    assert "normalization kind 'blank': its cases(float32, 'cpu') raised RuntimeError: no inputs today" in \
+        report.problems
+
+
+def test_verify_all_with_an_unknown_impl_is_an_error():
+    from hybridlab.core.verify import verify_all
+
+    with pytest.raises(HybridlabError, match="no kind has an implementation 'nosuch'"):
+        verify_all(impl="nosuch")
+
+
+def test_model_level_a_loose_tolerance_does_not_hide_another_kinds_bug():
+    """A correct implementation that declares a huge tolerance (here the gated delta rule
+    at 1e7) made the combined run's bar loose enough to pass rmsnorm's wrong weight
+    gradient; each kind's fast path now also runs alone, judged by its own tolerance."""
+    from hybridlab.plugins.mixer.gated_deltanet import gated_delta_rule_chunk
+
+    def fn(register):
+        register.impl("mixer", "gated_deltanet", "loose", fn=gated_delta_rule_chunk, priority=100, tolerance=1e7)
+        register.impl("normalization", "rmsnorm", "weight_grad_off", fn=rmsnorm_weight_grad_off, priority=100)
+
+    registry = _registry_with(fn)
+    data = {**MODEL, "layers": [{"mixer": {"kind": "gated_deltanet", "heads": 2}}]}
+    report = verify_model(ModelSpec.model_validate(data, context={"registry": registry}), registry=registry)
+    assert not report.passed
+    assert {c.impl for c in report.failures()} == {"rmsnorm"}
+    assert all(c.quantity.endswith("norm.weight (only rmsnorm fast)") for c in report.failures())

@@ -324,8 +324,19 @@ def test_fast_impl_for_another_plugins_kind_uses_its_reference():
 
 @pytest.mark.parametrize("options, error", [
     ({"colour": "red"}, "unknown options ['colour']"),
-    ({"tolerance": 0}, "tolerance must be > 0, got 0"),
-    ({"floor": -1.0}, "floor must be > 0, got -1.0"),
+    ({"tolerance": 0}, "tolerance must be a number > 0, got 0"),
+    ({"tolerance": True}, "tolerance must be a number > 0, got True"),
+    ({"tolerance": "2"}, "tolerance must be a number > 0, got '2'"),
+    ({"floor": -1.0}, "floor must be a number > 0, got -1.0"),
+    # a string is iterable: it became the devices {'c', 'p', 'u'}, and dispatch said "runs on c, p, u"
+    ({"devices": "cpu"}, "devices must be a set of device types such as {'cpu', 'cuda'}, got 'cpu'"),
+    ({"devices": {"gpu"}}, "devices: 'gpu' is not a torch device type"),
+    ({"dtypes": {"float32"}}, "dtypes must be a set of torch dtypes"),
+    ({"dtypes": torch.float32}, "dtypes must be a set of torch dtypes"),
+    ({"backward": "cuda"}, "backward must be a set of device types"),
+    ({"decode": "no"}, "decode must be True or False, got 'no'"),
+    ({"priority": "high"}, "priority must be an integer, got 'high'"),
+    ({"supports": "always"}, "supports must be a function"),
 ])
 def test_bad_impl_options(options, error):
     def fn(register):
@@ -371,7 +382,43 @@ def test_plugin_with_a_bad_hook_signature():
     registry = fresh(("odd", plugin(fn)), ("acme", toy_plugin()))
     error = record(registry, "odd").error
     assert error.startswith("invalid plugin: PluginValidationError")
+    assert "unknown_argument" in error  # pluggy's reason, from the second line of its message
     assert record(registry, "acme").ok
+
+
+def test_a_hook_calling_sys_exit_is_reported_and_skipped():
+    import sys
+
+    def fn(register):
+        register.kind("position", "other", config=OtherConfig, module=module)
+        sys.exit("plugin decided to exit")
+
+    registry = fresh(("quitter", plugin(fn)), ("acme", toy_plugin()))
+    assert record(registry, "quitter").error == "hybridlab_register raised SystemExit: plugin decided to exit"
+    assert record(registry, "acme").ok and registry.find("position", "other") is None
+
+
+def test_an_impl_for_a_kind_of_a_plugin_loading_later_waits_for_it():
+    """Packages load in name order: one adding an implementation to another package's
+    kind must not fail because its name sorts first."""
+    def fn(register):
+        register.impl("mixer", "toy", "extra_fast", fn=fast, priority=5)
+
+    registry = fresh(("speedy", plugin(fn)), ("acme", toy_plugin()))
+    assert record(registry, "speedy").ok and record(registry, "speedy").registered
+    assert [i.name for i in registry.impls("mixer", "toy")] == ["extra_fast", "fast", "reference"]
+
+
+def test_supports_that_raises_makes_the_impl_unable_to_serve():
+    from hybridlab.registry.registry import Impl, Owner
+
+    def supports(config, device, dtype):
+        raise ValueError("exploded")
+
+    impl = Impl("mixer", "toy", "fast", fast, Owner("p", "pkg", ""), supports=supports)
+    assert impl.cannot_serve(None, "cpu", torch.float32, training=True) == \
+        "its supports() check raised ValueError: exploded"
+    assert impl.never_serves(None) == "its supports() check raised ValueError: exploded"
 
 
 def test_hook_taking_no_arguments_is_allowed():
