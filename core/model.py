@@ -6,6 +6,7 @@ the residual scheme is a plugin (``prenorm`` adds; hyper-connections keep severa
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -147,7 +148,14 @@ class Model(nn.Module):
         states: list[State | None] = []
         taps = hasattr(self.embedding, "inject")  # optional, generic: see Model.init_state
         if taps:
-            context, tap_state = self.embedding.context(tokens, None if state is None else state[len(self.blocks)])
+            tap = None if state is None else state[len(self.blocks)]
+            if doc_ids is None:
+                context, tap_state = self.embedding.context(tokens, tap)
+            elif "doc_ids" in inspect.signature(self.embedding.context).parameters:
+                context, tap_state = self.embedding.context(tokens, tap, doc_ids=doc_ids)
+            else:  # it would read across document boundaries
+                raise ValueError(f"embedding {type(self.embedding).__name__}: its context() takes no doc_ids, so packed "
+                                 "sequences (doc_ids) would leak between documents")
         for i, block in enumerate(self.blocks):
             if taps:
                 h = self.embedding.inject(i, h, context, self.stream)
@@ -164,7 +172,9 @@ class Model(nn.Module):
 
         An embedding may also write into the stream before later blocks (e.g. hashed
         n-gram memories): it defines ``context(tokens, state) -> (context, state)``, run
-        once per forward on the tokens (its state: what it keeps of earlier tokens),
+        once per forward on the tokens (its state: what it keeps of earlier tokens; it
+        takes ``doc_ids=`` too if it supports packed sequences, which it must then keep
+        apart, and the state belongs to the call's first document),
         ``inject(layer, h, context, stream) -> h``, run before each block (``stream`` is the
         model's residual module, for ``expand``/``reduce``), and ``init_state``; its state
         is the last entry of the list."""

@@ -115,13 +115,21 @@ class Engram(nn.Module):
         parts = len(self.config.orders) * self.config.heads
         return total - self.table.weight.numel() + parts * self.table.weight.shape[1]
 
-    def rows(self, tokens: Tensor, before: Tensor) -> Tensor:
-        """tokens [B, T], before [B, span - 1] (earlier ids or pad) -> table rows [B, T, parts]."""
+    def rows(self, tokens: Tensor, before: Tensor, doc_ids: Tensor | None = None) -> Tensor:
+        """tokens [B, T], before [B, span - 1] (earlier ids or pad) -> table rows [B, T, parts].
+        With doc_ids [B, T], an n-gram sees pad where it reaches into an earlier document,
+        as at the start of a sequence (``before`` counts as the first document's)."""
         T = tokens.shape[1]
         full = torch.cat([before, tokens], dim=1) + 1  # [B, span - 1 + T], ids > 0
+        docs = None
+        if doc_ids is not None:
+            docs = torch.cat([doc_ids[:, :1].expand(-1, before.shape[1]), doc_ids], dim=1)
         out, part = [], 0
         for n in self.config.orders:
             grams = full.unfold(1, n, 1)[:, -T:]  # [B, T, n]: the n ids ending at each position
+            if docs is not None:
+                grams_docs = docs.unfold(1, n, 1)[:, -T:]
+                grams = grams.masked_fill(grams_docs != grams_docs[..., -1:], self.pad + 1)
             for _ in range(self.config.heads):
                 hashed = torch.zeros_like(grams[..., 0])
                 for i in range(n):
@@ -130,11 +138,16 @@ class Engram(nn.Module):
                 part += 1
         return torch.stack(out, dim=-1)  # [B, T, parts]
 
-    def context(self, tokens: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
-        """tokens [B, T] -> (memory [B, T, dim], the last span - 1 ids for the next call)."""
+    def context(self, tokens: Tensor, state: Tensor | None, *, doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """tokens [B, T] -> (memory [B, T, dim], the last span - 1 ids for the next call);
+        doc_ids [B, T] keep packed documents' n-grams apart."""
         before = self.init_state(tokens.shape[0], tokens.device, None) if state is None else state
-        memory = self.table(self.rows(tokens, before)).flatten(-2)  # [B, T, parts, dim/parts] -> [B, T, dim]
-        return memory, torch.cat([before, tokens], dim=1)[:, tokens.shape[1]:]
+        memory = self.table(self.rows(tokens, before, doc_ids)).flatten(-2)  # [B, T, parts, dim/parts] -> [B, T, dim]
+        tail = torch.cat([before, tokens], dim=1)[:, tokens.shape[1]:]
+        if doc_ids is not None and tail.shape[1]:  # only the last document's ids go on
+            docs = torch.cat([doc_ids[:, :1].expand(-1, before.shape[1]), doc_ids], dim=1)[:, -tail.shape[1]:]
+            tail = tail.masked_fill(docs != doc_ids[:, -1:], self.pad)
+        return memory, tail
 
     def inject(self, layer: int, h: Tensor, memory: Tensor, stream) -> Tensor:
         gate = self.gates[str(layer)] if str(layer) in self.gates else None
