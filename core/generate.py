@@ -9,6 +9,7 @@ caches, recurrent states): ``Model.generate``.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,10 @@ def generate(run_dir: str | Path, prompt: str, *, max_new_tokens: int = 32, temp
     """-> (the new token ids, the decoded prompt and continuation)"""
     if max_new_tokens < 0:
         raise HybridlabError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise HybridlabError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:  # NaN fails this too
+        raise HybridlabError(f"--temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
+    if not 0 <= seed < 2 ** 63:
+        raise HybridlabError(f"--seed must be in [0, 2^63), got {seed}")
     spec, model, task = load_run(run_dir, device=device, registry=registry)
     ids = encode(task, prompt)
     if not ids:

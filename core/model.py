@@ -203,7 +203,10 @@ class Model(nn.Module):
         for _ in range(max_new_tokens):
             logits = out.logits[:, -1].float()
             if temperature > 0:
-                probs = torch.softmax(logits / temperature, dim=-1)
+                # shifted to max 0 first and in float64: a tiny temperature makes the
+                # scaled logits -inf, never +inf (inf - inf would be NaN)
+                shifted = logits.double() - logits.double().amax(-1, keepdim=True)
+                probs = torch.softmax(shifted / temperature, dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator)
             else:
                 nxt = logits.argmax(-1, keepdim=True)

@@ -71,7 +71,7 @@ class Vocabulary:
         for word in text.split():
             if word in self.ids:
                 out.append(self.ids[word])
-            elif word.isdigit() and int(word) < len(self.names):
+            elif word.isascii() and word.isdigit() and int(word) < len(self.names):  # not '²' or '٣'
                 out.append(int(word))
             else:
                 shown = ", ".join(self.names[:12]) + (", ..." if len(self.names) > 12 else "")

@@ -89,7 +89,12 @@ class Text:
         return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        # surrogateescape: bytes that are not UTF-8 (a command-line argument such as
+        # $'\xff') reach Python as lone surrogates; the byte-level model gets them back
+        try:
+            return list(text.encode("utf-8", errors="surrogateescape"))
+        except UnicodeEncodeError as exc:  # a lone surrogate that stands for no byte
+            raise HybridlabError(f"the prompt cannot be encoded as bytes: {exc.reason} at character {exc.start}") from None
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")

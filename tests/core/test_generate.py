@@ -60,6 +60,9 @@ def test_named_tokens_in_and_out(registry, tmp_path, capsys):
     assert main(["generate", str(run_dir), "--prompt", "| give o1 g2 | who o1", "--max-new-tokens", "1"]) == 0
     words = capsys.readouterr().out.split()
     assert words[:6] == ["|", "give", "o1", "g2", "|", "who"] and len(words) == 8
+    # a Unicode digit is an unknown token, not a crash in int()
+    assert main(["generate", str(run_dir), "--prompt", "give ²", "--max-new-tokens", "1"]) == 2
+    assert "unknown token '²'" in capsys.readouterr().err
 
 
 def test_text_prompts_are_bytes(registry, tmp_path):
@@ -73,6 +76,22 @@ def test_text_prompts_are_bytes(registry, tmp_path):
                            "--max-new-tokens", "5"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("héllo")
+    # bytes that are not UTF-8 on the command line reach the byte-level model as bytes
+    proc = subprocess.run([sys.executable, "-m", "hybridlab", "generate", str(tmp_path / "run"), "--prompt",
+                           b"a\xff\xfe", "--max-new-tokens", "1"], capture_output=True)
+    assert proc.returncode == 0, proc.stderr
+    from hybridlab.plugins.data.text import Text
+
+    assert Text.encode(None, "a\udcff\udcfe") == [97, 255, 254]
+
+
+def test_a_tiny_temperature_samples_the_argmax(registry, tmp_path):
+    """logits / 1e-40 overflowed to inf and multinomial raised on NaN probabilities."""
+    run_dir = make_run(registry, tmp_path / "run")
+    greedy, _ = generate(run_dir, "1 2 3", max_new_tokens=5, registry=registry)
+    for temperature in (1e-40, 5e-324):
+        tiny, _ = generate(run_dir, "1 2 3", max_new_tokens=5, temperature=temperature, registry=registry)
+        assert tiny == greedy
 
 
 def test_errors(registry, tmp_path, capsys):
@@ -81,8 +100,12 @@ def test_errors(registry, tmp_path, capsys):
         generate(run_dir, "1 99", registry=registry)
     with pytest.raises(HybridlabError, match="the prompt is empty"):
         generate(run_dir, "  ", registry=registry)
-    with pytest.raises(HybridlabError, match="--temperature must be >= 0"):
-        generate(run_dir, "1", temperature=-1, registry=registry)
+    for temperature in (-1, float("nan"), float("inf")):
+        with pytest.raises(HybridlabError, match="--temperature must be a finite number >= 0"):
+            generate(run_dir, "1", temperature=temperature, registry=registry)
+    for seed in (-1, 2 ** 64):  # both wrapped onto other seeds (or overflowed) in torch
+        with pytest.raises(HybridlabError, match=r"--seed must be in \[0, 2\^63\)"):
+            generate(run_dir, "1", temperature=1.0, seed=seed, registry=registry)
     (tmp_path / "fresh").mkdir()
     (tmp_path / "fresh" / "spec.yaml").write_text((run_dir / "spec.yaml").read_text())
     with pytest.raises(HybridlabError, match="no checkpoint yet"):
