@@ -37,8 +37,18 @@ class Config(BaseModel):
             return data
         filled = {}
         for name, info in cls.model_fields.items():
+            if component_category(info) is None:
+                continue
+            if name not in data:
+                # a mapping default (``position: Component("position") = {"kind": "rope"}``)
+                # is validated as if written: pydantic leaves defaults raw, and a raw dict
+                # reached the module builder (and made the config unhashable)
+                default = info.get_default(call_default_factory=True)
+                if isinstance(default, dict) and "kind" in default:
+                    filled[name] = dict(default)
+                continue
             value = data.get(name)
-            if not isinstance(value, dict) or "kind" in value or component_category(info) is None:
+            if not isinstance(value, dict) or "kind" in value:
                 continue
             default = info.get_default(call_default_factory=True)
             kind = default.get("kind") if isinstance(default, dict) else getattr(default, "kind", None)

@@ -923,3 +923,21 @@ def test_default_kind_filling_leaves_the_callers_mapping_alone(registry):
     spec = ModelSpec.model_validate(data, context={"registry": registry})
     assert (spec.head.kind, spec.layers[0].mixer.position.kind) == ("lm", "rope")
     assert data["head"] == {"tied": False} and data["layers"][0]["mixer"]["position"] == {"fraction": 0.5}
+
+
+def test_a_component_field_with_a_plain_mapping_default_is_validated():
+    """``position: Component("position") = {"kind": "rope"}`` (the form Component's own
+    docstring shows): pydantic left the default a raw dict, which reached the module
+    builder and made the config unhashable."""
+    from typing import Literal
+
+    from hybridlab.core.config import Component, Config
+    from hybridlab.plugins.position.rope import RoPEConfig
+
+    class WithPosition(Config):
+        kind: Literal["with_position"] = "with_position"
+        position: Component("position") = {"kind": "rope"}
+
+    config = WithPosition()
+    assert isinstance(config.position, RoPEConfig) and hash(config) == hash(WithPosition())
+    assert isinstance(WithPosition(position={"theta": 500.0}).position, RoPEConfig)
