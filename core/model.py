@@ -19,13 +19,24 @@ from .interfaces import Aux, ModelOutput, State
 from .spec import BlockSpec, ModelSpec
 
 
+BLOCK_CATEGORIES = ("mixer", "ffn", "normalization", "residual", "block_wrapper")
+
+
 def build(registry: Any, category: str, config: Any, *args: Any) -> Any:
     """Construct the module of a validated config: ``Module(config, *args)``."""
     if registry is None:
         from hybridlab.registry import default_registry
 
         registry = default_registry()
-    module = registry.kind(category, config.kind).module(config, *args)
+    try:
+        module = registry.kind(category, config.kind).module(config, *args)
+    except HybridlabError:
+        raise
+    except Exception as exc:  # a plugin's constructor failing on a validated config: one line, not a traceback
+        dims = next((a for a in args if isinstance(a, Dims)), None)
+        where = f" in layer {dims.layer}" if dims is not None and category in BLOCK_CATEGORIES else ""
+        raise HybridlabError(f"building {category} kind {config.kind!r}{where} raised {type(exc).__name__}: "
+                             f"{exc}") from exc
     if isinstance(module, nn.Module):
         for sub in module.modules():
             if isinstance(sub, Dispatched):

@@ -410,10 +410,15 @@ def _checked(config: Any, path: tuple, dims: Dims, data: Any, prefix: tuple) -> 
     """``check(dims)`` of ``config`` and of every component inside it, located."""
     problems: list[Problem] = []
     if isinstance(config, Config):
-        for field, message in config.check(dims):
-            loc, rest = _walk(data, prefix + path + (field,))
+        try:
+            found = list(config.check(dims))
+        except Exception as exc:  # noqa: BLE001 - a plugin's check crashing: reported where it was asked
+            found = [(None, f"its check() raised {type(exc).__name__}: {exc}")]
+        for field, message in found:
+            where = path + ((field,) if field is not None else ())
+            loc, rest = _walk(data, prefix + where)
             problems.append(loc.problem(message, rest) if loc else
-                            Problem("<spec>", None, format_path(prefix + path + (field,)), message))
+                            Problem("<spec>", None, format_path(prefix + where), message))
         for name in type(config).model_fields:
             problems += _checked(getattr(config, name), path + (name,), dims, data, prefix)
     elif isinstance(config, (list, tuple)):
@@ -478,9 +483,10 @@ def _valid_parts(raw: Any, registry: Any) -> Iterator[tuple[str, Any]]:
             continue
         annotation = typing.Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
         try:
-            yield name, TypeAdapter(annotation).validate_python(raw[name], context={"registry": registry})
-        except ValidationError:
+            part = TypeAdapter(annotation).validate_python(raw[name], context={"registry": registry})
+        except Exception:  # noqa: BLE001 - its problems (or its validator's crash) are reported already
             continue
+        yield name, part
 
 
 def partial_check_problems(data: Any, registry: Any, prefix: tuple = ()) -> list[Problem]:
@@ -501,7 +507,7 @@ def partial_check_problems(data: Any, registry: Any, prefix: tuple = ()) -> list
         dims = Dims(d_model, vocab, len(plain["layers"]), i, None)
         try:
             block = BlockSpec.model_validate(raw, context={"registry": registry})
-        except ValidationError:  # its field problems are already reported; check the parts that are fine
+        except Exception:  # noqa: BLE001 - its field problems are already reported; check the parts that are fine
             for name, part in _valid_parts(raw, registry):
                 problems += _checked(part, ("layers", i, name), dims, data, prefix)
             continue
@@ -515,6 +521,11 @@ def validate(root: type[BaseModel], data: Any, registry: Any) -> Any:
         return root.model_validate(to_plain(data), context={"registry": registry})
     except ValidationError as exc:
         raise SpecError(validation_problems(exc, root, data, registry)) from None
+    except Exception as exc:  # pydantic passes on what a validator raises beyond ValueError / AssertionError
+        loc = getattr(data, "loc", None)
+        raise SpecError([Problem(loc.file if loc is not None else "<spec>", None, "",
+                                 f"validating raised {type(exc).__name__}: {exc} (a config validator should raise "
+                                 "ValueError for a bad value)")]) from None
 
 
 # ---------------------------------------------------------------- entry points

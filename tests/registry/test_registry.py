@@ -744,3 +744,53 @@ def test_spec_with_a_plugin_category_component(tmp_path, monkeypatch):
         "registered sampler kinds: greedy (acme)",
         "m.yaml:6: layers[2].mixer.sampler: required field is missing",
     ]
+
+
+def test_plugin_code_that_crashes_on_a_spec_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """A config validator raising TypeError, a check() raising and a module constructor
+    raising gave tracebacks from validate and summary."""
+    from pydantic import field_validator
+
+    from hybridlab.core.cli import main
+    from hybridlab.core.config import Config
+
+    class CrashConfig(Config):
+        kind: Literal["crashy"] = "crashy"
+        width: int = 4
+        """Width."""
+        where: str = "none"
+        """Which part crashes."""
+
+        @field_validator("width")
+        @classmethod
+        def _width(cls, value):
+            if value == 13:
+                raise TypeError("validator bug")
+            return value
+
+        def check(self, dims):
+            if self.where == "check":
+                raise KeyError("check bug")
+            return ()
+
+    def crashy_module(config, dims):
+        if config.where == "init":
+            raise RuntimeError("constructor bug")
+        return torch.nn.Identity()
+
+    def fn(register):
+        register.kind("ffn", "crashy", config=CrashConfig, module=crashy_module)
+
+    registry = load_registry([("crashy", plugin(fn))])
+    monkeypatch.setattr("hybridlab.core.cli._registry", lambda: registry)
+    monkeypatch.setattr("hybridlab.registry.default_registry", lambda: registry)
+    for text, command, message in [
+        ("width: 13", "validate", "m.yaml: validating raised TypeError: validator bug"),
+        ("where: check", "validate", "m.yaml:4: layers[0].ffn: its check() raised KeyError: 'check bug'"),
+        ("where: init", "summary", "building ffn kind 'crashy' in layer 0 raised RuntimeError: constructor bug"),
+    ]:
+        (tmp_path / "m.yaml").write_text("vocab_size: 16\nd_model: 8\nlayers:\n"
+                                         f"  - {{mixer: {{kind: attention, heads: 2}}, ffn: {{kind: crashy, {text}}}}}\n")
+        assert main([command, str(tmp_path / "m.yaml")]) == 2, command
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
