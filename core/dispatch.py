@@ -85,8 +85,7 @@ def choose(category: str, kind: str, config: Any, device: str | torch.device, dt
     if not impls:
         raise HybridlabError(f"{category} kind {kind!r} has no registered implementation")
     if pin is None:
-        pins = current_pins()
-        pin = pins.get(kind, pins.get(f"{category}.{kind}", pins.get("*")))
+        pin = _pin_for(current_pins(), category, kind, impls, registry)
     reasons = [(i, i.cannot_serve(config, device, dtype, training=training, decoding=decoding)) for i in impls]
     if pin is not None:
         named = [(i, r) for i, r in reasons if i.name == pin]
@@ -106,6 +105,28 @@ def choose(category: str, kind: str, config: Any, device: str | torch.device, dt
     raise HybridlabError(f"no implementation of {kind!r} can serve this layer ({detail})")
 
 
+def _pin_for(pins: dict[str, str], category: str, kind: str, impls: list, registry: Any) -> str | None:
+    """The pin for (category, kind): ``category.kind`` first, then the bare kind name,
+    then ``*``. A bare name shared by kinds of two categories (a mixer and a norm both
+    called ``ema``) pins only the ones that have an implementation of that name."""
+    if f"{category}.{kind}" in pins:
+        return pins[f"{category}.{kind}"]
+    if kind in pins:
+        name = pins[kind]
+        elsewhere = [k for k in registry.kinds() if k.name == kind and k.category != category
+                     and any(i.name == name for i in registry.impls(k.category, kind))]
+        if any(i.name == name for i in impls) or not elsewhere:
+            return name
+    return pins.get("*")
+
+
+def pin_applies(pins: dict[str, str], category: str, kind: str, registry: Any) -> str | None:
+    """The pin in ``pins`` (a block's ``impl:``, by ``kind`` or ``category.kind``) that
+    applies to a module of (category, kind), or None; see _pin_for (no ``*`` here)."""
+    pins = {k: v for k, v in pins.items() if k != "*"}
+    return _pin_for(pins, category, kind, registry.impls(category, kind), registry) if pins else None
+
+
 class Dispatched:
     """Mixin for modules whose core op has implementations. The model builder sets
     ``registry``; ``impl_for`` caches the choice per (device, dtype, mode, pins)."""
@@ -120,8 +141,13 @@ class Dispatched:
         ``forced`` block covers its kind (those win, and ``choose`` reads them itself)."""
         if self.spec_pin is None:
             return None
-        pins = current_pins()
-        if any(k in pins for k in ("*", self.kind, f"{self.category}.{self.kind}")):
+        registry = self.registry
+        if registry is None:
+            from hybridlab.registry import default_registry
+
+            registry = default_registry()
+        if _pin_for(current_pins(), self.category, self.kind, registry.impls(self.category, self.kind),
+                    registry) is not None:
             return None
         return self.spec_pin
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import Dims
-from .dispatch import Dispatched
+from .dispatch import Dispatched, pin_applies
 from .errors import HybridlabError
 from .interfaces import Aux, ModelOutput, State
 from .spec import BlockSpec, ModelSpec
@@ -57,10 +57,15 @@ class Block(nn.Module):
         # optional, generic: a block wrapper decides how the block runs (see forward)
         self.wrapper = dims.build("block_wrapper", spec.wrapper) if spec.wrapper is not None else None
         dispatched = [m for m in self.modules() if isinstance(m, Dispatched)]
+        used = set()
         for module in dispatched:  # the block's ``impl:`` pins
-            if module.kind in spec.impl:
-                module.spec_pin = spec.impl[module.kind]
-        unused = [kind for kind in spec.impl if kind not in {m.kind for m in dispatched}]
+            for key in (f"{module.category}.{module.kind}", module.kind):
+                if key in spec.impl and pin_applies({key: spec.impl[key]}, module.category, module.kind,
+                                                    dims.registry) is not None:
+                    module.spec_pin = spec.impl[key]
+                    used.add(key)
+                    break
+        unused = [kind for kind in spec.impl if kind not in used]
         if unused:  # a pin that pins nothing would leave the user believing it took effect
             here = sorted({m.kind for m in dispatched})
             raise HybridlabError(

@@ -43,7 +43,8 @@ class BlockSpec(Config):
     """Wraps the whole block and decides how it runs (e.g. mixture-of-depths routes some
     tokens around it); null: the block runs on every token."""
     impl: dict[str, str] = Field(default_factory=dict)
-    """Pin implementations inside this block, by kind: ``{attention: reference}``. The
+    """Pin implementations inside this block, by kind: ``{attention: reference}`` (or by
+    ``category.kind``, e.g. ``mixer.ema``, where two categories share a kind name). The
     environment (HYBRIDLAB_IMPL) still overrides; a pin that cannot serve is an error."""
 
     @field_validator("impl")
@@ -53,9 +54,11 @@ class BlockSpec(Config):
         if registry is None:
             return pins
         for kind, name in pins.items():
-            kinds = [k for k in registry.kinds() if k.name == kind]
+            category, _, bare = kind.rpartition(".")
+            kinds = [k for k in registry.kinds() if k.name == bare and category in ("", k.category)]
             if not kinds:
-                raise ValueError(f"unknown kind {kind!r} (pins are by kind name, e.g. attention: sdpa)")
+                raise ValueError(f"unknown kind {kind!r} (pins are by kind name, e.g. attention: sdpa, or by "
+                                 "category.kind where two categories share a name)")
             names = [i.name for k in kinds for i in registry.impls(k.category, k.name)]
             if name not in names:
                 raise ValueError(f"{kind} has no implementation {name!r} (has: {', '.join(names) or 'none'})")
@@ -444,18 +447,19 @@ def _pin_problems(block: BlockSpec, path: tuple, registry: Any, data: Any, prefi
     components of that kind on any device or dtype (SDPA with a softcap): training would
     fail on every machine, so it is a spec error here, at the pin's line."""
     problems = []
-    for kind, name in block.impl.items():
+    for key, name in block.impl.items():
+        category, _, kind = key.rpartition(".")
         for config, where in _components(block, ()):
             if config.kind != kind:
                 continue
-            impls = [i for k in registry.kinds() if k.name == kind for i in registry.impls(k.category, kind)
-                     if i.name == name and isinstance(config, k.config)]
+            impls = [i for k in registry.kinds() if k.name == kind and category in ("", k.category)
+                     for i in registry.impls(k.category, kind) if i.name == name and isinstance(config, k.config)]
             reason = impls[0].never_serves(config) if impls else None
             if reason is not None:
                 message = f"{name!r} can never serve the {kind} at {format_path(path + where)}: {reason}"
-                loc, rest = _walk(data, prefix + path + ("impl", kind))
+                loc, rest = _walk(data, prefix + path + ("impl", key))
                 problems.append(loc.problem(message, rest) if loc else
-                                Problem("<spec>", None, format_path(prefix + path + ("impl", kind)), message))
+                                Problem("<spec>", None, format_path(prefix + path + ("impl", key)), message))
                 break
     return problems
 

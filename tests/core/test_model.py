@@ -134,3 +134,42 @@ def test_pinning_an_unknown_implementation_in_a_spec_is_a_spec_error(registry):
 
     with pytest.raises(ValidationError, match="attention has no implementation 'flash' \\(has: sdpa, flex, reference\\)"):
         make(registry, layers=[dict(BASE["layers"][0], impl={"attention": "flash"})])
+
+
+def test_a_pin_by_bare_kind_name_skips_a_same_named_kind_of_another_category(monkeypatch):
+    """A normalization kind may share its name with a mixer kind: ``impl: {gla: chunk}``
+    pinned the norm too, which has no 'chunk' (every run failed); ``category.kind`` pins
+    one of them explicitly."""
+    import types
+    from typing import Literal
+
+    from hybridlab.plugins.normalization.rmsnorm import RMSNorm, RMSNormConfig, rmsnorm_reference
+    from hybridlab.registry import hookimpl, load_registry
+
+    class GlaNormConfig(RMSNormConfig):
+        kind: Literal["gla"] = "gla"
+
+    class GlaNorm(RMSNorm):
+        kind = "gla"
+
+    @hookimpl
+    def hybridlab_register(register):
+        register.kind("normalization", "gla", config=GlaNormConfig, module=GlaNorm)
+        register.impl("normalization", "gla", "reference", fn=rmsnorm_reference)
+        register.impl("normalization", "gla", "fast", fn=rmsnorm_reference, priority=5)
+
+    registry = load_registry([("glanorm", types.SimpleNamespace(hybridlab_register=hybridlab_register))])
+    monkeypatch.delenv("HYBRIDLAB_IMPL", raising=False)
+
+    def chosen(pins):
+        layers = [{"mixer": {"kind": "gla", "heads": 2}, "norm": {"kind": "gla"}, "impl": pins}]
+        model = make(registry, layers=layers)
+        model(torch.randint(0, 37, (1, 5)))
+        block = model.blocks[0]
+        return [next(iter(m._impl_cache.values())).name for m in (block.mixer, block.mixer_norm)]
+
+    assert chosen({"gla": "reference"}) == ["reference", "reference"]  # both have one
+    assert chosen({"gla": "chunk"}) == ["chunk", "fast"]
+    assert chosen({"normalization.gla": "reference"}) == ["chunk", "reference"]
+    monkeypatch.setenv("HYBRIDLAB_IMPL", "gla=chunk")  # the environment follows the same rule
+    assert chosen({}) == ["chunk", "fast"]
