@@ -147,7 +147,12 @@ class Model(nn.Module):
 
     def forward(self, tokens: Tensor, state: list[State] | None = None, *,
                 doc_ids: Tensor | None = None) -> ModelOutput:
-        """tokens [B, T] -> ModelOutput(logits [B, T, V], state, aux_losses, metrics)"""
+        """tokens [B, T] -> ModelOutput(logits [B, T, V], state, aux_losses, metrics).
+        T = 0 reads nothing: empty logits, and the state passes through unchanged (every
+        kind alike; the attention kinds' reshapes cannot infer a size from no tokens)."""
+        if tokens.dim() == 2 and tokens.shape[1] == 0:
+            logits = next(self.parameters()).new_zeros(tokens.shape[0], 0, self.spec.vocab_size)
+            return ModelOutput(logits, state, {}, {})
         return self._run(tokens, state, doc_ids=doc_ids, step=False)
 
     def step(self, tokens: Tensor, state: list[State]) -> ModelOutput:

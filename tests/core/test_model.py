@@ -173,3 +173,19 @@ def test_a_pin_by_bare_kind_name_skips_a_same_named_kind_of_another_category(mon
     assert chosen({"normalization.gla": "reference"}) == ["chunk", "reference"]
     monkeypatch.setenv("HYBRIDLAB_IMPL", "gla=chunk")  # the environment follows the same rule
     assert chosen({}) == ["chunk", "fast"]
+
+
+@pytest.mark.parametrize("mixer", [{"kind": "attention", "heads": 2, "window": 4}, {"kind": "mla", "heads": 4, "kv_rank": 16},
+                                   {"kind": "gated_deltaproduct", "heads": 2}, {"kind": "gated_deltanet", "heads": 2}],
+                         ids=lambda m: m["kind"])
+def test_zero_tokens_read_nothing_for_every_kind(registry, mixer):
+    """T = 0 crashed the attention kinds (a reshape with -1 over no elements) and
+    DeltaProduct, while the other recurrences returned empty outputs."""
+    model = make(registry, layers=[{"mixer": mixer}])
+    tokens = torch.randint(0, 37, (2, 6))
+    assert model(tokens[:, :0]).logits.shape == (2, 0, 37)
+    state = model(tokens[:, :4], model.init_state(2)).state
+    out = model(tokens[:, :0], state)
+    assert out.logits.shape == (2, 0, 37)
+    after = model(tokens[:, 4:], out.state).logits  # the state went through unchanged
+    torch.testing.assert_close(after, model(tokens).logits[:, 4:], rtol=1e-9, atol=1e-9)
