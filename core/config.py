@@ -24,7 +24,10 @@ class Config(BaseModel):
     """Base of every kind's config: unknown fields are errors, instances are frozen
     (hashable, so they can key caches), and every field should have a docstring."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # inf and NaN are refused in every number field (an lr of .inf validated, then trained
+    # to NaN; an rmsnorm eps of .inf zeroed the stream): a field that means "no limit"
+    # says so with null
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -168,7 +171,7 @@ class LossConfig(Config):
 
 # per scalar type: its name, and the types of value that lax mode would coerce into it
 # (bool is an int in Python, hence listed for int, and allowed back for bool below)
-_STRICT = {int: ("integer", (bool, str)), bool: ("boolean", (int, float, str)), float: ("number", (bool,))}
+_STRICT = {int: ("integer", (bool, str, float)), bool: ("boolean", (int, float, str)), float: ("number", (bool,))}
 
 
 def _scalar_type(annotation: Any) -> Any:
@@ -186,6 +189,8 @@ def _coerced(kind: Any, value: Any) -> str | None:
     ``kind``, else None."""
     if not isinstance(value, _STRICT[kind][1]) or (kind is bool and isinstance(value, bool)):
         return None
+    if isinstance(value, float) and kind is int:
+        return "a decimal number" if value.is_integer() else None  # 64.5: pydantic's own message says why
     return "a boolean" if isinstance(value, bool) else "a string" if isinstance(value, str) else "a number"
 
 

@@ -392,7 +392,8 @@ def _message(err: dict, root: type[BaseModel], data: Any, registry: Any) -> str:
 def _show_input(err: dict) -> bool:
     """Append ', got X' unless the message already says what arrived."""
     custom = err["type"] in ("unknown_kind", "component_type", "missing_kind", "kind_type")
-    return not isinstance(err.get("input"), (dict, list)) and not custom
+    said = ", got " in err.get("msg", "")  # "a valid integer, got a number with a fractional part"
+    return not isinstance(err.get("input"), (dict, list)) and not custom and not said
 
 
 def validation_problems(exc: ValidationError, root: type[BaseModel], data: Any, registry: Any,

@@ -190,3 +190,20 @@ def test_validate_reports_size_mistakes_beside_a_field_mistake_in_the_same_block
     assert err.splitlines() == [
         "m.yaml:5: layers[0].norm.eps: input should be greater than 0, got -1.0",
         "m.yaml:4: layers[0].mixer.heads: must divide d_model (32) unless head_dim is set, got 3"], err
+
+
+def test_numbers_that_cannot_train_are_spec_errors(tmp_path):
+    """Each of these validated and then failed in training with a traceback (betas, a
+    huge lr) or trained to NaN (.inf); a decimal 2.0 passed for an integer field."""
+    (tmp_path / "p.yaml").write_text(
+        f"model: {TINY}\ndata: {{kind: mqar, vocab: 64, pairs: 8}}\n"
+        "optimizer: {kind: adamw, lr: 1.0e+300, betas: [1.5, -1]}\n"
+        "schedule: {kind: cosine, warmup: 5, min_ratio: .inf}\n"
+        "batch_size: 2.0\nsteps: 5\n")
+    code, _, err = run("validate", "p.yaml", cwd=tmp_path)
+    assert code == 2 and err.splitlines() == [
+        "p.yaml:3: optimizer.lr: must be at most float32's largest value (3.4e38), got 1e+300",
+        "p.yaml:3: optimizer.betas[0]: input should be less than 1, got 1.5",
+        "p.yaml:3: optimizer.betas[1]: input should be greater than or equal to 0, got -1",
+        "p.yaml:4: schedule.min_ratio: input should be a finite number, got inf",
+        "p.yaml:5: batch_size: input should be a valid integer, not a decimal number, got 2.0"], err

@@ -535,7 +535,7 @@ def test_load_model_spec_no_bools_as_ints_nor_strings_as_ints_or_bools(tmp_cwd):
     write(tmp_cwd, "p.yaml", """
         model: m.yaml
         data: {kind: mqar, eval_lengths: [32, true]}
-        optimizer: {kind: adamw, lr: 1e-3, betas: [0.9, 1]}
+        optimizer: {kind: adamw, lr: 1e-3, betas: [0.9, 0]}
         compile: "no"
     """)
     assert_problems(spec_errors(load_pipeline, "p.yaml"), [
@@ -543,7 +543,7 @@ def test_load_model_spec_no_bools_as_ints_nor_strings_as_ints_or_bools(tmp_cwd):
         ("p.yaml", 4, "compile", "not a string, got 'no'"),
     ])
     spec = load_pipeline("p.yaml", ["compile=false", "data.eval_lengths=[32, 64]"])
-    assert spec.optimizer.lr == 1e-3 and spec.optimizer.betas == (0.9, 1.0) and spec.data.eval_lengths == [32, 64]
+    assert spec.optimizer.lr == 1e-3 and spec.optimizer.betas == (0.9, 0.0) and spec.data.eval_lengths == [32, 64]
 
 
 def test_load_model_spec_bad_layers_and_defaults_shapes(tmp_cwd):
