@@ -270,6 +270,35 @@ def _located(value: Any, loc: Loc) -> Any:
 # ---------------------------------------------------------------- layers: repeat and defaults
 
 
+def _kinds_in(node: Any) -> set[str]:
+    """Every ``kind`` named anywhere in a raw block mapping."""
+    if isinstance(node, dict):
+        found = {node["kind"]} if isinstance(node.get("kind"), str) else set()
+        return found.union(*(_kinds_in(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_kinds_in(v) for v in node))
+    return set()
+
+
+def _drop_default_pins_for_absent_kinds(block: Any, item: Any) -> None:
+    """``defaults: {impl: {attention: reference}}`` pins the attention of the blocks that
+    have one: in a hybrid, the recurrent blocks do not take it (a pin the block writes
+    itself for a kind it lacks stays, and is an error)."""
+    pins = block.get("impl")
+    if not isinstance(pins, dict):
+        return
+    own = item.get("impl") if isinstance(item.get("impl"), dict) else {}
+    kinds = _kinds_in({k: v for k, v in block.items() if k != "impl"})
+    for name in ("ffn", "norm"):  # kinds a block has without writing them
+        if name not in block:
+            default = BlockSpec.model_fields[name].get_default(call_default_factory=True)
+            kinds |= _kinds_in(default)
+    for key in [k for k in pins if k not in own and str(k).rpartition(".")[2] not in kinds]:
+        del pins[key]
+        if isinstance(pins, LocDict):
+            pins.locs.pop(key, None)
+
+
 def expand_layers(model: LocDict) -> list[Problem]:
     """In place: ``layers`` becomes a flat list of blocks (``repeat: N, blocks: [...]``
     expanded, nested groups allowed) and ``defaults`` is merged under every block."""
@@ -306,6 +335,8 @@ def expand_layers(model: LocDict) -> list[Problem]:
                     walk(blocks, blocks.locs)
             else:
                 block = deep_merge(copy.deepcopy(defaults), item) if (defaults and isinstance(item, dict)) else item
+                if block is not item:
+                    _drop_default_pins_for_absent_kinds(block, item)
                 flat.append(block)
                 flat.locs.append(loc)
 
@@ -448,8 +479,16 @@ def _pin_problems(block: BlockSpec, path: tuple, registry: Any, data: Any, prefi
     components of that kind on any device or dtype (SDPA with a softcap): training would
     fail on every machine, so it is a spec error here, at the pin's line."""
     problems = []
+    present = {config.kind for config, _ in _components(block, ())}
     for key, name in block.impl.items():
         category, _, kind = key.rpartition(".")
+        if kind not in present:
+            loc, rest = _walk(data, prefix + path + ("impl", key))
+            message = (f"pins {kind!r}, but this block has no {kind} (its kinds: {', '.join(sorted(present))}); "
+                       "a pin in defaults applies only to the blocks that have the kind")
+            problems.append(loc.problem(message, rest) if loc else
+                            Problem("<spec>", None, format_path(prefix + path + ("impl", key)), message))
+            continue
         for config, where in _components(block, ()):
             if config.kind != kind:
                 continue

@@ -158,10 +158,23 @@ def test_a_pin_for_a_kind_the_block_lacks_is_an_error(tmp_path):
         "vocab_size: 64\nd_model: 32\nlayers:\n"
         "  - mixer: {kind: gated_deltanet, heads: 2}\n"
         "    impl: {attention: reference}\n")
-    code, _, err = run("summary", "m.yaml", cwd=tmp_path)
-    assert code == 2 and "Traceback" not in err
-    assert "layers[0].impl: 'attention' pinned, but no layer of this block is of that kind" in err
-    assert "gated_deltanet" in err
+    code, _, err = run("validate", "m.yaml", cwd=tmp_path)
+    assert (code, err) == (2, "m.yaml:5: layers[0].impl.attention: pins 'attention', but this block has no attention "
+                              "(its kinds: gated_deltanet, rmsnorm, swiglu); a pin in defaults applies only to the "
+                              "blocks that have the kind\n")
+
+
+def test_a_pin_in_defaults_applies_to_the_blocks_that_have_the_kind(tmp_path):
+    """defaults: {impl: {attention: reference}} in a hybrid validated, then every command
+    failed on the recurrent blocks (which have no attention to pin)."""
+    (tmp_path / "m.yaml").write_text(
+        "vocab_size: 64\nd_model: 32\ndefaults:\n  impl: {attention: reference}\nlayers:\n"
+        "  - mixer: {kind: gated_deltanet, heads: 2}\n"
+        "  - mixer: {kind: attention, heads: 2}\n")
+    code, out, err = run("summary", "m.yaml", cwd=tmp_path)
+    assert code == 0, err
+    rows = {l.split()[0]: l.split()[1:3] for l in out.splitlines() if l.split()[:1] in (["0"], ["1"])}
+    assert rows == {"0": ["gated_deltanet", "chunk"], "1": ["attention", "reference"]}
 
 
 def test_summary_shows_the_block_pin(tmp_path, monkeypatch):
