@@ -27,7 +27,6 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import re
 import shutil
 import statistics
 import time
@@ -36,10 +35,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .checkpoint import atomic_write_text, latest_checkpoint
-from .errors import HybridlabError
+from .errors import HybridlabError, SpecError
 from .model import count_parameters
 from .spec import PipelineSpec, dump_spec, load_model_spec, load_pipeline
 from .tasks import split_length
+from .train import safe_name
 
 
 @dataclass
@@ -76,12 +76,16 @@ def parse_lrs(text: str | None) -> list[float] | None:
 
 
 def _labels(paths: Sequence[Path], names: Sequence[str]) -> list[str]:
-    """The model specs' names; file stems where names clash; an error where those clash too."""
-    labels = list(names) if len(set(names)) == len(names) else [p.stem for p in paths]
+    """The model specs' names as directory names; file stems where those clash; an error
+    where those clash too. Compared after making them directory names: 'a b' and 'a_b'
+    would otherwise share a cell directory, and the second would be skipped as done."""
+    labels = [safe_name(n) for n in names]
+    if len(set(labels)) != len(labels):
+        labels = [safe_name(p.stem) for p in paths]
     if len(set(labels)) != len(labels):
         raise HybridlabError(f"two model specs share a name and a file name ({', '.join(map(str, paths))}); "
                              "rename one")
-    return [re.sub(r"[^A-Za-z0-9._-]", "_", label) for label in labels]
+    return labels
 
 
 def plan(model_specs: Sequence[str | Path], pipeline: str | Path, *, seeds: int = 1,
@@ -98,16 +102,24 @@ def plan(model_specs: Sequence[str | Path], pipeline: str | Path, *, seeds: int 
     # --lr later only trains the new cells
     lrs = list(lrs) if lrs else [getattr(base.optimizer, "lr", None)]
     paths = [Path(p).resolve() for p in model_specs]
-    for given, path in zip(model_specs, paths):
+    for given_path, path in zip(model_specs, paths):
         if not path.exists():
-            raise HybridlabError(f"{given}: no such model spec")
-    names = [load_model_spec(p, registry=registry).name for p in paths]
+            raise HybridlabError(f"{given_path}: no such model spec")
+    names, problems = [], []
+    for given_path in model_specs:  # every bad spec reported at once, by the path as given
+        try:
+            names.append(load_model_spec(given_path, registry=registry).name)
+        except SpecError as exc:
+            problems += exc.problems
+    if problems:
+        raise SpecError(problems)
     cells = []
     for path, label in zip(paths, _labels(paths, names)):
         for seed in range(base.seed, base.seed + seeds):
             for lr in lrs:
                 tag = f"seed{seed}" + (f"-lr{lr:g}" if lr is not None else "")
-                sets = [*overrides, f"model={path}", f"seed={seed}", f"name={label}-{tag}"]
+                # the path as a quoted YAML string: ' #' or ': ' in it would be read as YAML
+                sets = [*overrides, f"model={json.dumps(str(path))}", f"seed={seed}", f"name={label}-{tag}"]
                 if given:  # the whole optimizer mapping: the pipeline may leave it to the default
                     sets.append(f"optimizer={json.dumps({**base.optimizer.model_dump(mode='json'), 'lr': lr})}")
                 spec = load_pipeline(pipeline, sets, registry=registry)

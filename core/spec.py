@@ -662,8 +662,13 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: 
 
 
 def is_pipeline(path: str | Path) -> bool:
-    """A pipeline has a ``model`` key and a ``data`` key; a model spec has ``layers``."""
-    data = read_yaml(path)
+    """A pipeline has a ``model`` key and a ``data`` key; a model spec has ``layers``.
+    Judged after ``extends`` (a pipeline may get its model from the file it extends);
+    a file that does not resolve is judged by itself, and its loader reports why."""
+    try:
+        data = resolve_extends(Path(path))
+    except HybridlabError:
+        data = read_yaml(path)
     return isinstance(data, dict) and "model" in data
 
 

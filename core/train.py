@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import random
+import re
 import sys
 import time
 from datetime import datetime
@@ -49,8 +50,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def safe_name(name: str) -> str:
+    """A spec's name as one directory name: characters other than letters, digits, '.',
+    '_' and '-' become '_' (a name such as '../x' or '/tmp/x' must not leave runs/)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "_"
+
+
 def new_run_dir(name: str, base: Path = Path("runs")) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = safe_name(name)
     path, n = base / f"{name}-{stamp}", 1
     while path.exists():
         n += 1

@@ -220,3 +220,13 @@ def test_numbers_that_cannot_train_are_spec_errors(tmp_path):
         "p.yaml:3: optimizer.betas[1]: input should be greater than or equal to 0, got -1",
         "p.yaml:4: schedule.min_ratio: input should be a finite number, got inf",
         "p.yaml:5: batch_size: input should be a valid integer, not a decimal number, got 2.0"], err
+
+
+def test_a_pipeline_that_gets_its_model_through_extends_is_a_pipeline(tmp_path):
+    """validate/summary/verify judged pipeline-or-model on the top file alone and
+    rejected it as 'a training pipeline, not a model spec', while train ran it."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "p.yaml").write_text(f"model: {TINY}\ndata: {{kind: mqar, vocab: 64, pairs: 8}}\nsteps: 5\n")
+    (tmp_path / "sub" / "child.yaml").write_text("extends: ../p.yaml\nname: child\nsteps: 3\n")
+    code, out, err = run("validate", "sub/child.yaml", cwd=tmp_path)
+    assert (code, out.strip()) == (0, "sub/child.yaml: OK (pipeline 'child', 3 blocks)"), err

@@ -222,3 +222,36 @@ def test_bad_flags_are_one_line_without_a_traceback(files):
     proc = subprocess.run([sys.executable, "-m", "hybridlab", "compare"], capture_output=True, text=True, cwd=files)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "the following arguments are required: SPEC" in proc.stderr
+
+
+def test_names_that_make_the_same_directory_are_told_apart(files):
+    """'a b' and 'a_b' both became the directory a_b: the second spec was skipped as done
+    and results.jsonl held the first one's result twice."""
+    (files / "one.yaml").write_text(MODEL.format(name="a b", layers=BLOCK))
+    (files / "two.yaml").write_text(MODEL.format(name="a_b", layers=BLOCK * 2))
+    out = compare(files / "out", lrs=None)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["spec"] for r in rows) == ["one", "two"] and rows[0]["params"] != rows[1]["params"]
+
+
+def test_spec_paths_with_yaml_characters_and_every_bad_spec_at_once(files, capsys):
+    """A path holding ' #' or ': ' went through --set model=PATH and was read as YAML;
+    only the first bad model spec was reported."""
+    odd = files / "my specs #1: x"
+    odd.mkdir()
+    (odd / "m.yaml").write_text(MODEL.format(name="odd", layers=BLOCK))
+    out = run_compare([str(odd / "m.yaml")], "p.yaml", out=files / "out", progress=False, echo=lambda s: None)
+    assert [json.loads(line)["spec"] for line in (out / "results.jsonl").read_text().splitlines()] == ["odd"]
+    (files / "bad1.yaml").write_text("name: b1\nvocab_size: 2\nd_model: 8\nlayers: []\nfoo: 1\n")
+    (files / "bad2.yaml").write_text("name: b2\nvocab_size: 2\nd_model: 8\nlayers: []\nbar: 1\n")
+    assert main(["compare", "bad1.yaml", "bad2.yaml", "--pipeline", "p.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "bad1.yaml:5: foo: unknown field" in err and "bad2.yaml:5: bar: unknown field" in err
+
+
+def test_a_run_name_cannot_leave_the_runs_directory(tmp_path):
+    from hybridlab.core.train import new_run_dir
+
+    for name in ("../../escape/naïve ✓", "/tmp/abs", ""):
+        path = new_run_dir(name, tmp_path / "runs")
+        assert path.parent == tmp_path / "runs" and "/" not in path.name
