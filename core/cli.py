@@ -147,6 +147,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise HybridlabError("give either a PIPELINE or --resume RUN_DIR, not both")
     if args.resume and args.out:
         raise HybridlabError("--out does not apply to --resume (the run continues in its own directory)")
+    if args.pipeline is not None and not args.pipeline.strip():
+        raise HybridlabError("the pipeline path is empty (leave it out for the default job)")
     pipeline = args.pipeline or (None if args.resume else default_pipeline())
     run_dir, result = train(pipeline, overrides=args.set, out=args.out, resume=args.resume, device=args.device,
                             progress=not args.quiet)

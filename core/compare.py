@@ -39,7 +39,7 @@ from .errors import HybridlabError, SpecError
 from .model import count_parameters
 from .spec import PipelineSpec, dump_spec, load_model_spec, load_pipeline
 from .tasks import split_length
-from .train import safe_name
+from .train import make_dir, safe_name
 
 
 @dataclass
@@ -200,7 +200,7 @@ def run_compare(model_specs: Sequence[str | Path], pipeline: str | Path, *, seed
     for cell in cells:
         if cell.done() or cell.resume_step():
             _check_same_pipeline(cell)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "--out")
     if cells[0].spec.checkpoint_every == 0:
         echo("note: checkpoint_every is 0, so an interrupted cell restarts from its first step")
     rates: dict[str, list[float]] = {}  # per spec: [steps trained, seconds] in this invocation

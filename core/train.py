@@ -50,6 +50,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+RUN_FILES = ("spec.yaml", "metrics.jsonl", "checkpoints")  # what a run directory holds
+
+
+def make_dir(path: Path, what: str) -> None:
+    """mkdir -p, or a one-line error naming ``what`` (an option such as --out)."""
+    if path.exists() and not path.is_dir():
+        raise HybridlabError(f"{what} {path}: exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HybridlabError(f"{what} {path}: cannot create the directory ({exc.strerror or exc})") from None
+
+
 def safe_name(name: str) -> str:
     """A spec's name as one directory name: characters other than letters, digits, '.',
     '_' and '-' become '_' (a name such as '../x' or '/tmp/x' must not leave runs/)."""
@@ -101,7 +114,13 @@ class Trainer:
         if (self.run_dir / "checkpoints").exists():
             raise HybridlabError(f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir} "
                                  "or choose another --out")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.run_dir.is_dir():  # a run that died before its first checkpoint starts over; other files stay
+            other = sorted(p.name for p in self.run_dir.iterdir() if p.name not in RUN_FILES)
+            if other:
+                raise HybridlabError(f"{self.run_dir} is not a run directory and is not empty (it holds "
+                                     f"{', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); give a new or "
+                                     "empty --out")
+        make_dir(self.run_dir, "--out")
         atomic_write_text(self.run_dir / "spec.yaml", dump_spec(self.spec))
         atomic_write_text(self.run_dir / "metrics.jsonl", "")
 
@@ -340,6 +359,8 @@ def train(pipeline: str | Path | PipelineSpec, *, overrides: list[str] = (), out
             raise HybridlabError(f"{run_dir}: not a run directory (no spec.yaml)")
         spec = load_pipeline(run_dir / "spec.yaml", overrides, registry=registry)
     else:
+        if out is not None and not str(out).strip():
+            raise HybridlabError("--out is empty; give a directory for the run (or leave --out out)")
         spec = pipeline if isinstance(pipeline, PipelineSpec) else load_pipeline(pipeline, overrides, registry=registry)
         run_dir = Path(out) if out is not None else new_run_dir(spec.name)
     trainer = Trainer(spec, run_dir, registry=registry, resume=resume is not None, device=device, progress=progress)

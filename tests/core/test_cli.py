@@ -230,3 +230,21 @@ def test_a_pipeline_that_gets_its_model_through_extends_is_a_pipeline(tmp_path):
     (tmp_path / "sub" / "child.yaml").write_text("extends: ../p.yaml\nname: child\nsteps: 3\n")
     code, out, err = run("validate", "sub/child.yaml", cwd=tmp_path)
     assert (code, out.strip()) == (0, "sub/child.yaml: OK (pipeline 'child', 3 blocks)"), err
+
+
+def test_run_directories_that_cannot_be_used_are_one_line_errors(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")
+    quick = ("--set", "steps=1", "--set", "schedule.warmup=0", "--set", "eval_batches=1", "--quiet")
+    for args, message in [
+        (("--out", "afile"), "--out afile: exists and is not a directory"),
+        (("--out", "afile/run"), "--out afile/run: cannot create the directory"),
+        (("--out", "notes"), "notes is not a run directory and is not empty (it holds notes.txt)"),
+        (("--out", ""), "--out is empty"),
+    ]:
+        code, _, err = run("train", *quick, *args, cwd=tmp_path)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert (tmp_path / "notes").exists() and sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["notes.txt"]
+    code, _, err = run("train", "", cwd=tmp_path)  # it ran the default 800-step job
+    assert code == 2 and "the pipeline path is empty" in err
