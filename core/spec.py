@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import re
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import yaml
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
@@ -583,6 +584,21 @@ def _registry(registry: Any) -> Any:
     return registry
 
 
+def _too_deep(load: Callable) -> Callable:
+    """A spec nested past Python's recursion limit (hundreds of repeat groups) is a
+    one-line error naming the file, not a RecursionError."""
+
+    @functools.wraps(load)
+    def run(path: str | Path, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return load(path, *args, **kwargs)
+        except RecursionError:
+            raise SpecError([Problem(display_name(path), None, "", "nested too deeply to read")]) from None
+
+    return run
+
+
+@_too_deep
 def load_model_spec(path: str | Path, overrides: Iterable[str] = (), *, registry: Any = None) -> ModelSpec:
     """Read, merge, expand and validate a model spec file."""
     registry = _registry(registry)
@@ -615,6 +631,7 @@ def model_spec_from_data(data: LocDict, registry: Any, prefix: tuple = ()) -> Mo
     return spec
 
 
+@_too_deep
 def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: Any = None) -> PipelineSpec:
     """Read and validate a training pipeline; ``model:`` may be a path (relative to the
     pipeline file, errors point into that file) or an inline model spec."""

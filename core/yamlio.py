@@ -46,7 +46,7 @@ def display_name(path: str | Path) -> str:
     p = Path(path)
     try:
         return str(p.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
+    except (ValueError, OSError, RuntimeError):  # outside the working directory; a symlink loop
         return str(p)
 
 
@@ -69,11 +69,13 @@ class _Builder:
             out = LocDict(loc=loc)
             explicit_keys: set = set()
             for key_node, value_node in node.value:
-                key = self.constructor.construct_object(key_node, deep=True)
+                key = self.scalar(key_node, path)
                 if not isinstance(key, (str, int)) or isinstance(key, bool):
                     key = str(key)
                 is_explicit = id(key_node) in explicit
-                if key in out and not (is_explicit and key not in explicit_keys):
+                # merged pairs may repeat a key (<<: [*a, *b]): the later pair is the one
+                # YAML keeps, as for explicit keys over merged ones
+                if key in out and is_explicit and key in explicit_keys:
                     self.problems.append(Loc(self.file, self.line(key_node), path).problem(
                         f"duplicate key {key!r} (first at line {out.locs[key].line})", (key,)))
                     continue
@@ -87,28 +89,48 @@ class _Builder:
             out = LocList(items, loc=loc)
             out.locs = [Loc(self.file, self.line(item), path + (i,)) for i, item in enumerate(node.value)]
             return out
-        return self.constructor.construct_object(node, deep=True)
+        return self.scalar(node, path)
+
+    def scalar(self, node: yaml.Node, path: tuple) -> Any:
+        """A scalar's value; an explicit tag it does not fit (``!!int "abc"``) is a problem."""
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except yaml.YAMLError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - PyYAML's constructors raise ValueError, KeyError...
+            tag = node.tag.rsplit(":", 1)[-1]
+            self.problems.append(Loc(self.file, self.line(node), path).problem(
+                f"invalid YAML: {getattr(node, 'value', '')!r} is not a valid !!{tag} ({type(exc).__name__})"))
+            return None
+
+
+def _yaml_problem(exc: yaml.YAMLError, file: str, text: str) -> Problem:
+    """One line from PyYAML's error (its message quotes the source over several lines)."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a control character: PyYAML gives its position only
+        line = text[:exc.position].count("\n") + 1
+        char = chr(exc.character) if isinstance(exc.character, int) else exc.character
+        what = f"character {char!r} is not allowed in YAML"
+    elif isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        what = " ".join(filter(None, [exc.context, exc.problem]))
+    else:
+        line, what = None, " ".join(str(exc).split())
+    return Problem(file, line, "", f"invalid YAML: {what}")
 
 
 def parse_yaml(text: str, file: str) -> Any:
     """Parse YAML text into LocDict/LocList/scalars. Raises SpecError on bad syntax."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else None
-        what = " ".join(filter(None, [exc.context, exc.problem]))
-        raise SpecError([Problem(file, line, "", f"invalid YAML: {what}")]) from None
-    except yaml.YAMLError as exc:
-        raise SpecError([Problem(file, None, "", f"invalid YAML: {exc}")]) from None
-    if node is None:
-        return LocDict(loc=Loc(file, 1, ()))
-    builder = _Builder(file)
-    try:
+        if node is None:
+            return LocDict(loc=Loc(file, 1, ()))
+        builder = _Builder(file)
         data = builder.build(node, ())
-    except yaml.YAMLError as exc:  # e.g. a bad !!tag
-        mark = getattr(exc, "problem_mark", None)
-        raise SpecError([Problem(file, mark.line + 1 if mark else None, "", f"invalid YAML: {exc}")]) from None
+    except yaml.YAMLError as exc:  # bad syntax, a bad merge (<<: 5), an unknown !!tag
+        raise SpecError([_yaml_problem(exc, file, text)]) from None
+    except RecursionError:
+        raise SpecError([Problem(file, None, "", "nested too deeply to read")]) from None
     if builder.problems:
         raise SpecError(builder.problems)
     return data
@@ -117,6 +139,10 @@ def parse_yaml(text: str, file: str) -> Any:
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     name = display_name(path)
+    try:
+        path.resolve(strict=False)
+    except (RuntimeError, OSError) as exc:  # e.g. a symlink loop
+        raise HybridlabError(f"{name}: cannot read: {exc}") from None
     if not path.exists():
         raise HybridlabError(f"{name}: no such file")
     if path.is_dir():

@@ -941,3 +941,42 @@ def test_a_component_field_with_a_plain_mapping_default_is_validated():
     config = WithPosition()
     assert isinstance(config.position, RoPEConfig) and hash(config) == hash(WithPosition())
     assert isinstance(WithPosition(position={"theta": 500.0}).position, RoPEConfig)
+
+
+@pytest.mark.parametrize("text, expected", [
+    # explicit tags that do not fit the value: KeyError / ValueError tracebacks before
+    ('a: !!int "abc"\nb: !!bool "maybe"\n', ['f.yaml:1: a: invalid YAML: \'abc\' is not a valid !!int (ValueError)',
+                                          'f.yaml:2: b: invalid YAML: \'maybe\' is not a valid !!bool (KeyError)']),
+    # one line, not PyYAML's seven quoting the source
+    ("a:\n  <<: 5\n", ["f.yaml:2: invalid YAML: while constructing a mapping expected a mapping or list of "
+                      "mappings for merging, but found scalar"]),
+    ("a: 1\nb: x\x00\n", ["f.yaml:2: invalid YAML: character '\\x00' is not allowed in YAML"]),
+])
+def test_yaml_problems_are_one_located_line(text, expected):
+    with pytest.raises(SpecError) as info:
+        parse_yaml(text, "f.yaml")
+    assert [str(p) for p in info.value.problems] == expected
+
+
+def test_a_merge_key_with_a_list_of_maps_follows_yaml():
+    """<<: [*a, *b] with overlapping maps was reported as duplicate keys; in YAML the
+    earlier map wins over the later, and explicit keys over both."""
+    data = parse_yaml("a: &a {x: 1, y: 1}\nb: &b {y: 2, z: 2}\nc:\n  <<: [*a, *b]\n  z: 3\n", "f.yaml")
+    assert to_plain(data["c"]) == yaml.safe_load("a: &a {x: 1, y: 1}\nb: &b {y: 2, z: 2}\nc:\n  <<: [*a, *b]\n"
+                                                  "  z: 3\n")["c"] == {"x": 1, "y": 1, "z": 3}
+    with pytest.raises(SpecError, match="duplicate key 'z'"):
+        parse_yaml("c:\n  z: 1\n  z: 2\n", "f.yaml")
+
+
+def test_specs_nested_past_the_recursion_limit_and_symlink_loops_are_one_line(tmp_cwd):
+    from hybridlab.core.spec import load_model_spec
+
+    text = "vocab_size: 64\nd_model: 64\nlayers:\n"
+    text += "".join("  " * i + "  - repeat: 1\n" + "  " * i + "    blocks:\n" for i in range(400))
+    text += "  " * 400 + "  - mixer: {kind: attention, heads: 2}\n"
+    (tmp_cwd / "deep.yaml").write_text(text)
+    with pytest.raises(SpecError, match="deep.yaml: nested too deeply to read"):
+        load_model_spec("deep.yaml")
+    (tmp_cwd / "loop.yaml").symlink_to("loop.yaml")
+    with pytest.raises(HybridlabError, match="loop.yaml: cannot read: .*[Ss]ymlink loop"):
+        load_model_spec("loop.yaml")
