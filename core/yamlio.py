@@ -73,11 +73,14 @@ class _Builder:
                 if not isinstance(key, (str, int)) or isinstance(key, bool):
                     key = str(key)
                 is_explicit = id(key_node) in explicit
-                # merged pairs may repeat a key (<<: [*a, *b]): the later pair is the one
-                # YAML keeps, as for explicit keys over merged ones
+                # merged pairs may repeat a key (<<: [*a, *b]): the first map listed wins,
+                # as in YAML; an explicit key overrides merged ones; only an explicit key
+                # written twice is a duplicate
                 if key in out and is_explicit and key in explicit_keys:
                     self.problems.append(Loc(self.file, self.line(key_node), path).problem(
                         f"duplicate key {key!r} (first at line {out.locs[key].line})", (key,)))
+                    continue
+                if key in out and not is_explicit:
                     continue
                 if is_explicit:
                     explicit_keys.add(key)
