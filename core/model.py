@@ -35,8 +35,9 @@ def build(registry: Any, category: str, config: Any, *args: Any) -> Any:
     except Exception as exc:  # a plugin's constructor failing on a validated config: one line, not a traceback
         dims = next((a for a in args if isinstance(a, Dims)), None)
         where = f" in layer {dims.layer}" if dims is not None and category in BLOCK_CATEGORIES else ""
-        raise HybridlabError(f"building {category} kind {config.kind!r}{where} raised {type(exc).__name__}: "
-                             f"{exc}") from exc
+        first = str(exc).strip().splitlines()[:1]  # torch's may go on with C++ frames
+        raise HybridlabError(f"building {category} kind {config.kind!r}{where} raised {type(exc).__name__}"
+                             + (f": {first[0]}" if first else "")) from exc
     if isinstance(module, nn.Module):
         for sub in module.modules():
             if isinstance(sub, Dispatched):

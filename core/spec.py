@@ -54,15 +54,21 @@ class BlockSpec(Config):
         registry = (info.context or {}).get("registry")
         if registry is None:
             return pins
+        wrong = []  # every bad pin at once
         for kind, name in pins.items():
             category, _, bare = kind.rpartition(".")
             kinds = [k for k in registry.kinds() if k.name == bare and category in ("", k.category)]
             if not kinds:
-                raise ValueError(f"unknown kind {kind!r} (pins are by kind name, e.g. attention: sdpa, or by "
-                                 "category.kind where two categories share a name)")
+                close = difflib.get_close_matches(bare, sorted({k.name for k in registry.kinds()}), n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                wrong.append(f"unknown kind {kind!r} ({hint}pins are by kind name, e.g. attention: sdpa, or by "
+                             "category.kind where two categories share a name)")
+                continue
             names = [i.name for k in kinds for i in registry.impls(k.category, k.name)]
             if name not in names:
-                raise ValueError(f"{kind} has no implementation {name!r} (has: {', '.join(names) or 'none'})")
+                wrong.append(f"{kind} has no implementation {name!r} (has: {', '.join(names) or 'none'})")
+        if wrong:
+            raise ValueError("; ".join(wrong))
         return pins
 
 
@@ -187,6 +193,8 @@ def resolve_extends(path: Path, _stack: tuple[Path, ...] = ()) -> LocDict:
             raise SpecError([loc.problem(f"extends cycle: {chain}")])
         if not base_path.exists():
             raise SpecError([loc.problem(f"extended file {target!r} not found (looked at {display_name(base_path)})")])
+        if base_path.is_dir():
+            raise SpecError([loc.problem(f"extended file {target!r} is a directory, expected a YAML file")])
         merged = deep_merge(merged, resolve_extends(base_path, here))
     return deep_merge(merged, data)
 
@@ -212,48 +220,70 @@ def parse_set_path(text: str) -> tuple:
 
 def apply_overrides(data: LocDict, overrides: Iterable[str]) -> LocDict:
     """Apply ``a.b[0].c=value`` overrides; the value is parsed as YAML (``4``, ``true``,
-    ``{kind: rope}``). Intermediate mappings are created as needed."""
+    ``{kind: rope}``). Intermediate mappings are created as needed. List indices refer to
+    the file as written (a ``repeat`` group is one item). Every bad override is reported,
+    one line each."""
+    wrong = []
     for item in overrides:
-        if "=" not in item:
-            raise HybridlabError(f"--set {item}: expected KEY=VALUE, e.g. --set steps=100")
-        key, raw = item.split("=", 1)
-        path = parse_set_path(key.strip())
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise HybridlabError(f"--set {item}: the value is not valid YAML ({problem})") from None
-        loc = Loc("--set", None, path)
-        node: Any = data
-        for i, part in enumerate(path[:-1]):
-            where = format_path(path[:i + 1])
-            if isinstance(part, int):
-                if not isinstance(node, list) or part >= len(node):
-                    raise HybridlabError(f"--set {item}: {where}: no such list item")
-                node = node[part]
-            else:
-                if not isinstance(node, dict):
-                    raise HybridlabError(f"--set {item}: {where}: not a mapping")
-                if node.get(part) is None:  # absent (or null): create the mapping
-                    here = Loc("--set", None, path[:i + 1])
-                    node[part] = LocDict(loc=here)
-                    if isinstance(node, LocDict):
-                        node.locs[part] = here
-                elif not isinstance(node[part], (dict, list)):
-                    raise HybridlabError(f"--set {item}: {where} is {node[part]!r}, not a mapping or list")
-                node = node[part]
-        last = path[-1]
-        if isinstance(last, int):
-            if not isinstance(node, list) or last >= len(node):
-                raise HybridlabError(f"--set {item}: {format_path(path)}: no such list item")
-        elif not isinstance(node, dict):
-            raise HybridlabError(f"--set {item}: {format_path(path[:-1])}: not a mapping")
-        node[last] = _located(value, loc)
-        if isinstance(node, LocDict):
-            node.locs[last] = loc
-        elif isinstance(node, LocList):
-            node.locs[last] = loc
+            _apply_override(data, item)
+        except HybridlabError as exc:
+            wrong.append(str(exc))
+    if wrong:
+        raise HybridlabError("\n".join(wrong))
     return data
+
+
+def _apply_override(data: LocDict, item: str) -> None:
+    """One ``--set KEY=VALUE``, or a HybridlabError naming it."""
+    if "=" not in item:
+        raise HybridlabError(f"--set {item}: expected KEY=VALUE, e.g. --set steps=100")
+    key, raw = item.split("=", 1)
+    path = parse_set_path(key.strip())
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise HybridlabError(f"--set {item}: the value is not valid YAML ({problem})") from None
+    loc = Loc("--set", None, path)
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        where = format_path(path[:i + 1])
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                raise HybridlabError(f"--set {item}: {where}: no such list item{_list_hint(node, path)}")
+            node = node[part]
+        else:
+            if not isinstance(node, dict):
+                raise HybridlabError(f"--set {item}: {where}: not a mapping")
+            if node.get(part) is None:  # absent (or null): create the mapping
+                here = Loc("--set", None, path[:i + 1])
+                node[part] = LocDict(loc=here)
+                if isinstance(node, LocDict):
+                    node.locs[part] = here
+            elif not isinstance(node[part], (dict, list)):
+                raise HybridlabError(f"--set {item}: {where} is {node[part]!r}, not a mapping or list")
+            node = node[part]
+    last = path[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise HybridlabError(f"--set {item}: {format_path(path)}: no such list item{_list_hint(node, path)}")
+    elif not isinstance(node, dict):
+        raise HybridlabError(f"--set {item}: {format_path(path[:-1])}: not a mapping")
+    node[last] = _located(value, loc)
+    if isinstance(node, LocDict):
+        node.locs[last] = loc
+    elif isinstance(node, LocList):
+        node.locs[last] = loc
+
+
+def _list_hint(node: Any, path: tuple) -> str:
+    if isinstance(node, list):
+        repeat = "; a repeat group is one item" if "layers" in path else ""
+        return f" (the list has {len(node)} item{'s' if len(node) != 1 else ''} as written{repeat})"
+    if isinstance(node, dict) and not node:  # a field left to its default: nothing written to index
+        return " (the field is not written in the spec; set the whole list, e.g. --set objectives=[...])"
+    return ""
 
 
 def _located(value: Any, loc: Loc) -> Any:
@@ -614,9 +644,22 @@ def _not_a_pipeline(data: LocDict) -> None:
     keys = [k for k in data if k in set(PipelineSpec.model_fields) - set(ModelSpec.model_fields)]
     if "model" in keys or (keys and "layers" not in data):
         loc = data.locs.get(keys[0]) or data.loc or Loc("<spec>", None, ())
+        if "model" not in keys:  # a pipeline that forgot its model, not a model spec
+            raise SpecError([Problem(loc.file, loc.line, "", (
+                f"this looks like a training pipeline (it has {', '.join(keys[:3])}) without model:; give model: "
+                "PATH (or an inline model spec), or, for a model spec, vocab_size, d_model and layers"))])
         raise SpecError([Problem(loc.file, loc.line, "", (
             f"this is a training pipeline (it has {', '.join(keys[:3])}), not a model spec; a model spec has "
             "vocab_size, d_model and layers (give a pipeline where one is asked for, e.g. compare --pipeline)"))])
+
+
+def _not_a_model_spec(data: LocDict) -> None:
+    """The mirror case: a model spec where a pipeline belongs is one error."""
+    if isinstance(data, dict) and "model" not in data and "layers" in data:
+        loc = data.locs.get("layers") or data.loc or Loc("<spec>", None, ())
+        raise SpecError([Problem(loc.file, loc.line, "", (
+            "this is a model spec (it has layers), not a training pipeline; a pipeline names it with model: PATH "
+            "and adds data: (see specs/train/default.yaml)"))])
 
 
 def model_spec_from_data(data: LocDict, registry: Any, prefix: tuple = ()) -> ModelSpec:
@@ -632,15 +675,18 @@ def model_spec_from_data(data: LocDict, registry: Any, prefix: tuple = ()) -> Mo
 
 
 @_too_deep
-def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: Any = None) -> PipelineSpec:
+def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: Any = None,
+                  warn: bool = True) -> PipelineSpec:
     """Read and validate a training pipeline; ``model:`` may be a path (relative to the
-    pipeline file, errors point into that file) or an inline model spec."""
+    pipeline file, errors point into that file) or an inline model spec. ``warn``: print
+    warnings about the training settings (generate, which only reads the run, does not)."""
     registry = _registry(registry)
     path = Path(path)
     data = resolve_extends(path)
     overrides = list(overrides)
     model_overrides = [o for o in overrides if o.split("=", 1)[0].strip() == "model"]
     apply_overrides(data, model_overrides)  # a new model path is relative to the working directory
+    _not_a_model_spec(data)
     model = data.get("model")
     if isinstance(model, str):
         wrote = data.locs["model"].file
@@ -649,6 +695,8 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: 
         if not model_path.exists():
             raise SpecError([data.locs["model"].problem(
                 f"model spec {model!r} not found (looked at {display_name(model_path)})")])
+        if model_path.is_dir():
+            raise SpecError([data.locs["model"].problem(f"model spec {model!r} is a directory, expected a YAML file")])
         data["model"] = resolve_extends(model_path)
         _not_a_pipeline(data["model"])
     elif isinstance(model, dict) and "extends" in model:
@@ -670,7 +718,7 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: 
     if problems:
         raise SpecError(problems)
     warmup = getattr(spec.schedule, "warmup", None)  # any schedule kind with a warmup field
-    if isinstance(warmup, int) and warmup > spec.steps:
+    if warn and isinstance(warmup, int) and warmup > spec.steps:
         # a warning, not an error: `--set steps=3` on a real pipeline is a common smoke test
         loc, rest = _walk(data, ("schedule", "warmup"))
         print(f"warning: {loc.problem(f'warmup ({warmup} steps) is longer than the run (steps: {spec.steps}): the lr never reaches its peak', rest)}",

@@ -157,6 +157,13 @@ class Trainer:
         random.setstate(_tuple(state["rng"]["python"]))
         if saved_steps is not None and saved_steps != steps:
             self._warn_schedule_stretched(saved_steps)
+        saved = _saved(self.run_dir / "spec.yaml")
+        now = self.spec.model_dump(mode="json")
+        moved = [key for key in ("data", "objectives", "seed", "batch_size") if key in saved and saved[key] != now[key]]
+        if moved:  # allowed (a curriculum), but the run's earlier metrics came from the old setting
+            print(f"warning: {', '.join(moved)} changed since {path.name}: the run continues with the new "
+                  f"setting from step {step}, and its earlier metrics were measured with the old one",
+                  file=sys.stderr)
         # the lines after the checkpoint are about to be computed again
         metrics = self.run_dir / "metrics.jsonl"
         kept = [line for _, line in _metric_lines(metrics) if json.loads(line)["step"] <= self.step]
@@ -308,13 +315,18 @@ class Trainer:
         return result
 
 
-def _saved_steps(path: Path) -> int | None:
-    """``steps`` as the run directory's spec.yaml has it (None if it does not say)."""
+def _saved(path: Path) -> dict:
+    """The run directory's spec.yaml as written (before this resume's --set), or {}."""
     try:
         saved = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
-        return None
-    steps = saved.get("steps") if isinstance(saved, dict) else None
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def _saved_steps(path: Path) -> int | None:
+    """``steps`` as the run directory's spec.yaml has it (None if it does not say)."""
+    steps = _saved(path).get("steps")
     return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
 
 

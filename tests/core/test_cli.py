@@ -248,3 +248,20 @@ def test_run_directories_that_cannot_be_used_are_one_line_errors(tmp_path):
     assert (tmp_path / "notes").exists() and sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["notes.txt"]
     code, _, err = run("train", "", cwd=tmp_path)  # it ran the default 800-step job
     assert code == 2 and "the pipeline path is empty" in err
+
+
+def test_every_bad_pin_of_a_block_is_reported_at_once(tmp_path):
+    (tmp_path / "m.yaml").write_text("vocab_size: 64\nd_model: 32\nlayers:\n  - mixer: {kind: attention, heads: 2}\n"
+                                     "    impl: {attention: sdpa, atention: x, gated_deltanet: fast}\n")
+    code, _, err = run("validate", "m.yaml", cwd=tmp_path)
+    assert code == 2 and err.count("\n") == 1
+    assert "unknown kind 'atention' (did you mean 'attention'?" in err
+    assert "gated_deltanet has no implementation 'fast' (has: chunk, reference)" in err
+
+
+def test_a_model_spec_given_as_a_pipeline_and_a_pipeline_without_model_are_one_line(tmp_path):
+    (tmp_path / "p.yaml").write_text("data: {kind: mqar}\nsteps: 3\n")
+    code, _, err = run("validate", "p.yaml", cwd=tmp_path)
+    assert (code, err.count("\n")) == (2, 1) and "looks like a training pipeline (it has data, steps) without model:" in err
+    code, _, err = run("train", TINY, "--quiet", cwd=tmp_path)  # it listed 6 unknown or missing fields
+    assert (code, err.count("\n")) == (2, 1) and "this is a model spec (it has layers), not a training pipeline" in err

@@ -85,6 +85,18 @@ def test_text_prompts_are_bytes(registry, tmp_path):
     assert Text.encode(None, "a\udcff\udcfe") == [97, 255, 254]
 
 
+def test_generate_does_not_repeat_training_warnings(registry, tmp_path, capsys):
+    import yaml
+
+    run_dir = make_run(registry, tmp_path / "run")
+    saved = yaml.safe_load((run_dir / "spec.yaml").read_text())
+    saved["schedule"]["warmup"] = 50  # longer than the run's 3 steps: training warns of it
+    (run_dir / "spec.yaml").write_text(yaml.safe_dump(saved))
+    capsys.readouterr()
+    assert main(["generate", str(run_dir), "--prompt", "1 2", "--max-new-tokens", "1"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_a_tiny_temperature_samples_the_argmax(registry, tmp_path):
     """logits / 1e-40 overflowed to inf and multinomial raised on NaN probabilities."""
     run_dir = make_run(registry, tmp_path / "run")

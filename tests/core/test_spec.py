@@ -662,8 +662,8 @@ def test_a_component_without_kind_and_no_default_names_the_mapping(fixtures):
 
 @pytest.mark.parametrize("item, message", [
     ("foo", "--set foo: expected KEY=VALUE, e.g. --set steps=100"),
-    ("layers[5].mixer.heads=2", "--set layers[5].mixer.heads=2: layers[5]: no such list item"),
-    ("layers[1]=3", "--set layers[1]=3: layers[1]: no such list item"),
+    ("layers[5].mixer.heads=2", "--set layers[5].mixer.heads=2: layers[5]: no such list item (the list has 1 item as written; a repeat group is one item)"),
+    ("layers[1]=3", "--set layers[1]=3: layers[1]: no such list item (the list has 1 item as written; a repeat group is one item)"),
     ("name[0]=3", "--set name[0]=3: name is 'small', not a mapping or list"),
     ("layers.mixer=3", "--set layers.mixer=3: layers: not a mapping"),
     ("a..b=1", "--set a..b: cannot parse the path near '..'"),
@@ -983,3 +983,31 @@ def test_specs_nested_past_the_recursion_limit_and_symlink_loops_are_one_line(tm
     (tmp_cwd / "loop.yaml").symlink_to("loop.yaml")
     with pytest.raises(HybridlabError, match="loop.yaml: cannot read: .*[Ss]ymlink loop"):
         load_model_spec("loop.yaml")
+
+
+def test_extends_or_model_naming_a_directory_is_located(tmp_cwd):
+    from hybridlab.core.spec import load_model_spec
+
+    (tmp_cwd / "other").mkdir()
+    write(tmp_cwd, "m.yaml", "extends: other\n")
+    with pytest.raises(SpecError) as info:
+        load_model_spec("m.yaml")
+    assert [str(p) for p in info.value.problems] == [
+        "m.yaml:1: extends: extended file 'other' is a directory, expected a YAML file"]
+    write(tmp_cwd, "p.yaml", "model: other\ndata: {kind: mqar}\n")
+    with pytest.raises(SpecError) as info:
+        load_pipeline("p.yaml")
+    assert [str(p) for p in info.value.problems] == ["p.yaml:1: model: model spec 'other' is a directory, "
+                                                     "expected a YAML file"]
+
+
+def test_every_bad_set_is_reported_at_once(tmp_cwd):
+    from hybridlab.core.spec import load_model_spec
+
+    write(tmp_cwd, "m.yaml", TINY)
+    with pytest.raises(HybridlabError) as info:
+        load_model_spec("m.yaml", ["d_model.x=1", "layers[7].mixer.heads=2", "name=["])
+    lines = str(info.value).splitlines()
+    assert len(lines) == 3 and lines[0].startswith("--set d_model.x=1: d_model is")
+    assert lines[1].startswith("--set layers[7].mixer.heads=2: layers[7]: no such list item (the list has")
+    assert "a repeat group is one item" in lines[1] and "not valid YAML" in lines[2]

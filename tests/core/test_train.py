@@ -274,6 +274,17 @@ def test_resume_with_another_optimizer_setting_uses_it_and_says_so(registry, tmp
     assert row["lr"] == pytest.approx(6e-3 * resumed.schedule(8))
 
 
+def test_resume_with_another_task_or_seed_says_so(registry, tmp_path, capsys):
+    """A new task and seed on resume were taken silently, and spec.yaml then claimed the
+    whole run used them."""
+    run_dir = tmp_path / "r"
+    Trainer(spec(registry), run_dir, registry=registry, progress=False).run(stop_at=9)
+    Trainer(spec(registry, seed=7), run_dir, registry=registry, resume=True, progress=False)
+    assert capsys.readouterr().err.strip() == (
+        "warning: seed changed since step-000008: the run continues with the new setting from step 8, and its "
+        "earlier metrics were measured with the old one")
+
+
 def test_readme_says_how_many_checkpoints_are_kept():
     from pathlib import Path
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
