@@ -123,6 +123,13 @@ def cmd_summary(args: argparse.Namespace) -> int:
         else:
             impl, why = "module", "no separate implementations"
         ffn = block_spec.ffn.kind if block_spec.ffn is not None else "-"
+        if block_spec.ffn is not None and registry.impls("ffn", ffn):  # e.g. moe: which grouped matmul
+            pin = block.ffn.block_pin() if isinstance(block.ffn, Dispatched) else None
+            try:
+                chosen = choose("ffn", ffn, block_spec.ffn, device, dtype, training=True, registry=registry, pin=pin)
+                ffn += f" ({chosen.impl.name})"
+            except HybridlabError:
+                ffn += " (-)"
         state = block.mixer.state_bytes(args.seq_len, dtype)
         n, active = count_parameters(block), active_parameters(block)
         params = f"{n:,}" if active == n else f"{n:,} ({active:,} active)"

@@ -265,3 +265,10 @@ def test_a_model_spec_given_as_a_pipeline_and_a_pipeline_without_model_are_one_l
     assert (code, err.count("\n")) == (2, 1) and "looks like a training pipeline (it has data, steps) without model:" in err
     code, _, err = run("train", TINY, "--quiet", cwd=tmp_path)  # it listed 6 unknown or missing fields
     assert (code, err.count("\n")) == (2, 1) and "this is a model spec (it has layers), not a training pipeline" in err
+
+
+def test_summary_names_the_ffn_implementation_where_the_kind_has_several():
+    code, out, err = run("summary", ROOT / "specs" / "models" / "gdn-moe-mhc.yaml")
+    assert code == 0, err
+    row = next(l for l in out.splitlines() if l.split()[:1] == ["0"])
+    assert "moe (grouped)" in row, row  # the two ffn impls: grouped (priority 10) and reference
