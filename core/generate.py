@@ -51,8 +51,8 @@ def generate(run_dir: str | Path, prompt: str, *, max_new_tokens: int = 32, temp
         raise HybridlabError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
     if not 0 <= temperature < math.inf:  # NaN fails this too
         raise HybridlabError(f"--temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
-    if not 0 <= seed < 2 ** 63:
-        raise HybridlabError(f"--seed must be in [0, 2^63), got {seed}")
+    if not 0 <= seed < 2 ** 32:  # torch's CPU generator keeps 32 bits: larger seeds repeat smaller ones
+        raise HybridlabError(f"--seed must be in [0, 2^32), got {seed}")
     spec, model, task = load_run(run_dir, device=device, registry=registry)
     ids = encode(task, prompt)
     if not ids:

@@ -123,8 +123,9 @@ class PipelineSpec(Config):
     """Save a checkpoint every N steps (0: only at the end)."""
     log_every: int = Field(default=10, ge=1)
     """Write a line to metrics.jsonl every N steps."""
-    seed: int = Field(default=0, ge=0, lt=2**63)
-    """Seeds the weights and the task's data streams (0 <= seed < 2**63)."""
+    seed: int = Field(default=0, ge=0, lt=2**32)
+    """Seeds the weights and the task's data streams (0 <= seed < 2**32: torch's CPU
+    generator keeps 32 bits of a seed, so larger ones would repeat smaller ones)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 runs the forward under autocast; weights and optimizer stay fp32."""
     compile: bool = False

@@ -25,7 +25,6 @@ from hybridlab.core.config import Config
 from hybridlab.core.tasks import generator, length_splits, split_length, unknown_split
 from hybridlab.registry import hookimpl
 
-SPLIT_SEEDS = {"train": 0, "eval": 1}
 
 
 class MQARConfig(Config):
@@ -83,10 +82,10 @@ class MQAR:
         """-> {'inputs': [B, T] long, 'targets': [B, T] long (-100 where not scored)}"""
         c = self.config
         if split == "train" or (split == "eval" and not c.eval_lengths):
-            # folded into 63 bits so any seed in the pipeline's range (0 <= seed < 2**63) works;
-            # small seeds keep the streams they always had
-            g = torch.Generator().manual_seed((((self.seed * 7919 + SPLIT_SEEDS[split]) << 32) + index) & (2**63 - 1))
-            T = c.length
+            # a hash of (seed, split, index): torch's CPU generator keeps only the low 32 bits
+            # of its seed, and the former seed * 7919 + split << 32 | index lost the seed and
+            # the split (eval was training batches 0..7, and every seed saw the same data)
+            g, T = generator(self.seed, split, index), c.length
         elif split in self.splits():
             g, T = generator(self.seed, split, index), split_length(split)
         else:

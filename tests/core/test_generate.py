@@ -115,8 +115,8 @@ def test_errors(registry, tmp_path, capsys):
     for temperature in (-1, float("nan"), float("inf")):
         with pytest.raises(HybridlabError, match="--temperature must be a finite number >= 0"):
             generate(run_dir, "1", temperature=temperature, registry=registry)
-    for seed in (-1, 2 ** 64):  # both wrapped onto other seeds (or overflowed) in torch
-        with pytest.raises(HybridlabError, match=r"--seed must be in \[0, 2\^63\)"):
+    for seed in (-1, 2 ** 32, 2 ** 64):  # each repeated another seed (or overflowed) in torch
+        with pytest.raises(HybridlabError, match=r"--seed must be in \[0, 2\^32\)"):
             generate(run_dir, "1", temperature=1.0, seed=seed, registry=registry)
     (tmp_path / "fresh").mkdir()
     (tmp_path / "fresh" / "spec.yaml").write_text((run_dir / "spec.yaml").read_text())

@@ -257,7 +257,7 @@ PIPELINE = {
     "data": {"kind": "mqar", "vocab": 32, "pairs": 4},
     "optimizer": {"kind": "adamw", "lr": 3e-3},
     "steps": 8, "batch_size": 4, "log_every": 1, "eval_batches": 1, "checkpoint_every": 4,
-    "device": "cpu", "seed": 3,
+    "device": "cpu", "seed": 5,  # a seed whose bias ends non-zero (with 3 the ±0.01 steps cancel)
 }
 
 

@@ -17,14 +17,17 @@ def check_answers(batch):
             assert targets[t] == context[inputs[t]] == inputs[t + 1]
 
 
-def test_default_splits_and_data_are_unchanged():
+def test_seeds_and_splits_have_their_own_streams():
+    """The former seed formula, (seed * 7919 + split) << 32 | index, lost everything but
+    the index in torch's 32-bit CPU generator: eval was training batches 0..7 and every
+    seed trained on the same data."""
     config = MQARConfig(vocab=32, pairs=4)
-    task = MQAR(config, seed=3)
+    task, other = MQAR(config, seed=3), MQAR(config, seed=4)
     assert task.splits() == ["eval"]
-    # the formula the default job has always used: a resumed old run sees the same data
-    g = torch.Generator().manual_seed(((3 * 7919 + 0) << 32) + 5)
-    keys = torch.rand(2, 15, generator=g).argsort(dim=1)[:, :4] + 1
-    assert task.batch("train", 5, 2)["inputs"][:, 0:8:2].equal(keys)
+    train = [task.batch("train", i, 8)["inputs"] for i in range(8)]
+    assert not any(task.batch("eval", i, 8)["inputs"].equal(train[i]) for i in range(8))
+    assert not any(other.batch("train", i, 8)["inputs"].equal(train[i]) for i in range(8))
+    assert task.batch("train", 5, 8)["inputs"].equal(train[5])  # a pure function of (seed, split, index)
     check_answers(task.batch("eval", 1, 8))
 
 
@@ -45,9 +48,9 @@ def test_eval_lengths_must_hold_the_pairs_and_queries():
         MQARConfig(vocab=32, pairs=4, eval_lengths=[16, 10])
 
 
-@pytest.mark.parametrize("seed", [1_000_000, 2**40 + 7, 2**63 - 1])
+@pytest.mark.parametrize("seed", [1_000_000, 2**32 - 1])
 def test_large_seeds_give_data(seed):
-    # the train stream's seed is folded into 63 bits: no overflow for any pipeline seed
+    # any pipeline seed (0 <= seed < 2**32) gives data
     task = MQAR(MQARConfig(vocab=32, pairs=4), seed=seed)
     check_answers(task.batch("train", 3, 4))
     check_answers(task.batch("eval", 0, 4))
