@@ -9,10 +9,11 @@ conventions so results can be checked against it:
 - every op returns ``(o, final_state)``, the state in fp32 (fp64 for fp64 inputs).
 
 Arguments are checked before anything runs: tensors where tensors belong, one floating
-dtype for q, k, v, shapes against each other, and g ≤ 0 (-inf, a hard reset, is allowed;
-this value check costs one host sync on a GPU and is skipped under torch.compile). The
-``chunk`` implementations have written backwards: one gradient, no double backward
-(``reference`` has autograd's throughout).
+dtype for q, k, v, one device, shapes against each other, and g ≤ 0 (-inf, a hard reset,
+is allowed; NaN is not; this value check costs one host sync on a GPU and is skipped
+under torch.compile). The ``chunk`` implementations have written backwards: one gradient;
+differentiating that gradient (create_graph=True) raises, and ``reference`` (autograd's
+throughout) serves it.
 
 ``impl=`` names an implementation ("reference", "chunk", or a plugin's); by default the
 dispatcher picks the best one that can serve the inputs, and ``HYBRIDLAB_IMPL`` pins it
@@ -65,13 +66,20 @@ def op(name: str, kind: str, reference: Callable) -> Callable:
         q, k, v = (bound.arguments[x] for x in ("q", "k", "v"))
         if not (k.dtype == q.dtype == v.dtype):
             raise ValueError(f"{name}: expected q, k and v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        tensors = [a for a in bound.arguments.values() if isinstance(a, torch.Tensor)]
+        elsewhere = [n for n, a in bound.arguments.items() if isinstance(a, torch.Tensor) and a.device != q.device]
+        if elsewhere:
+            raise ValueError(f"{name}: every tensor must be on q's device ({q.device}); "
+                             + ", ".join(f"{n} is on {bound.arguments[n].device}" for n in elsewhere))
         g = bound.arguments.get("g")
         # g is a log decay; a positive one (a growing state) is outside every op's contract
-        # (the chunked forms cap decay ratios at 1). One host sync; skipped while compiling
-        if g is not None and not torch.compiler.is_compiling() and g.is_floating_point() and bool((g > 0).any()):
+        # (the chunked forms cap decay ratios at 1), and so is NaN. One host sync; skipped
+        # while compiling and for meta tensors (no values)
+        if g is not None and not torch.compiler.is_compiling() and g.is_floating_point() and g.device.type != "meta" \
+                and not bool((g <= 0).all()):
+            bad = g[~(g <= 0)]
             raise ValueError(f"{name}: g is the log of the decay and must be ≤ 0 (or -inf), "
-                             f"got a largest value of {g.max().item():g}")
-        tensors = [a for a in bound.arguments.values() if isinstance(a, torch.Tensor)]
+                             + ("got NaN" if bad.isnan().any() else f"got a largest value of {bad.max().item():g}"))
         first = tensors[0]
         training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         chosen = choose("mixer", kind, None, first.device, first.dtype, training=training, pin=impl).impl

@@ -130,6 +130,49 @@ def no_autocast(fn: Callable) -> Callable:
     return run
 
 
+class _SecondOrderError(torch.autograd.Function):
+    """Identity whose backward raises: marks a gradient that must not be differentiated."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        raise RuntimeError("the chunked recurrent forms are first-order only: a gradient of their gradient "
+                           "(create_graph=True, e.g. a gradient penalty) needs impl='reference'")
+
+
+class _FirstOrderInput(torch.autograd.Function):
+    """Identity on an input of the chunked form. Its backward passes the gradient on; when
+    that gradient is itself being differentiated (create_graph=True) it goes through
+    _SecondOrderError. The written backwards inside are first-order only, and without this a
+    gradient of a gradient silently ran through the parts autograd could differentiate and
+    gave wrong numbers (zero for GLA's q)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _SecondOrderError.apply(grad) if torch.is_grad_enabled() else grad
+
+
+def first_order_only(fn: Callable) -> Callable:
+    """Wrap a chunked form so that differentiating its input gradients raises."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            args = [_FirstOrderInput.apply(a) if isinstance(a, Tensor) and a.requires_grad else a for a in args]
+            kwargs = {n: _FirstOrderInput.apply(a) if isinstance(a, Tensor) and a.requires_grad else a
+                      for n, a in kwargs.items()}
+        return fn(*args, **kwargs)
+
+    return run
+
+
 # ---------------------------------------------------------------- reference
 
 
@@ -364,6 +407,7 @@ def _suffix_sums(x: Tensor) -> Tensor:
     return x.flip(-2).cumsum(-2).flip(-2) if x.shape[-2] > 1 else x
 
 
+@first_order_only
 @no_autocast
 def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None, beta: Tensor | None = None,
                      scale: float | None = None, initial_state: Tensor | None = None,

@@ -248,6 +248,12 @@ def test_ops_reject_what_is_outside_their_contract_with_a_named_error():
         ops.linear_attn(q, k, v, initial_state=torch.zeros(B, H, K, V, dtype=torch.long))
     with pytest.raises(ValueError, match="key dim K of q and k must be at least 1"):
         ops.linear_attn(q[..., :0], k[..., :0], v)
+    with pytest.raises(ValueError, match="gla: g is the log of the decay and must be ≤ 0 .*got NaN"):
+        ops.gla(q, k, v, torch.full((B, T, H, K), float("nan")))  # NaN passed the g > 0 test
+    with pytest.raises(ValueError, match="linear_attn: every tensor must be on q's device \\(cpu\\); k is on meta"):
+        ops.linear_attn(q, k.to("meta"), v)
+    with pytest.raises(HybridlabError, match="does not run on meta"):  # not the g check's .item() on meta
+        ops.ssd(*(x.to("meta") for x in (q, k, v)), torch.zeros(B, T, H, device="meta"))
 
 
 @pytest.mark.parametrize("impl", ["reference", "chunk"])
@@ -339,3 +345,25 @@ def test_chunk_and_reference_agree_inside_a_model(registry):
     torch.testing.assert_close(outs[""][0], outs["reference"][0], rtol=1e-9, atol=1e-9)
     for n, grad in outs[""][1].items():
         torch.testing.assert_close(grad, outs["reference"][1][n], rtol=1e-7, atol=1e-9, msg=n)
+
+
+@pytest.mark.parametrize("op", ["linear_attn", "gla", "delta_rule", "kda", "ssd"])
+def test_a_gradient_of_a_chunk_gradient_raises_instead_of_being_wrong(op):
+    """create_graph=True through the chunked form gave wrong second derivatives (zero for
+    GLA's q) without any error; the reference's are right."""
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2] / "benchmarks"))
+    from recurrence import make_inputs
+
+    inputs = {n: t.double().requires_grad_(n in ("q", "k")) for n, t in make_inputs(op, 40, "cpu", torch.float32,
+                                                                                 H=2, K=8, V=4).items()}
+    fn = getattr(ops, op)
+    grads = {}
+    for impl in ("reference", "chunk"):
+        o, _ = fn(**inputs, impl=impl)
+        grads[impl] = torch.autograd.grad(o.pow(2).sum(), [inputs["q"], inputs["k"]], create_graph=True)
+    for first, second in zip(grads["reference"], grads["chunk"]):  # first order: equal
+        torch.testing.assert_close(second, first, rtol=1e-10, atol=1e-10)
+    torch.autograd.grad(sum(g.pow(2).sum() for g in grads["reference"]), inputs["q"])  # fine
+    with pytest.raises(RuntimeError, match="first-order only.*impl='reference'"):
+        torch.autograd.grad(sum(g.pow(2).sum() for g in grads["chunk"]), inputs["q"])
