@@ -27,6 +27,14 @@ from .errors import HybridlabError
 KEEP = 3  # checkpoints kept per run (the newest ones)
 
 
+def _step_of(path: Path) -> int:
+    """step-000800 -> 800; by number, not by name: past step 999,999 the names grow a digit."""
+    try:
+        return int(path.name.removeprefix("step-"))
+    except ValueError:
+        return -1
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -81,8 +89,10 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, trainer_st
     os.replace(staging, final)
     _fsync_dir(root)
     atomic_write_text(root / "latest", name + "\n")
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-KEEP]:
+    for old in sorted((p for p in root.glob("step-*") if p.is_dir()), key=_step_of)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
+    for litter in [*root.glob(".*.partial"), *root.glob(".latest.tmp-*")]:  # left by a run killed mid-save
+        shutil.rmtree(litter, ignore_errors=True) if litter.is_dir() else litter.unlink(missing_ok=True)
     return final
 
 
@@ -131,7 +141,8 @@ def _damaged(file: Path, exc: Exception) -> HybridlabError:
     """One line: which file, what the reader said, and the checkpoints to fall back to."""
     reason = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:200]  # torch's go on for lines
     step_dir = file.parent
-    earlier = sorted(p.name for p in step_dir.parent.glob("step-*") if p.is_dir() and p.name < step_dir.name)
+    earlier = [p.name for p in sorted(step_dir.parent.glob("step-*"), key=_step_of)
+               if p.is_dir() and _step_of(p) < _step_of(step_dir)]
     fix = (f"earlier checkpoints: {', '.join(earlier)} (write one's name into {step_dir.parent / 'latest'} "
            "to resume from it)" if earlier else "no earlier checkpoint to fall back to")
     return HybridlabError(f"{file}: damaged checkpoint file, cannot be read ({type(exc).__name__}: {reason}); "

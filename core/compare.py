@@ -101,6 +101,10 @@ def plan(model_specs: Sequence[str | Path], pipeline: str | Path, *, seeds: int 
     # without --lr every cell uses the pipeline's lr, and is named after it, so that adding
     # --lr later only trains the new cells
     lrs = list(lrs) if lrs else [getattr(base.optimizer, "lr", None)]
+    tags = [f"{lr:g}" for lr in lrs if lr is not None]
+    if len(set(tags)) != len(tags):  # cells are named by the lr's %g form: two would share one
+        raise HybridlabError(f"--lr: {', '.join(map(repr, lrs))} name the same cells ({', '.join(tags)}); give "
+                             "learning rates that differ in their first 6 significant digits")
     paths = [Path(p).resolve() for p in model_specs]
     for given_path, path in zip(model_specs, paths):
         if not path.exists():
@@ -122,7 +126,7 @@ def plan(model_specs: Sequence[str | Path], pipeline: str | Path, *, seeds: int 
                 sets = [*overrides, f"model={json.dumps(str(path))}", f"seed={seed}", f"name={label}-{tag}"]
                 if given:  # the whole optimizer mapping: the pipeline may leave it to the default
                     sets.append(f"optimizer={json.dumps({**base.optimizer.model_dump(mode='json'), 'lr': lr})}")
-                spec = load_pipeline(pipeline, sets, registry=registry)
+                spec = load_pipeline(pipeline, sets, registry=registry, warn=False)  # the base load warned once
                 cells.append(Cell(label, seed, lr, spec, out / "cells" / label / tag))
     return cells
 

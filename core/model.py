@@ -219,6 +219,15 @@ class Model(nn.Module):
                  generator: torch.Generator | None = None) -> Tensor:
         """prompt [B, T] -> [B, T + max_new_tokens]; prefill in parallel, then step from state.
         temperature 0 is greedy."""
+        if prompt.dim() != 2 or prompt.shape[1] == 0 or prompt.is_floating_point():
+            raise ValueError(f"generate takes a prompt of token ids [B, T] with T >= 1, got {prompt.dtype} "
+                             f"{tuple(prompt.shape)}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        vocab = self.spec.vocab_size
+        if int(prompt.min()) < 0 or int(prompt.max()) >= vocab:
+            raise ValueError(f"prompt token ids must be in 0..{vocab - 1} (the model's vocabulary), got "
+                             f"{int(prompt.min())}..{int(prompt.max())}")
         state = self.init_state(prompt.shape[0], prompt.device)
         out = self.forward(prompt, state)
         tokens = [prompt]

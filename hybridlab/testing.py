@@ -20,6 +20,10 @@ __all__ = ["Case", "Report", "assert_verified", "verify_kind", "verify_model"]
 def assert_verified(kind: str, *, impl: str | None = None, device: str = "cpu", registry: Any = None) -> Report:
     """Verify ``kind`` (optionally one implementation) and raise AssertionError listing
     every failing check. Returns the report when everything passed."""
+    import torch
+
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():  # not a verification failure
+        raise RuntimeError(f"assert_verified: device {device!r} is not available on this machine")
     report = verify_kind(kind, impl=impl, device=device, registry=registry)
     if not report.checks and not report.problems:
         raise AssertionError(f"verify ran no checks for {kind!r}: register cases= (or examples= for a mixer)")

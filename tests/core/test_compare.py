@@ -189,6 +189,7 @@ def test_parse_lrs():
     (["one.yaml", "--pipeline", "p.yaml", "--seeds", "x"], "--seeds: expected a number of seeds, got 'x'"),
     (["one.yaml", "--pipeline", "p.yaml", "--seeds", "0"], "--seeds must be at least 1, got 0"),
     (["one.yaml", "--pipeline", "p.yaml", "--lr", "fast"], "--lr: expected comma-separated numbers"),
+    (["one.yaml", "--pipeline", "p.yaml", "--lr", "1e-3,1.0000001e-3"], "name the same cells (0.001, 0.001)"),
     (["nope.yaml", "--pipeline", "p.yaml"], "nope.yaml: no such model spec"),
     (["one.yaml", "--pipeline", "missing.yaml"], "missing.yaml: no such file"),
     (["one.yaml", "--pipeline", "p.yaml", "--set", "steps=0"], "steps: input should be greater than or equal to 1"),
@@ -255,3 +256,9 @@ def test_a_run_name_cannot_leave_the_runs_directory(tmp_path):
     for name in ("../../escape/naïve ✓", "/tmp/abs", ""):
         path = new_run_dir(name, tmp_path / "runs")
         assert path.parent == tmp_path / "runs" and "/" not in path.name
+
+
+def test_a_pipeline_warning_is_printed_once_not_once_per_cell(files, capsys):
+    (files / "p.yaml").write_text(PIPELINE + "schedule: {kind: cosine, warmup: 50}\n")
+    compare(files / "out", lrs=[1e-3, 3e-3], seeds=2)
+    assert capsys.readouterr().err.count("warmup (50 steps) is longer than the run") == 1

@@ -303,3 +303,26 @@ def test_eval_loss_is_the_objectives_alone_and_aux_is_logged_apart(registry, tmp
     assert result["eval/loss"] == pytest.approx(result["eval/ce"], rel=1e-6)
     total, metrics = trainer._loss(trainer._batch("eval", 0))
     assert float(total.detach()) == pytest.approx(float(metrics["ce"]) + float(metrics["aux"]), rel=1e-5)
+
+
+def test_the_newest_checkpoints_are_kept_by_step_number_not_by_name(tmp_path):
+    """step-1000000 sorts before step-999000 by name: pruning kept stale checkpoints and
+    deleted a newer one; litter of a save killed midway goes at the next save."""
+    model = torch.nn.Linear(2, 2)
+    root = tmp_path / "r" / "checkpoints"
+    for step in (999000, 999500, 1000000):
+        ckpt.save_checkpoint(tmp_path / "r", step, model, {"step": step})
+    (root / ".latest.tmp-12345").write_text("step-")
+    ckpt.save_checkpoint(tmp_path / "r", 1000500, model, {"step": 1000500})
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-1000000", "step-1000500", "step-999500"]
+
+
+def test_generate_checks_its_inputs(registry):
+    from hybridlab.core.model import Model
+
+    model = Model(spec(registry).model, registry)
+    for prompt, steps, message in [(torch.zeros(1, 0, dtype=torch.long), 3, "T >= 1"),
+                                   (torch.tensor([[1, 2]]), -1, "max_new_tokens must be >= 0"),
+                                   (torch.tensor([[1, 999]]), 2, "prompt token ids must be in 0..")]:
+        with pytest.raises(ValueError, match=message):
+            model.generate(prompt, steps)
