@@ -10,7 +10,9 @@ A data kind's module is built as ``Task(config, seed=...)`` and offers
 
 and optionally
 
-    metrics(output, batch) -> {name: tensor}    extra metrics, e.g. accuracy per query type
+    metrics(output, batch) -> {name: tensor or (numerator, denominator)}
+                                                extra metrics, e.g. accuracy per query type;
+                                                pairs are pooled over evaluation batches
     encode(text) -> list[int], decode(ids) -> str   how ``hybridlab generate`` reads a prompt
                                                     (without them: whitespace-separated ids)
 

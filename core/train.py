@@ -260,7 +260,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        out = {k: float(v) for k, v in metrics.items()}
+        out = {k: _ratio(v) for k, v in metrics.items()}
         out["loss"] = float(loss.detach())
         out["lr"] = self.optimizer.param_groups[0]["lr"]
         return out
@@ -270,12 +270,16 @@ class Trainer:
         self.model.eval()
         results: dict[str, float] = {}
         for split in self.task.splits():
-            sums: dict[str, float] = {}
+            sums: dict[str, list[float]] = {}  # name -> [numerator, denominator] summed over the batches
             for i in range(self.spec.eval_batches):
                 loss, metrics = self._loss(self._batch(split, i), with_aux=False)
                 for k, v in {"loss": loss, **metrics}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-            results.update({f"{split}/{k}": v / self.spec.eval_batches for k, v in sums.items()})
+                    num, den = (float(v[0]), float(v[1])) if isinstance(v, (tuple, list)) else (float(v), 1.0)
+                    total = sums.setdefault(k, [0.0, 0.0])
+                    total[0], total[1] = total[0] + num, total[1] + den
+            # a (numerator, denominator) metric is pooled over the batches: a batch that asked
+            # nothing of a query type then counts for nothing, not as accuracy 0
+            results.update({f"{split}/{k}": num / den if den else math.nan for k, (num, den) in sums.items()})
         return results
 
     def run(self, stop_at: int | None = None) -> dict[str, float]:
@@ -313,6 +317,14 @@ class Trainer:
             result = self.evaluate()
         result["seconds"] = time.perf_counter() - start
         return result
+
+
+def _ratio(value: Any) -> float:
+    """A metric's value: a number, or a (numerator, denominator) pair (see evaluate)."""
+    if isinstance(value, (tuple, list)):
+        den = float(value[1])
+        return float(value[0]) / den if den else math.nan
+    return float(value)
 
 
 def _saved(path: Path) -> dict:

@@ -169,14 +169,15 @@ class FactWorld:
             inputs[b, :len(seq)] = torch.tensor(seq)
         return {"inputs": inputs, "targets": targets, "query_type": query_type}
 
-    def metrics(self, output, batch) -> dict[str, torch.Tensor]:
-        """Accuracy per query type asked."""
+    def metrics(self, output, batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Accuracy per query type asked, as (correct, asked) pairs: evaluation pools them
+        over its batches (a batch that asked no query of a type does not count as 0)."""
         with torch.no_grad():
             correct = output.logits.argmax(-1) == batch["targets"]  # [B, T]
             out = {}
             for name in self.config.query_types:
                 mask = batch["query_type"] == QUERY_TYPES.index(name)
-                out[f"accuracy_{name}"] = (correct & mask).sum() / mask.sum().clamp(min=1)
+                out[f"accuracy_{name}"] = ((correct & mask).sum(), mask.sum())
             return out
 
     def encode(self, text: str) -> list[int]:
