@@ -711,6 +711,11 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: 
     except SpecError as exc:
         raise SpecError(problems + exc.problems + partial_check_problems(data, registry, ("model",))) from None
     problems += check_problems(spec.model, data, ("model",), registry)
+    lengths = getattr(spec.data, "eval_lengths", None)  # any task's: one split per length
+    if isinstance(lengths, list) and len(set(lengths)) != len(lengths):
+        loc, rest = _walk(data, ("data", "eval_lengths"))
+        twice = sorted({n for n in lengths if lengths.count(n) > 1})
+        problems.append(loc.problem(f"lists {', '.join(map(str, twice))} twice (each length is one split)", rest))
     needed = getattr(spec.data, "min_vocab_size", None)
     if needed is not None and needed() > spec.model.vocab_size:
         loc, rest = _walk(data, ("data",))

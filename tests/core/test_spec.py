@@ -1011,3 +1011,11 @@ def test_every_bad_set_is_reported_at_once(tmp_cwd):
     assert len(lines) == 3 and lines[0].startswith("--set d_model.x=1: d_model is")
     assert lines[1].startswith("--set layers[7].mixer.heads=2: layers[7]: no such list item (the list has")
     assert "a repeat group is one item" in lines[1] and "not valid YAML" in lines[2]
+
+
+def test_duplicate_eval_lengths_are_a_located_error(tmp_cwd):
+    """[16, 16] evaluated one split twice under one name."""
+    write(tmp_cwd, "m.yaml", TINY)
+    write(tmp_cwd, "p.yaml", "model: m.yaml\ndata: {kind: parity, length: 8, eval_lengths: [16, 8, 16]}\n")
+    [problem] = spec_errors(load_pipeline, "p.yaml")
+    assert str(problem) == "p.yaml:2: data.eval_lengths: lists 16 twice (each length is one split)"
