@@ -482,16 +482,19 @@ def _checked(config: Any, path: tuple, dims: Dims, data: Any, prefix: tuple) -> 
         except Exception as exc:  # noqa: BLE001 - a plugin's check crashing: reported where it was asked
             found = [(None, f"its check() raised {type(exc).__name__}: {exc}")]
         for field, message in found:
-            where = path + ((field,) if field is not None else ())
-            loc, rest = _walk(data, prefix + where)
-            problems.append(loc.problem(message, rest) if loc else
-                            Problem("<spec>", None, format_path(prefix + where), message))
+            problems.append(_problem_at(data, prefix + path + ((field,) if field is not None else ()), message))
         for name in type(config).model_fields:
             problems += _checked(getattr(config, name), path + (name,), dims, data, prefix)
     elif isinstance(config, (list, tuple)):
         for i, item in enumerate(config):
             problems += _checked(item, path + (i,), dims, data, prefix)
     return problems
+
+
+def _problem_at(data: Any, path: tuple, message: str) -> Problem:
+    """``message`` at the line that wrote ``path`` (or the nearest one above it)."""
+    loc, rest = _walk(data, path)
+    return loc.problem(message, rest) if loc else Problem("<spec>", None, format_path(path), message)
 
 
 def _components(config: Any, path: tuple) -> Iterator[tuple[Any, tuple]]:
@@ -515,11 +518,9 @@ def _pin_problems(block: BlockSpec, path: tuple, registry: Any, data: Any, prefi
     for key, name in block.impl.items():
         category, _, kind = key.rpartition(".")
         if kind not in present:
-            loc, rest = _walk(data, prefix + path + ("impl", key))
-            message = (f"pins {kind!r}, but this block has no {kind} (its kinds: {', '.join(sorted(present))}); "
-                       "a pin in defaults applies only to the blocks that have the kind")
-            problems.append(loc.problem(message, rest) if loc else
-                            Problem("<spec>", None, format_path(prefix + path + ("impl", key)), message))
+            problems.append(_problem_at(data, prefix + path + ("impl", key), (
+                f"pins {kind!r}, but this block has no {kind} (its kinds: {', '.join(sorted(present))}); "
+                "a pin in defaults applies only to the blocks that have the kind")))
             continue
         for config, where in _components(block, ()):
             if config.kind != kind:
@@ -528,10 +529,9 @@ def _pin_problems(block: BlockSpec, path: tuple, registry: Any, data: Any, prefi
                      for i in registry.impls(k.category, kind) if i.name == name and isinstance(config, k.config)]
             reason = impls[0].never_serves(config) if impls else None
             if reason is not None:
-                message = f"{name!r} can never serve the {kind} at {format_path(path + where)}: {reason}"
-                loc, rest = _walk(data, prefix + path + ("impl", key))
-                problems.append(loc.problem(message, rest) if loc else
-                                Problem("<spec>", None, format_path(prefix + path + ("impl", key)), message))
+                problems.append(_problem_at(data, prefix + path + ("impl", key),
+                                            f"{name!r} can never serve the {kind} at {format_path(path + where)}: "
+                                            f"{reason}"))
                 break
     return problems
 
