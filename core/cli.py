@@ -105,7 +105,15 @@ def cmd_summary(args: argparse.Namespace) -> int:
     spec = _load_any(args.spec, args.set)
     model_spec = spec.model if isinstance(spec, PipelineSpec) else spec
     registry = _registry()
-    device = resolve_device(args.device) if args.device != "cuda" else torch.device("cuda")
+    if args.device.split(":")[0] == "cuda":  # planning for a GPU needs none here: cuda and cuda:N alike
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise HybridlabError(f"unknown device {args.device!r}; expected cpu, cuda or cuda:N") from None
+    else:
+        device = resolve_device(args.device)
+        if device.type not in ("cpu", "cuda"):
+            raise HybridlabError(f"summary plans for cpu or cuda, got {args.device!r}")
     dtype = getattr(torch, args.dtype)
     with torch.device("meta"):
         model = Model(model_spec, registry)

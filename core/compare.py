@@ -27,6 +27,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import shlex
 import shutil
 import statistics
 import time
@@ -196,7 +197,8 @@ def run_compare(model_specs: Sequence[str | Path], pipeline: str | Path, *, seed
         check_selection(select, cells, registry=registry)
     command = " ".join(["hybridlab compare", *map(str, model_specs), "--pipeline", str(pipeline), "--seeds",
                         str(seeds), *(["--lr", ",".join(f"{lr:g}" for lr in lrs)] if lrs else []),
-                        *(f"--set {o}" for o in overrides), "--out", str(out)])
+                        *(f"--set {shlex.quote(o)}" for o in overrides), "--out", str(out),
+                        *(["--select", select] if select is not None else [])])  # the best-lr table depends on it
 
     def report() -> dict[str, Any]:
         return write_reports(out, cells, select=select, command=command, title=str(pipeline))

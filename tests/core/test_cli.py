@@ -79,7 +79,7 @@ def test_validate_ok_and_set_override(capsys):
     (["train", "--set", "steps"], "--set steps: expected KEY=VALUE"),
     (["train", "--set", "steps=-1", "--out", "x"], "steps: input should be greater than or equal to 1, got -1"),
     (["train", "--resume", "nowhere"], "nowhere: not a run directory"),
-    (["summary", str(TINY), "--device", "cuda:7"], "cuda"),
+    (["summary", str(TINY), "--device", "cuda:x"], "unknown device 'cuda:x'"),  # cuda:N plans without a GPU
     (["summary", str(TINY), "--seq-len", "-5"], "argument --seq-len: expected a positive whole number, got '-5'"),
     (["summary", str(TINY), "--seq-len", "0"], "argument --seq-len: expected a positive whole number, got '0'"),
 ])
@@ -272,3 +272,12 @@ def test_summary_names_the_ffn_implementation_where_the_kind_has_several():
     assert code == 0, err
     row = next(l for l in out.splitlines() if l.split()[:1] == ["0"])
     assert "moe (grouped)" in row, row  # the two ffn impls: grouped (priority 10) and reference
+
+
+def test_summary_plans_for_any_cuda_device_and_refuses_others():
+    """--device cuda worked without a GPU (planning) but cuda:0 was refused; meta was
+    accepted and showed every layer as '-'."""
+    code, out, err = run("summary", TINY, "--device", "cuda:0")
+    assert code == 0 and "implementations for cuda float32" in out, err
+    code, _, err = run("summary", TINY, "--device", "meta")
+    assert (code, err.strip()) == (2, "summary plans for cpu or cuda, got 'meta'")

@@ -262,3 +262,11 @@ def test_a_pipeline_warning_is_printed_once_not_once_per_cell(files, capsys):
     (files / "p.yaml").write_text(PIPELINE + "schedule: {kind: cosine, warmup: 50}\n")
     compare(files / "out", lrs=[1e-3, 3e-3], seeds=2)
     assert capsys.readouterr().err.count("warmup (50 steps) is longer than the run") == 1
+
+
+def test_results_md_gives_the_command_that_makes_its_tables(files):
+    """results.md's command line left --select out, so it did not reproduce the best-lr
+    table; a --set value with spaces is quoted."""
+    out = compare(files / "out", lrs=[1e-3], select="len12/accuracy", overrides=["data.eval_lengths=[6, 12]"])
+    text = (out / "results.md").read_text()
+    assert "--select len12/accuracy`" in text and "--set 'data.eval_lengths=[6, 12]'" in text
