@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from hybridlab.core.config import Config
 from hybridlab.core.errors import HybridlabError
@@ -48,6 +48,23 @@ class TextConfig(Config):
                 raise ValueError(f"no file matches {pattern!r} (relative to {Path.cwd()})")
             out += [f for f in files if f not in out]
         return out
+
+    @model_validator(mode="after")
+    def _long_enough(self) -> "TextConfig":
+        """The held-out and training parts must each hold a window (+1 byte for its last
+        target): known from the files' sizes, so a spec that cannot train fails here, at
+        its line, rather than when training starts."""
+        try:
+            total = sum(Path(f).stat().st_size for f in self.files)
+        except OSError:
+            return self  # unreadable: the task says so when it reads them
+        cut = int(total * (1 - self.eval_fraction))
+        for name, size, longest, field in (("train", cut, self.length, "length"),
+                                           ("eval", total - cut, max(self.lengths()), "eval_lengths")):
+            if size < longest + 1:
+                raise ValueError(f"{field}: the {name} part of the files has {size} bytes, fewer than a window of "
+                                 f"{longest + 1}; add text, lower the lengths or change eval_fraction")
+        return self
 
     def min_vocab_size(self) -> int:
         return 256

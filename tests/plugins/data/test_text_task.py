@@ -41,8 +41,18 @@ def test_files_resolve_to_absolute_paths_and_missing_files_are_positioned_errors
 
 
 def test_too_little_text_is_a_clear_error(corpus):
+    """Known from the files' sizes: a located spec error at validate (it passed validate
+    and failed when training started); the task checks again when it reads the files."""
+    (corpus / "m.yaml").write_text("vocab_size: 256\nd_model: 16\nlayers:\n  - mixer: {kind: attention, heads: 2}\n")
+    (corpus / "p.yaml").write_text("model: m.yaml\ndata: {kind: text, files: [a.txt], length: 16, "
+                                   "eval_lengths: [1000]}\n")
+    with pytest.raises(SpecError, match=r"p.yaml:2: data: eval_lengths: the eval part of the files has \d+ bytes, "
+                                        r"fewer than a window of 1001"):
+        load_pipeline(corpus / "p.yaml")
+    config = TextConfig.model_construct(**{**TextConfig(files=["a.txt"], length=16).model_dump(),
+                                           "eval_lengths": [1000]})
     with pytest.raises(HybridlabError, match="the eval part has .* bytes, fewer than a window of 1001"):
-        Text(TextConfig(files=["a.txt"], length=16, eval_lengths=[1000]))
+        Text(config)
 
 
 def test_encode_decode_are_utf8_bytes(corpus):
