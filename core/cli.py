@@ -267,6 +267,14 @@ def _print_report(report: Any, *, show_all: bool) -> None:
 # ---------------------------------------------------------------- helpers
 
 
+def _at_least_two(text: str) -> int:
+    """argparse type: a length of at least 2 (a next-token loss needs two tokens)."""
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected at least 2 tokens (a next-token loss needs two), got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     """argparse type: a whole number ≥ 1 (a length, a count)."""
     try:
@@ -334,7 +342,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     s.add_argument("--all", action="store_true", help="print every check, not the worst per group")
-    s.add_argument("--seq-len", type=_positive_int, default=131,
+    s.add_argument("--seq-len", type=_at_least_two, default=131,
                    help="tokens per sequence of a model-level check (default 131: past two 64-token chunks)")
     s.set_defaults(fn=cmd_verify)
 

@@ -195,10 +195,11 @@ def run_compare(model_specs: Sequence[str | Path], pipeline: str | Path, *, seed
     cells = plan(model_specs, pipeline, seeds=seeds, lrs=lrs, overrides=overrides, out=out, registry=registry)
     if select is not None:
         check_selection(select, cells, registry=registry)
-    command = " ".join(["hybridlab compare", *map(str, model_specs), "--pipeline", str(pipeline), "--seeds",
-                        str(seeds), *(["--lr", ",".join(f"{lr:g}" for lr in lrs)] if lrs else []),
-                        *(f"--set {shlex.quote(o)}" for o in overrides), "--out", str(out),
-                        *(["--select", select] if select is not None else [])])  # the best-lr table depends on it
+    # shell-quoted, so results.md's line runs as written (paths with spaces or '#' included)
+    command = shlex.join(["hybridlab", "compare", *map(str, model_specs), "--pipeline", str(pipeline), "--seeds",
+                          str(seeds), *(["--lr", ",".join(f"{lr:g}" for lr in lrs)] if lrs else []),
+                          *(x for o in overrides for x in ("--set", o)), "--out", str(out),
+                          *(["--select", select] if select is not None else [])])  # the best-lr table depends on it
 
     def report() -> dict[str, Any]:
         return write_reports(out, cells, select=select, command=command, title=str(pipeline))

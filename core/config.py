@@ -10,6 +10,7 @@ discriminator tag appears in it.
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,10 +25,7 @@ class Config(BaseModel):
     """Base of every kind's config: unknown fields are errors, instances are frozen
     (hashable, so they can key caches), and every field should have a docstring."""
 
-    # inf and NaN are refused in every number field (an lr of .inf validated, then trained
-    # to NaN; an rmsnorm eps of .inf zeroed the stream): a field that means "no limit"
-    # says so with null
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -71,6 +69,11 @@ class Config(BaseModel):
         problem = _loose_scalar(field.annotation, value) if field is not None else None
         if problem is not None:
             raise ValueError(problem)
+        # inf and NaN are refused in every number (an lr of .inf validated, then trained to
+        # NaN; an rmsnorm eps of .inf zeroed the stream), unless the field's own default is
+        # that value (a plugin's "no limit" default must survive a spec.yaml round trip)
+        if field is not None and _not_finite(value) and value != field.default:
+            raise ValueError(f"input should be a finite number, got {value!r}")
         return value
 
     def check(self, dims: "Dims") -> Iterable[tuple[str, str]]:
@@ -167,6 +170,15 @@ class LossConfig(Config):
 
     weight: float = Field(default=1.0, ge=0)
     """Multiplier of this objective in the total loss."""
+
+
+def _not_finite(value: Any) -> bool:
+    """A float (or a list/tuple holding one) that is inf or NaN."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_not_finite(v) for v in value)
+    return False
 
 
 # per scalar type: its name, and the types of value that lax mode would coerce into it

@@ -19,7 +19,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint
 from .errors import HybridlabError
 from .model import Model
 from .spec import PipelineSpec, load_pipeline
-from .tasks import decode, encode
+from .tasks import decode, encode, torch_seed
 from .train import resolve_device
 
 
@@ -51,8 +51,8 @@ def generate(run_dir: str | Path, prompt: str, *, max_new_tokens: int = 32, temp
         raise HybridlabError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
     if not 0 <= temperature < math.inf:  # NaN fails this too
         raise HybridlabError(f"--temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
-    if not 0 <= seed < 2 ** 32:  # torch's CPU generator keeps 32 bits: larger seeds repeat smaller ones
-        raise HybridlabError(f"--seed must be in [0, 2^32), got {seed}")
+    if not 0 <= seed < 2 ** 63:
+        raise HybridlabError(f"--seed must be in [0, 2^63), got {seed}")
     spec, model, task = load_run(run_dir, device=device, registry=registry)
     ids = encode(task, prompt)
     if not ids:
@@ -70,7 +70,7 @@ def generate(run_dir: str | Path, prompt: str, *, max_new_tokens: int = 32, temp
                                  f"({why})") from None
     device_ = next(model.parameters()).device
     prompt_ids = torch.tensor([ids], device=device_)  # [1, T]
-    g = torch.Generator(device=device_).manual_seed(seed)
+    g = torch.Generator(device=device_).manual_seed(torch_seed(seed))  # 32 bits kept: larger seeds hashed
     out = model.generate(prompt_ids, max_new_tokens, temperature=temperature, generator=g)  # [1, T + N]
     new = out[0, len(ids):].tolist()
     return new, decode(task, ids + new)

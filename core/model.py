@@ -59,13 +59,12 @@ class Block(nn.Module):
         self.wrapper = dims.build("block_wrapper", spec.wrapper) if spec.wrapper is not None else None
         dispatched = [m for m in self.modules() if isinstance(m, Dispatched)]
         used = set()
-        for module in dispatched:  # the block's ``impl:`` pins
-            for key in (f"{module.category}.{module.kind}", module.kind):
-                if key in spec.impl and pin_applies({key: spec.impl[key]}, module.category, module.kind,
-                                                    dims.registry) is not None:
-                    module.spec_pin = spec.impl[key]
-                    used.add(key)
-                    break
+        for module in dispatched:  # the block's ``impl:`` pins; category.kind before the bare kind
+            keys = [k for k in (f"{module.category}.{module.kind}", module.kind) if k in spec.impl and
+                    pin_applies({k: spec.impl[k]}, module.category, module.kind, dims.registry) is not None]
+            if keys:
+                module.spec_pin = spec.impl[keys[0]]
+                used.update(keys)
         unused = [kind for kind in spec.impl if kind not in used]
         if unused:  # a pin that pins nothing would leave the user believing it took effect
             here = sorted({m.kind for m in dispatched})

@@ -123,9 +123,9 @@ class PipelineSpec(Config):
     """Save a checkpoint every N steps (0: only at the end)."""
     log_every: int = Field(default=10, ge=1)
     """Write a line to metrics.jsonl every N steps."""
-    seed: int = Field(default=0, ge=0, lt=2**32)
-    """Seeds the weights and the task's data streams (0 <= seed < 2**32: torch's CPU
-    generator keeps 32 bits of a seed, so larger ones would repeat smaller ones)."""
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    """Seeds the weights and the task's data streams (0 <= seed < 2**63; torch keeps 32
+    bits of a seed, so seeds from 2**32 up are hashed into 32 bits first)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 runs the forward under autocast; weights and optimizer stay fp32."""
     compile: bool = False
@@ -252,7 +252,7 @@ def _apply_override(data: LocDict, item: str) -> None:
         where = format_path(path[:i + 1])
         if isinstance(part, int):
             if not isinstance(node, list) or part >= len(node):
-                raise HybridlabError(f"--set {item}: {where}: no such list item{_list_hint(node, path)}")
+                raise HybridlabError(f"--set {item}: {where}: no such list item{_list_hint(node, path[:i])}")
             node = node[part]
         else:
             if not isinstance(node, dict):
@@ -268,7 +268,7 @@ def _apply_override(data: LocDict, item: str) -> None:
     last = path[-1]
     if isinstance(last, int):
         if not isinstance(node, list) or last >= len(node):
-            raise HybridlabError(f"--set {item}: {format_path(path)}: no such list item{_list_hint(node, path)}")
+            raise HybridlabError(f"--set {item}: {format_path(path)}: no such list item{_list_hint(node, path[:-1])}")
     elif not isinstance(node, dict):
         raise HybridlabError(f"--set {item}: {format_path(path[:-1])}: not a mapping")
     node[last] = _located(value, loc)
@@ -278,12 +278,13 @@ def _apply_override(data: LocDict, item: str) -> None:
         node.locs[last] = loc
 
 
-def _list_hint(node: Any, path: tuple) -> str:
+def _list_hint(node: Any, list_path: tuple) -> str:
+    """Why an index missed: the list's length as written, or that the list is not written."""
     if isinstance(node, list):
-        repeat = "; a repeat group is one item" if "layers" in path else ""
+        repeat = "; a repeat group is one item" if "layers" in list_path else ""
         return f" (the list has {len(node)} item{'s' if len(node) != 1 else ''} as written{repeat})"
     if isinstance(node, dict) and not node:  # a field left to its default: nothing written to index
-        return " (the field is not written in the spec; set the whole list, e.g. --set objectives=[...])"
+        return f" (the field is not written in the spec; set the whole list: --set {format_path(list_path)}=[...])"
     return ""
 
 
@@ -325,7 +326,11 @@ def _drop_default_pins_for_absent_kinds(block: Any, item: Any) -> None:
         if name not in block:
             default = BlockSpec.model_fields[name].get_default(call_default_factory=True)
             kinds |= _kinds_in(default)
-    for key in [k for k in pins if k not in own and str(k).rpartition(".")[2] not in kinds]:
+    def bare(key: Any) -> str:
+        return str(key).rpartition(".")[2]
+
+    own_kinds = {bare(k) for k in own}  # the block's own pin wins over defaults', in either spelling
+    for key in [k for k in pins if k not in own and (bare(k) not in kinds or bare(k) in own_kinds)]:
         del pins[key]
         if isinstance(pins, LocDict):
             pins.locs.pop(key, None)

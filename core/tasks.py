@@ -46,6 +46,15 @@ def split_length(split: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def torch_seed(seed: int) -> int:
+    """A seed for torch's generators, which keep only 32 bits: seeds below 2^32 as they
+    are (runs keep their streams), larger ones hashed into 32 bits (they repeated the
+    seed their low bits spell)."""
+    if 0 <= seed < 2**32:
+        return seed
+    return int.from_bytes(hashlib.blake2b(f"seed/{seed}".encode(), digest_size=4).digest(), "little")
+
+
 def generator(seed: int, split: str, index: int) -> torch.Generator:
     """A torch.Generator seeded from (seed, split, index) alone: batches are pure functions
     of these, so a resumed run sees the same data and every split its own stream."""

@@ -31,6 +31,7 @@ from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, s
 from .errors import HybridlabError
 from .model import Model, count_parameters
 from .spec import PipelineSpec, dump_spec, load_pipeline
+from .tasks import torch_seed
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,7 +92,7 @@ class Trainer:
         self.device = resolve_device(device or spec.device)
         if spec.threads is not None:
             torch.set_num_threads(spec.threads)
-        torch.manual_seed(spec.seed)
+        torch.manual_seed(torch_seed(spec.seed))
         random.seed(spec.seed)
         self.model = Model(spec.model, self.registry).to(self.device)
         self.forward = torch.compile(self.model) if spec.compile else self.model
@@ -115,7 +116,8 @@ class Trainer:
             raise HybridlabError(f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir} "
                                  "or choose another --out")
         if self.run_dir.is_dir():  # a run that died before its first checkpoint starts over; other files stay
-            other = sorted(p.name for p in self.run_dir.iterdir() if p.name not in RUN_FILES)
+            other = sorted(p.name for p in self.run_dir.iterdir() if p.name not in RUN_FILES
+                           and not p.name.startswith("."))  # .keep, .gitignore
             if other:
                 raise HybridlabError(f"{self.run_dir} is not a run directory and is not empty (it holds "
                                      f"{', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); give a new or "
@@ -260,7 +262,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        out = {k: _ratio(v) for k, v in metrics.items()}
+        out = {k: r for k, r in ((k, _ratio(v)) for k, v in metrics.items()) if r is not None}
         out["loss"] = float(loss.detach())
         out["lr"] = self.optimizer.param_groups[0]["lr"]
         return out
@@ -279,7 +281,9 @@ class Trainer:
                     total[0], total[1] = total[0] + num, total[1] + den
             # a (numerator, denominator) metric is pooled over the batches: a batch that asked
             # nothing of a query type then counts for nothing, not as accuracy 0
-            results.update({f"{split}/{k}": num / den if den else math.nan for k, (num, den) in sums.items()})
+            # a pair whose denominator stayed 0 (no query of that type was asked) is left out:
+            # NaN is not JSON, and an absent metric is not a score of 0
+            results.update({f"{split}/{k}": num / den for k, (num, den) in sums.items() if den})
         return results
 
     def run(self, stop_at: int | None = None) -> dict[str, float]:
@@ -319,11 +323,12 @@ class Trainer:
         return result
 
 
-def _ratio(value: Any) -> float:
-    """A metric's value: a number, or a (numerator, denominator) pair (see evaluate)."""
+def _ratio(value: Any) -> float | None:
+    """A metric's value: a number, or a (numerator, denominator) pair (see evaluate);
+    None for a pair with nothing in its denominator (the step logs no value for it)."""
     if isinstance(value, (tuple, list)):
         den = float(value[1])
-        return float(value[0]) / den if den else math.nan
+        return float(value[0]) / den if den else None
     return float(value)
 
 

@@ -55,6 +55,7 @@ class _Builder:
         self.file = file
         self.constructor = yaml.SafeLoader("")  # only its construct_* helpers are used
         self.problems: list[Problem] = []
+        self.explicit: dict[int, set[int]] = {}  # per mapping node, its explicit keys' nodes
 
     def line(self, node: yaml.Node) -> int:
         return node.start_mark.line + 1
@@ -64,7 +65,10 @@ class _Builder:
         if isinstance(node, yaml.MappingNode):
             # YAML merge keys (<<: *anchor): merged pairs come first and explicit keys
             # override them; only an explicit key written twice is a duplicate
-            explicit = {id(k) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"}
+            # an anchored mapping is built again at each alias, and flatten_mapping rewrote it
+            # the first time: its explicit keys are remembered from before that
+            explicit = self.explicit.setdefault(
+                id(node), {id(k) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"})
             self.constructor.flatten_mapping(node)
             out = LocDict(loc=loc)
             explicit_keys: set = set()

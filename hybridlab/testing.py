@@ -26,7 +26,8 @@ def assert_verified(kind: str, *, impl: str | None = None, device: str = "cpu", 
         raise RuntimeError(f"assert_verified: device {device!r} is not available on this machine")
     report = verify_kind(kind, impl=impl, device=device, registry=registry)
     if not report.checks and not report.problems:
-        raise AssertionError(f"verify ran no checks for {kind!r}: register cases= (or examples= for a mixer)")
+        why = "; ".join(report.notes) or "register cases= (or examples= for a mixer)"
+        raise AssertionError(f"verify ran no checks for {kind!r}: {why}")
     if not report.passed:
         lines = [f"{c.kind}/{c.impl} {c.dtype} [{c.case}] {c.quantity}: error {c.error:.3g} > allowed {c.allowed:.3g}"
                  for c in report.failures()]

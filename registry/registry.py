@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import numbers
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -243,6 +244,7 @@ def _devices(where: str, key: str, value: Any) -> frozenset[str]:
     if isinstance(value, str) or not isinstance(value, Iterable):
         raise RegistrationError(f"{where}: {key} must be a set of device types such as {{'cpu', 'cuda'}}, "
                                 f"got {value!r}")
+    value = list(value)  # once: a generator would be empty after the check
     for device in value:
         try:
             ok = isinstance(device, str) and torch.device(device).type == device
@@ -259,13 +261,15 @@ def _check_options(where: str, options: dict[str, Any]) -> None:
 
     def number(key: str) -> None:
         value = options[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
             raise RegistrationError(f"{where}: {key} must be a number > 0, got {value!r}")
+        options[key] = float(value)
 
     if "devices" in options:
         options["devices"] = _devices(where, "devices", options["devices"])
     if "dtypes" in options:
         dtypes = options["dtypes"]
+        dtypes = dtypes if isinstance(dtypes, (str, torch.dtype)) or not isinstance(dtypes, Iterable) else list(dtypes)
         if isinstance(dtypes, (str, torch.dtype)) or not isinstance(dtypes, Iterable) or \
                 not all(isinstance(d, torch.dtype) for d in dtypes):
             raise RegistrationError(f"{where}: dtypes must be a set of torch dtypes such as "
@@ -276,14 +280,16 @@ def _check_options(where: str, options: dict[str, Any]) -> None:
     if not isinstance(options.get("decode", True), bool):
         raise RegistrationError(f"{where}: decode must be True or False, got {options['decode']!r}")
     priority = options.get("priority", 0)
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        raise RegistrationError(f"{where}: priority must be an integer, got {priority!r}")
+    if isinstance(priority, bool) or not isinstance(priority, numbers.Real) or not math.isfinite(priority):
+        raise RegistrationError(f"{where}: priority must be a number, got {priority!r}")
     for key in ("tolerance", "floor"):
         if key in options:
             number(key)
     if options.get("supports") is not None and not callable(options["supports"]):
         raise RegistrationError(f"{where}: supports must be a function (config, device, dtype) -> reason or None, "
                                 f"got {options['supports']!r}")
+    if options.get("doc", "") is None:
+        options["doc"] = ""
     if not isinstance(options.get("doc", ""), str):
         raise RegistrationError(f"{where}: doc must be a string, got {options['doc']!r}")
 

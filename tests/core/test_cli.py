@@ -175,6 +175,15 @@ def test_a_pin_in_defaults_applies_to_the_blocks_that_have_the_kind(tmp_path):
     assert code == 0, err
     rows = {l.split()[0]: l.split()[1:3] for l in out.splitlines() if l.split()[:1] in (["0"], ["1"])}
     assert rows == {"0": ["gated_deltanet", "chunk"], "1": ["attention", "reference"]}
+    # a block's own pin overrides the defaults' in either spelling (both were kept, and the
+    # build called the bare one unused)
+    (tmp_path / "m.yaml").write_text(
+        "vocab_size: 64\nd_model: 32\ndefaults:\n  impl: {attention: sdpa}\nlayers:\n"
+        "  - mixer: {kind: gated_deltanet, heads: 2}\n"
+        "  - mixer: {kind: attention, heads: 2}\n    impl: {mixer.attention: reference}\n")
+    code, out, err = run("summary", "m.yaml", cwd=tmp_path)
+    assert code == 0, err
+    assert [l.split()[1:3] for l in out.splitlines() if l.split()[:1] == ["1"]] == [["attention", "reference"]]
 
 
 def test_summary_shows_the_block_pin(tmp_path, monkeypatch):
@@ -246,6 +255,10 @@ def test_run_directories_that_cannot_be_used_are_one_line_errors(tmp_path):
         code, _, err = run("train", *quick, *args, cwd=tmp_path)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
     assert (tmp_path / "notes").exists() and sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["notes.txt"]
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / ".keep").write_text("")  # a placeholder is not someone's files
+    code, _, err = run("train", *quick, "--out", "kept", cwd=tmp_path)
+    assert code == 0, err
     code, _, err = run("train", "", cwd=tmp_path)  # it ran the default 800-step job
     assert code == 2 and "the pipeline path is empty" in err
 

@@ -97,6 +97,14 @@ def test_generate_does_not_repeat_training_warnings(registry, tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_seeds_past_32_bits_give_their_own_samples(registry, tmp_path):
+    """torch keeps 32 bits of a seed: 2^32 + 1 sampled exactly as 1 did."""
+    run_dir = make_run(registry, tmp_path / "run")
+    a, _ = generate(run_dir, "1 2 3", max_new_tokens=12, temperature=1.0, seed=1, registry=registry)
+    b, _ = generate(run_dir, "1 2 3", max_new_tokens=12, temperature=1.0, seed=2 ** 32 + 1, registry=registry)
+    assert a != b
+
+
 def test_a_tiny_temperature_samples_the_argmax(registry, tmp_path):
     """logits / 1e-40 overflowed to inf and multinomial raised on NaN probabilities."""
     run_dir = make_run(registry, tmp_path / "run")
@@ -115,8 +123,8 @@ def test_errors(registry, tmp_path, capsys):
     for temperature in (-1, float("nan"), float("inf")):
         with pytest.raises(HybridlabError, match="--temperature must be a finite number >= 0"):
             generate(run_dir, "1", temperature=temperature, registry=registry)
-    for seed in (-1, 2 ** 32, 2 ** 64):  # each repeated another seed (or overflowed) in torch
-        with pytest.raises(HybridlabError, match=r"--seed must be in \[0, 2\^32\)"):
+    for seed in (-1, 2 ** 64):  # -1 wrapped onto another seed, 2^64 overflowed in torch
+        with pytest.raises(HybridlabError, match=r"--seed must be in \[0, 2\^63\)"):
             generate(run_dir, "1", temperature=1.0, seed=seed, registry=registry)
     (tmp_path / "fresh").mkdir()
     (tmp_path / "fresh" / "spec.yaml").write_text((run_dir / "spec.yaml").read_text())

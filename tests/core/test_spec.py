@@ -756,8 +756,8 @@ def test_load_pipeline_device(fixtures, device, ok):
 
 
 def test_load_pipeline_seed_range(fixtures):
-    assert load_pipeline("train/path_model.yaml", [f"seed={2**32 - 1}"]).seed == 2**32 - 1
-    for seed, fragment in [(-1, "greater than or equal to 0"), (2**32, "less than 4294967296")]:
+    assert load_pipeline("train/path_model.yaml", [f"seed={2**63 - 1}"]).seed == 2**63 - 1
+    for seed, fragment in [(-1, "greater than or equal to 0"), (2**63, "less than 9223372036854775808")]:
         [problem] = spec_errors(load_pipeline, "train/path_model.yaml", [f"seed={seed}"])
         assert (problem.file, problem.path) == ("--set", "seed") and fragment in problem.message
 
@@ -1019,3 +1019,41 @@ def test_duplicate_eval_lengths_are_a_located_error(tmp_cwd):
     write(tmp_cwd, "p.yaml", "model: m.yaml\ndata: {kind: parity, length: 8, eval_lengths: [16, 8, 16]}\n")
     [problem] = spec_errors(load_pipeline, "p.yaml")
     assert str(problem) == "p.yaml:2: data.eval_lengths: lists 16 twice (each length is one split)"
+
+
+def test_a_plugin_field_whose_default_is_inf_round_trips_and_others_refuse_inf():
+    import math
+    from typing import Literal
+
+    from pydantic import ValidationError
+
+    from hybridlab.core.config import Config
+
+    class Limits(Config):
+        kind: Literal["limits"] = "limits"
+        limit: float = math.inf
+        """No limit by default."""
+        rate: float = 0.5
+        """A rate."""
+
+    dumped = Limits().model_dump(mode="python")
+    assert Limits.model_validate(dumped).limit == math.inf  # a run's spec.yaml loads again
+    with pytest.raises(ValidationError, match="input should be a finite number, got inf"):
+        Limits(rate=math.inf)
+    with pytest.raises(ValidationError, match="input should be a finite number, got nan"):
+        Limits(limit=math.nan)
+
+
+def test_an_aliased_mapping_with_a_merge_key_reads_the_same_at_each_alias():
+    """The anchored node was flattened at its first build, so its alias reported the
+    explicit key as a duplicate of the merged one."""
+    data = parse_yaml("layers:\n  - mixer: &m\n      <<: {kind: attention, heads: 4}\n      heads: 2\n"
+                      "  - mixer: *m\n", "f.yaml")
+    assert [layer["mixer"] for layer in to_plain(data)["layers"]] == [{"kind": "attention", "heads": 2}] * 2
+
+
+def test_a_set_into_an_unwritten_list_names_that_list():
+    from hybridlab.core.spec import apply_overrides
+
+    with pytest.raises(HybridlabError, match=r"set the whole list: --set data.eval_lengths=\[...\]"):
+        apply_overrides(parse_yaml("data: {kind: mqar}\n", "p.yaml"), ["data.eval_lengths[0]=8"])

@@ -326,3 +326,12 @@ def test_generate_checks_its_inputs(registry):
                                    (torch.tensor([[1, 999]]), 2, "prompt token ids must be in 0..")]:
         with pytest.raises(ValueError, match=message):
             model.generate(prompt, steps)
+
+
+def test_seeds_past_32_bits_initialise_their_own_weights(registry, tmp_path):
+    """torch.manual_seed keeps 32 bits: seed 2^32 + 1 built seed 1's weights."""
+    a = Trainer(spec(registry, seed=1), tmp_path / "a", registry=registry, progress=False).model
+    b = Trainer(spec(registry, seed=2**32 + 1), tmp_path / "b", registry=registry, progress=False).model
+    c = Trainer(spec(registry, seed=1), tmp_path / "c", registry=registry, progress=False).model
+    first = lambda m: next(m.parameters())  # noqa: E731
+    assert torch.equal(first(a), first(c)) and not torch.equal(first(a), first(b))

@@ -335,7 +335,7 @@ def test_fast_impl_for_another_plugins_kind_uses_its_reference():
     ({"dtypes": torch.float32}, "dtypes must be a set of torch dtypes"),
     ({"backward": "cuda"}, "backward must be a set of device types"),
     ({"decode": "no"}, "decode must be True or False, got 'no'"),
-    ({"priority": "high"}, "priority must be an integer, got 'high'"),
+    ({"priority": "high"}, "priority must be a number, got 'high'"),
     ({"supports": "always"}, "supports must be a function"),
 ])
 def test_bad_impl_options(options, error):
@@ -794,3 +794,14 @@ def test_plugin_code_that_crashes_on_a_spec_is_a_one_line_error(tmp_path, monkey
         assert main([command, str(tmp_path / "m.yaml")]) == 2, command
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_impl_options_may_be_any_iterable_even_a_generator():
+    def fn(register):
+        register.kind("mixer", "other", config=OtherConfig, module=module)
+        register.impl("mixer", "other", "reference", fn=reference, devices=(d for d in ["cpu"]),
+                      dtypes=(t for t in [torch.float32]))
+
+    registry = fresh(("gen", plugin(fn)))
+    [impl] = registry.impls("mixer", "other")
+    assert (impl.devices, impl.dtypes) == (frozenset({"cpu"}), frozenset({torch.float32}))

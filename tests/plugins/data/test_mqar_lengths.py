@@ -48,10 +48,16 @@ def test_eval_lengths_must_hold_the_pairs_and_queries():
         MQARConfig(vocab=32, pairs=4, eval_lengths=[16, 10])
 
 
-@pytest.mark.parametrize("seed", [1_000_000, 2**32 - 1])
+@pytest.mark.parametrize("seed", [1_000_000, 2**40 + 7, 2**63 - 1])
 def test_large_seeds_give_data(seed):
-    # any pipeline seed (0 <= seed < 2**32) gives data
+    # any pipeline seed (0 <= seed < 2**63) gives data, its own stream past 32 bits too
     task = MQAR(MQARConfig(vocab=32, pairs=4), seed=seed)
     check_answers(task.batch("train", 3, 4))
     check_answers(task.batch("eval", 0, 4))
     assert task.batch("train", 3, 4)["inputs"].equal(task.batch("train", 3, 4)["inputs"])
+
+
+def test_seeds_that_differ_past_32_bits_see_different_data():
+    config = MQARConfig(vocab=32, pairs=4)
+    a, b = MQAR(config, seed=5), MQAR(config, seed=5 + 2**32)
+    assert not a.batch("train", 0, 8)["inputs"].equal(b.batch("train", 0, 8)["inputs"])
