@@ -164,26 +164,26 @@ def test_a_pin_for_a_kind_the_block_lacks_is_an_error(tmp_path):
                               "blocks that have the kind\n")
 
 
+def _summary_rows(tmp_path, text: str) -> dict[str, list[str]]:
+    """`hybridlab summary` of a spec written from ``text``: layer -> [mixer, impl]."""
+    (tmp_path / "m.yaml").write_text(text)
+    code, out, err = run("summary", "m.yaml", cwd=tmp_path)
+    assert code == 0, err
+    return {l.split()[0]: l.split()[1:3] for l in out.splitlines() if l.split()[:1] in (["0"], ["1"])}
+
+
 def test_a_pin_in_defaults_applies_to_the_blocks_that_have_the_kind(tmp_path):
     """defaults: {impl: {attention: reference}} in a hybrid validated, then every command
     failed on the recurrent blocks (which have no attention to pin)."""
-    (tmp_path / "m.yaml").write_text(
-        "vocab_size: 64\nd_model: 32\ndefaults:\n  impl: {attention: reference}\nlayers:\n"
-        "  - mixer: {kind: gated_deltanet, heads: 2}\n"
-        "  - mixer: {kind: attention, heads: 2}\n")
-    code, out, err = run("summary", "m.yaml", cwd=tmp_path)
-    assert code == 0, err
-    rows = {l.split()[0]: l.split()[1:3] for l in out.splitlines() if l.split()[:1] in (["0"], ["1"])}
+    hybrid = "  - mixer: {kind: gated_deltanet, heads: 2}\n  - mixer: {kind: attention, heads: 2}\n"
+    rows = _summary_rows(tmp_path, "vocab_size: 64\nd_model: 32\ndefaults:\n  impl: {attention: reference}\n"
+                                   "layers:\n" + hybrid)
     assert rows == {"0": ["gated_deltanet", "chunk"], "1": ["attention", "reference"]}
     # a block's own pin overrides the defaults' in either spelling (both were kept, and the
     # build called the bare one unused)
-    (tmp_path / "m.yaml").write_text(
-        "vocab_size: 64\nd_model: 32\ndefaults:\n  impl: {attention: sdpa}\nlayers:\n"
-        "  - mixer: {kind: gated_deltanet, heads: 2}\n"
-        "  - mixer: {kind: attention, heads: 2}\n    impl: {mixer.attention: reference}\n")
-    code, out, err = run("summary", "m.yaml", cwd=tmp_path)
-    assert code == 0, err
-    assert [l.split()[1:3] for l in out.splitlines() if l.split()[:1] == ["1"]] == [["attention", "reference"]]
+    rows = _summary_rows(tmp_path, "vocab_size: 64\nd_model: 32\ndefaults:\n  impl: {attention: sdpa}\n"
+                                   "layers:\n" + hybrid + "    impl: {mixer.attention: reference}\n")
+    assert rows["1"] == ["attention", "reference"]
 
 
 def test_summary_shows_the_block_pin(tmp_path, monkeypatch):
