@@ -32,7 +32,8 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", registry: Any = None) 
         from hybridlab.registry import default_registry
 
         registry = default_registry()
-    spec = load_pipeline(run_dir / "spec.yaml", registry=registry, warn=False)  # training warnings are past
+    # training warnings are past, and the training data is not needed to continue a prompt
+    spec = load_pipeline(run_dir / "spec.yaml", registry=registry, warn=False, saved_run=True)
     path = latest_checkpoint(run_dir)
     if path is None:
         raise HybridlabError(f"{run_dir}: no checkpoint yet (train it first, or wait for its first checkpoint)")

@@ -597,9 +597,11 @@ def partial_check_problems(data: Any, registry: Any, prefix: tuple = ()) -> list
     return problems
 
 
-def validate(root: type[BaseModel], data: Any, registry: Any) -> Any:
+def validate(root: type[BaseModel], data: Any, registry: Any, **context: Any) -> Any:
+    """Validate ``data`` as ``root``; ``context`` reaches every validator beside the
+    registry (``saved_run=True``: the spec of a finished run, read to use its model)."""
     try:
-        return root.model_validate(to_plain(data), context={"registry": registry})
+        return root.model_validate(to_plain(data), context={"registry": registry, **context})
     except ValidationError as exc:
         raise SpecError(validation_problems(exc, root, data, registry)) from None
     except Exception as exc:  # pydantic passes on what a validator raises beyond ValueError / AssertionError
@@ -682,10 +684,11 @@ def model_spec_from_data(data: LocDict, registry: Any, prefix: tuple = ()) -> Mo
 
 @_too_deep
 def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: Any = None,
-                  warn: bool = True) -> PipelineSpec:
+                  warn: bool = True, saved_run: bool = False) -> PipelineSpec:
     """Read and validate a training pipeline; ``model:`` may be a path (relative to the
     pipeline file, errors point into that file) or an inline model spec. ``warn``: print
-    warnings about the training settings (generate, which only reads the run, does not)."""
+    warnings about the training settings; ``saved_run``: the spec.yaml of a run read to use
+    its model (generate), which needs no training data (a text task's files may be gone)."""
     registry = _registry(registry)
     path = Path(path)
     data = resolve_extends(path)
@@ -712,7 +715,7 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: 
     if isinstance(data.get("model"), dict):
         problems += expand_layers(data["model"])
     try:
-        spec = validate(PipelineSpec, data, registry)
+        spec = validate(PipelineSpec, data, registry, saved_run=saved_run)
     except SpecError as exc:
         raise SpecError(problems + exc.problems + partial_check_problems(data, registry, ("model",))) from None
     problems += check_problems(spec.model, data, ("model",), registry)

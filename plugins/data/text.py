@@ -11,12 +11,13 @@ resolved spec (and so the run directory) keeps them as absolute paths.
 
 from __future__ import annotations
 
+import functools
 import glob
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from hybridlab.core.config import Config
 from hybridlab.core.errors import HybridlabError
@@ -39,7 +40,9 @@ class TextConfig(Config):
 
     @field_validator("files")
     @classmethod
-    def _resolve(cls, patterns: list[str]) -> list[str]:
+    def _resolve(cls, patterns: list[str], info: ValidationInfo) -> list[str]:
+        if (info.context or {}).get("saved_run"):  # a finished run's absolute paths: generate needs no data
+            return patterns
         out: list[str] = []
         for pattern in patterns:
             matches = sorted(glob.glob(str(Path(pattern).expanduser()), recursive=True))
@@ -50,10 +53,12 @@ class TextConfig(Config):
         return out
 
     @model_validator(mode="after")
-    def _long_enough(self) -> "TextConfig":
+    def _long_enough(self, info: ValidationInfo) -> "TextConfig":
         """The held-out and training parts must each hold a window (+1 byte for its last
         target): known from the files' sizes, so a spec that cannot train fails here, at
         its line, rather than when training starts."""
+        if (info.context or {}).get("saved_run"):
+            return self
         try:
             total = sum(Path(f).stat().st_size for f in self.files)
         except OSError:
@@ -76,18 +81,25 @@ class TextConfig(Config):
 class Text:
     def __init__(self, config: TextConfig, seed: int = 0) -> None:
         self.config, self.seed = config, seed
+
+    @functools.cached_property
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The files' bytes, read at the first batch (encode/decode, all generate uses,
+        need none), cut into the training part and the held-out part."""
+        config = self.config
         try:
             data = b"".join(Path(f).read_bytes() for f in config.files)
         except OSError as exc:
             raise HybridlabError(f"text: cannot read {exc.filename}: {exc.strerror}") from None
-        self.data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        everything = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         cut = int(len(data) * (1 - config.eval_fraction))
-        self.parts = {"train": self.data[:cut], "eval": self.data[cut:]}
+        parts = {"train": everything[:cut], "eval": everything[cut:]}
         for name, longest in (("train", config.length), ("eval", max(config.lengths()))):
-            if len(self.parts[name]) < longest + 1:
+            if len(parts[name]) < longest + 1:
                 raise HybridlabError(
-                    f"text: the {name} part has {len(self.parts[name])} bytes, fewer than a window of {longest + 1}; "
+                    f"text: the {name} part has {len(parts[name])} bytes, fewer than a window of {longest + 1}; "
                     f"add text, lower the lengths or change eval_fraction")
+        return parts
 
     def splits(self) -> list[str]:
         return length_splits(self.config.lengths())

@@ -52,10 +52,33 @@ def test_too_little_text_is_a_clear_error(corpus):
     config = TextConfig.model_construct(**{**TextConfig(files=["a.txt"], length=16).model_dump(),
                                            "eval_lengths": [1000]})
     with pytest.raises(HybridlabError, match="the eval part has .* bytes, fewer than a window of 1001"):
-        Text(config)
+        Text(config).batch("train", 0, 1)  # the files are read at the first batch
 
 
 def test_encode_decode_are_utf8_bytes(corpus):
     task = Text(TextConfig(files=["a.txt"], length=8))
     assert task.encode("fox ü") == list("fox ü".encode())
     assert task.decode(task.encode("fox ü")) == "fox ü"
+
+
+def test_generate_needs_no_training_files(corpus, registry):
+    """A text run's spec.yaml names its files by absolute path; generate validated them
+    and read them all, so a run directory moved or shared without its data was unusable."""
+    import shutil
+
+    from hybridlab.core.generate import generate
+    from hybridlab.core.spec import PipelineSpec
+    from hybridlab.core.train import Trainer
+
+    spec = PipelineSpec.model_validate({
+        "model": {"vocab_size": 256, "d_model": 16, "layers": [{"mixer": {"kind": "attention", "heads": 2}}]},
+        "data": {"kind": "text", "files": ["*.txt"], "length": 16}, "steps": 2, "batch_size": 2,
+        "eval_batches": 1, "device": "cpu"}, context={"registry": registry})
+    Trainer(spec, corpus / "run", registry=registry, progress=False).run()
+    before, _ = generate(corpus / "run", "line", max_new_tokens=4, registry=registry)
+    for name in ("a.txt", "b.txt"):
+        shutil.move(corpus / name, corpus / f"{name}.gone")
+    after, text = generate(corpus / "run", "line", max_new_tokens=4, registry=registry)
+    assert after == before and text.startswith("line")
+    with pytest.raises(SpecError, match="data.files: no file matches"):  # training still needs them
+        load_pipeline(corpus / "run" / "spec.yaml")
