@@ -19,7 +19,7 @@ import torch
 
 import hybridlab
 
-from .errors import HybridlabError
+from .errors import HybridlabError, format_path
 
 DEFAULT_PIPELINE = "train/default.yaml"
 
@@ -92,7 +92,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             continue
         model = spec.model if isinstance(spec, PipelineSpec) else spec
         what = "pipeline" if isinstance(spec, PipelineSpec) else "model"
-        print(f"{path}: OK ({what} {spec.name!r}, {len(model.layers)} blocks)")
+        print(f"{path}: OK ({what} {spec.name!r}, {len(model.positions())} blocks)")
     return status
 
 
@@ -118,7 +118,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
     with torch.device("meta"):
         model = Model(model_spec, registry)
     rows = []
-    for i, (block_spec, block) in enumerate(zip(model_spec.layers, model.blocks)):
+    first_use: dict[str, int] = {}
+    for pos, block in model.uses():
+        i, block_spec = pos.index, pos.block
         mixer = block_spec.mixer
         if registry.impls("mixer", mixer.kind):
             pin = block.mixer.block_pin() if isinstance(block.mixer, Dispatched) else None
@@ -141,15 +143,24 @@ def cmd_summary(args: argparse.Namespace) -> int:
         state = block.mixer.state_bytes(args.seq_len, dtype)
         n, active = count_parameters(block), active_parameters(block)
         params = f"{n:,}" if active == n else f"{n:,} ({active:,} active)"
-        rows.append((str(i), mixer.kind, impl, ffn, params, _bytes(state), why))
+        if pos.key in first_use:  # a shared or looped block: its weights are counted at their first use
+            params = f"shared with {first_use[pos.key]}"
+        first_use.setdefault(pos.key, i)
+        where = format_path(pos.path) + "".join(f" #{it + 1}" for it in pos.iterations)
+        rows.append((str(i), where, mixer.kind, impl, ffn, params, _bytes(state), why))
+    unique = len(first_use)
+    shape = f"{len(rows)} blocks" + (f" ({unique} sets of weights)" if unique != len(rows) else "")
     print(f"model {model_spec.name!r}: d_model {model_spec.d_model}, vocab {model_spec.vocab_size}, "
-          f"{len(model_spec.layers)} blocks; implementations for {device.type} {args.dtype}, training")
-    _table(("layer", "mixer", "impl", "ffn", "params", f"state@{args.seq_len}", "why not the others"), rows)
+          f"{shape}; implementations for {device.type} {args.dtype}, training")
+    header = ("layer", "block", "mixer", "impl", "ffn", "params", f"state@{args.seq_len}", "why not the others")
+    if all(pos.key == str(pos.index) for pos in model.order):  # a plain stack: the block is the layer
+        header, rows = header[:1] + header[2:], [row[:1] + row[2:] for row in rows]
+    _table(header, rows)
     total = count_parameters(model)
     embed = count_parameters(model.embedding)
     print(f"total parameters: {total:,} ({total - embed:,} without the embedding); "
           f"decoding state per sequence at {args.seq_len} tokens: "
-          f"{_bytes(sum(b.mixer.state_bytes(args.seq_len, dtype) for b in model.blocks))}")
+          f"{_bytes(sum(b.mixer.state_bytes(args.seq_len, dtype) for _, b in model.uses()))}")
     if active_parameters(model) != total:  # routed experts: a token uses only some of them
         print(f"active parameters per token: {active_parameters(model):,} of {total:,}")
     return 0
@@ -176,7 +187,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import parse_lrs, run_compare
+    from .compare import parse_lrs, parse_sweep, run_compare
 
     if args.pipeline is None:
         raise HybridlabError("compare needs --pipeline P: the pipeline every model spec is trained with")
@@ -185,7 +196,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except ValueError:
         raise HybridlabError(f"--seeds: expected a number of seeds, got {args.seeds!r}") from None
     run_compare(args.specs, args.pipeline, seeds=seeds, lrs=parse_lrs(args.lr), out=args.out, overrides=args.set,
-                select=args.select, device=args.device, progress=not args.quiet)
+                select=args.select, device=args.device, progress=not args.quiet, sweep=parse_sweep(args.sweep))
     return 0
 
 
@@ -195,8 +206,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt is None:
         raise HybridlabError("generate needs --prompt TEXT (ids or token names; bytes for the text task)")
     _, text = generate(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       seed=args.seed, device=args.device)
+                       seed=args.seed, device=args.device, overrides=args.set)
     print(text)
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .prune import prune_run
+
+    result = prune_run(args.run_dir, args.drop, args.out, batches=args.batches, device=args.device)
+    rows = [(str(l), "-" if d is None else f"{d:.4f}", "dropped" if l == result.dropped[0] else "")
+            for l, d in enumerate(result.distances)]
+    print(f"angular distance between the stream entering depth l and depth l+{args.drop}:")
+    _table(("l", "distance", ""), rows)
+    print(f"dropped depths {result.dropped[0]}..{result.dropped[-1]}; wrote {result.run_dir} "
+          f"(heal it with a pipeline whose model: names it)")
+    for name in result.before:
+        after = result.after.get(name, float("nan"))
+        print(f"{name}: {result.before[name]:.4f} before, {after:.4f} after")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .generate import evaluate_run
+
+    results = evaluate_run(args.run_dir, overrides=args.set, device=args.device)
+    for name, value in results.items():
+        print(f"{name} {value:.6g}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
@@ -365,11 +405,30 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", metavar="DIR", help="output directory (default runs/compare-<pipeline name>); "
                    "run the same command again to continue an interrupted comparison")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a pipeline field")
+    s.add_argument("--sweep", metavar="KEY=V1,V2",
+                   help="train each spec once per value of a pipeline field, e.g. model.layers[1].loop=1,2,4")
     s.add_argument("--select", metavar="METRIC", help="metric that picks each spec's best lr "
                    "(default: the first eval split's accuracy)")
     s.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the pipeline)")
     s.add_argument("--quiet", action="store_true", help="no progress bars (cell lines still print)")
     s.set_defaults(fn=cmd_compare)
+
+    s = sub.add_parser("evaluate", help="a trained run's latest checkpoint on its task's evaluation splits")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (hybridlab train --out, or a compare cell)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the run's spec first, e.g. model.layers[1].loop=8 (the weights must still fit)")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    s.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+    s.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("prune", help="drop the span of blocks that changes the stream least; write a new run")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory")
+    s.add_argument("--drop", type=_positive_int, required=True, metavar="N", help="how many consecutive blocks to drop")
+    s.add_argument("--out", required=True, metavar="NEW_RUN", help="the pruned run's directory (new or empty)")
+    s.add_argument("--batches", type=_positive_int, metavar="N",
+                   help="evaluation batches to measure distances on (default: the pipeline's eval_batches)")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    s.set_defaults(fn=cmd_prune)
 
     s = sub.add_parser("generate", help="continue a prompt with a trained run (step-wise decoding from state)")
     s.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (hybridlab train --out, or a compare cell)")
@@ -379,6 +438,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default) is greedy")
     s.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0")
     s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the run's spec first, e.g. model.layers[1].loop=8 (the weights must still fit)")
     s.set_defaults(fn=cmd_generate)
     return p
 

@@ -89,10 +89,40 @@ def _labels(paths: Sequence[Path], names: Sequence[str]) -> list[str]:
     return labels
 
 
+def parse_sweep(text: str | None) -> tuple[str, list[str]] | None:
+    """'model.layers[1].loop=1,2,4' -> ('model.layers[1].loop', ['1', '2', '4'])."""
+    if text is None:
+        return None
+    key, sep, values = text.partition("=")
+    items = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not key.strip() or not items:
+        raise HybridlabError(f"--sweep: expected KEY=V1,V2,..., got {text!r}")
+    if len(set(items)) != len(items):
+        raise HybridlabError(f"--sweep: {text!r} lists a value twice")
+    return key.strip(), items
+
+
 def plan(model_specs: Sequence[str | Path], pipeline: str | Path, *, seeds: int = 1,
          lrs: Sequence[float] | None = None, overrides: Sequence[str] = (), out: Path,
-         registry: Any = None) -> list[Cell]:
-    """Every cell, its resolved pipeline validated up front (a bad spec fails before any training)."""
+         registry: Any = None, sweep: tuple[str, list[str]] | None = None) -> list[Cell]:
+    """Every cell, its resolved pipeline validated up front (a bad spec fails before any
+    training). ``sweep`` (key, values): each spec once per value, labelled
+    ``<spec>-<field>=<value>`` (e.g. a loop count: ``model.layers[1].loop``)."""
+    if sweep is None:
+        return _plan(model_specs, pipeline, seeds=seeds, lrs=lrs, overrides=overrides, out=out, registry=registry)
+    key, values = sweep
+    field = key.rpartition(".")[2]
+    cells = []
+    for value in values:
+        for cell in _plan(model_specs, pipeline, seeds=seeds, lrs=lrs, overrides=[*overrides, f"{key}={value}"],
+                          out=out, registry=registry, suffix=safe_name(f"-{field}={value}")):
+            cells.append(cell)
+    return cells
+
+
+def _plan(model_specs: Sequence[str | Path], pipeline: str | Path, *, seeds: int = 1,
+          lrs: Sequence[float] | None = None, overrides: Sequence[str] = (), out: Path,
+          registry: Any = None, suffix: str = "") -> list[Cell]:
     if not model_specs:
         raise HybridlabError("give at least one model spec to compare")
     if seeds < 1:
@@ -120,6 +150,7 @@ def plan(model_specs: Sequence[str | Path], pipeline: str | Path, *, seeds: int 
         raise SpecError(problems)
     cells = []
     for path, label in zip(paths, _labels(paths, names)):
+        label += suffix
         for seed in range(base.seed, base.seed + seeds):
             for lr in lrs:
                 tag = f"seed{seed}" + (f"-lr{lr:g}" if lr is not None else "")
@@ -185,20 +216,23 @@ def _eta(cells: Sequence[Cell], rates: dict[str, list[float]]) -> str:
 def run_compare(model_specs: Sequence[str | Path], pipeline: str | Path, *, seeds: int = 1,
                 lrs: Sequence[float] | None = None, out: str | Path | None = None, overrides: Sequence[str] = (),
                 select: str | None = None, device: str | None = None, progress: bool = True,
-                registry: Any = None, echo: Callable[[str], None] = print) -> Path:
+                registry: Any = None, echo: Callable[[str], None] = print,
+                sweep: tuple[str, list[str]] | None = None) -> Path:
     """Train every cell not yet finished, then write the tables and plots. Returns OUT."""
     from .train import Trainer
 
     if out is None:
         out = Path("runs") / f"compare-{load_pipeline(pipeline, overrides, registry=registry).name}"
     out = Path(out)
-    cells = plan(model_specs, pipeline, seeds=seeds, lrs=lrs, overrides=overrides, out=out, registry=registry)
+    cells = plan(model_specs, pipeline, seeds=seeds, lrs=lrs, overrides=overrides, out=out, registry=registry,
+                 sweep=sweep)
     if select is not None:
         check_selection(select, cells, registry=registry)
     # shell-quoted, so results.md's line runs as written (paths with spaces or '#' included)
     command = shlex.join(["hybridlab", "compare", *map(str, model_specs), "--pipeline", str(pipeline), "--seeds",
                           str(seeds), *(["--lr", ",".join(f"{lr:g}" for lr in lrs)] if lrs else []),
-                          *(x for o in overrides for x in ("--set", o)), "--out", str(out),
+                          *(x for o in overrides for x in ("--set", o)),
+                          *(["--sweep", f"{sweep[0]}={','.join(sweep[1])}"] if sweep else []), "--out", str(out),
                           *(["--select", select] if select is not None else [])])  # the best-lr table depends on it
 
     def report() -> dict[str, Any]:

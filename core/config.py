@@ -81,6 +81,17 @@ class Config(BaseModel):
         loader turns each into a spec problem at that field's line."""
         return ()
 
+    def layer_references(self) -> Iterable[tuple[str, str]]:
+        """Other blocks this component reads, by their ``name:``: ``(field, name)`` pairs
+        (an attention layer reading an earlier one's K/V). The loader checks that each names
+        a block that runs earlier, then asks ``check_reference``."""
+        return ()
+
+    def check_reference(self, field: str, block: Any) -> str | None:
+        """Whether the named block (its ``BlockSpec``) can serve the reference in ``field``:
+        None, or the message of a spec error at that field."""
+        return None
+
 
 @dataclass(frozen=True)
 class Dims:
@@ -90,8 +101,9 @@ class Dims:
     d_model: int
     vocab_size: int
     n_layers: int
-    layer: int = 0  # index of the block being built, 0 outside blocks
+    layer: int = 0  # depth of the block being built (its first use), 0 outside blocks
     registry: Any = field(default=None, compare=False, repr=False)
+    loops: tuple = ()  # the count of each loop enclosing the block, outermost first
 
     def build(self, category: str, config: Any, *args: Any) -> Any:
         """Build a sub-component: ``Module(config, dims, *args)``."""

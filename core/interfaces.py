@@ -1,9 +1,15 @@
-"""What the core expects of the modules plugins build, and what a model returns."""
+"""What the core expects of the modules plugins build, and what a model returns.
+
+Every optional behaviour the core relies on is declared here, as a protocol a module
+opts into, never found by probing attributes: a module is checked with ``isinstance``
+against these classes (``typing.Protocol``s are runtime-checkable by their methods, the
+base classes by inheritance).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +37,35 @@ class Aux:
 
     def add_metric(self, name: str, value: Tensor | float) -> None:
         self.metrics[self.prefix + name] = value
+
+
+@dataclass
+class RunContext:
+    """What one forward of the model hands each block (replacing loose ``doc_ids``,
+    ``aux`` and ``step`` arguments): the block's depth, the residual stream's module, and
+    a ``shared`` area where a layer leaves named values for later layers of the same
+    forward (an attention layer's K/V for a layer that reads them). ``at(layer)`` gives
+    the context of the block at that depth; all of them share one ``shared`` dict."""
+
+    aux: Aux
+    doc_ids: Tensor | None = None  # [B, T] packed-sequence ids, or None
+    step: bool = False  # decoding one token from state
+    stream: Any = None  # the model's residual module: expand([B, T, D]) / reduce(stream)
+    layer: int = 0  # depth of the running block (a shared block has one per use)
+    n_layers: int = 1  # depth of the model: positions in its order
+    shared: dict[str, Any] = field(default_factory=dict)
+    iterations: tuple = ()  # inside loops: the iteration of each enclosing loop, outermost first
+    loops: tuple = ()  # inside loops: the count of each enclosing loop
+    name: str | None = None  # the running block's ``name:`` in the spec, if it has one
+
+    def at(self, layer: int, iterations: tuple = (), loops: tuple = (), name: str | None = None) -> "RunContext":
+        return replace(self, layer=layer, aux=self.aux.scope(f"layers.{layer}"), iterations=iterations, loops=loops,
+                       name=name)
+
+    def with_(self, **changes: Any) -> "RunContext":
+        """The same context with fields replaced (a wrapper running the block on a subset
+        of tokens passes their doc_ids and its own aux)."""
+        return replace(self, **changes)
 
 
 class SequenceMixer(nn.Module):
@@ -65,3 +100,81 @@ class ModelOutput:
 
 
 SubLayer = Callable[[Tensor], Tensor]
+
+
+class ReadsContext:
+    """A mixer that also takes the run context: ``forward(x, state, *, doc_ids, aux, ctx)``
+    and ``step(x, state, *, aux, ctx)`` (to leave or read values in ``ctx.shared``, such as
+    another layer's K/V). Declared by inheriting this class beside SequenceMixer."""
+
+
+@runtime_checkable
+class InitWeights(Protocol):
+    """A module with parameters the model's generic init does not cover (a decay, a
+    mixing matrix): ``Model.init_weights`` calls ``init_weights(std)`` after it."""
+
+    def init_weights(self, std: float) -> None: ...
+
+
+@runtime_checkable
+class ActiveParameters(Protocol):
+    """A module that routes (a mixture of experts) says how many of its parameters one
+    token uses; every other parameter counts in full."""
+
+    def active_parameters(self) -> int: ...
+
+
+@runtime_checkable
+class TiedHead(Protocol):
+    """A head that may share its weight [V, D] with the embedding's (``tied``)."""
+
+    tied: bool
+    weight: Tensor
+
+
+class StreamTaps:
+    """An embedding that also writes into the residual stream before later blocks (hashed
+    n-gram memories). Declared by inheriting this class; the model then calls
+
+    - ``context(tokens, state, doc_ids=None) -> (context, state)`` once per forward (its
+      state keeps what it needs of earlier tokens; with ``doc_ids`` it keeps documents
+      apart, and a state passed in belongs to the call's first document; set
+      ``packed_sequences = False`` if it cannot, and the model refuses doc_ids);
+    - ``inject(layer, h, context, stream) -> h`` before the block at each depth;
+    - ``init_state(batch, device, dtype)``: its state is the last entry of the model's."""
+
+    packed_sequences: bool = True
+
+    def context(self, tokens: Tensor, state: Any, doc_ids: Tensor | None = None) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def inject(self, layer: int, h: Tensor, context: Any, stream: Any) -> Tensor:
+        raise NotImplementedError
+
+    def init_state(self, batch: int, device: torch.device | str, dtype: torch.dtype) -> Any:
+        raise NotImplementedError
+
+
+class BlockWrapper(nn.Module):
+    """A block wrapper (category ``block_wrapper``, e.g. mixture-of-depths) decides how its
+    block runs. ``forward(block, h, state, ctx) -> (h, state)``, where ``block`` is a
+    callable ``block(h, state, ctx) -> (h, state)`` running the block (norms, mixer, FFN,
+    residual) on whatever part of ``h`` the wrapper passes; ``init_state(init, batch,
+    device, dtype)`` makes the wrapper's decoding state, ``init(batch, device, dtype)``
+    making the block's own. Wrapper kinds subclass this class."""
+
+    def forward(self, block: Callable, h: Tensor, state: Any, ctx: RunContext) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    def init_state(self, init: Callable, batch: int, device: torch.device | str, dtype: torch.dtype) -> Any:
+        return init(batch, device, dtype)
+
+
+class NormPlacement(nn.Module):
+    """Where the norms go around one sub-layer (category ``norm_placement``): built as
+    ``Module(config, dims, norm)`` with the block's normalization config; ``forward(h,
+    sublayer, residual, ctx)`` returns the new stream, joining ``sublayer``'s output with
+    ``residual(h, f)`` (the stream's residual module) and placing its norms around it."""
+
+    def forward(self, h: Tensor, sublayer: SubLayer, residual: Any, ctx: RunContext) -> Tensor:
+        raise NotImplementedError

@@ -1,12 +1,13 @@
 """Assembly: a validated :class:`ModelSpec` becomes a model.
 
-A block reads like the diagram: ``h = res(h, mixer∘norm)``, then ``h = res(h, ffn∘norm)``;
-the residual scheme is a plugin (``prenorm`` adds; hyper-connections keep several lanes).
+A block reads like the diagram: ``h = place(h, mixer)``, then ``h = place(h, ffn)``, where
+the norm placement kind puts the norms (pre: ``h + f(norm(h))``) and the residual scheme
+joins the sub-layer to the stream (``prenorm`` adds; hyper-connections keep several lanes).
 """
 
 from __future__ import annotations
 
-import inspect
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -15,11 +16,12 @@ from torch import Tensor, nn
 from .config import Dims
 from .dispatch import Dispatched, pin_applies
 from .errors import HybridlabError
-from .interfaces import Aux, ModelOutput, State
-from .spec import BlockSpec, ModelSpec
+from .interfaces import (ActiveParameters, Aux, BlockWrapper, InitWeights, ModelOutput, NormPlacement, ReadsContext,
+                         RunContext, State, StreamTaps, TiedHead)
+from .spec import BlockSpec, ModelSpec, Position
 
 
-BLOCK_CATEGORIES = ("mixer", "ffn", "normalization", "residual", "block_wrapper")
+BLOCK_CATEGORIES = ("mixer", "ffn", "normalization", "norm_placement", "residual", "block_wrapper")
 
 
 def build(registry: Any, category: str, config: Any, *args: Any) -> Any:
@@ -46,66 +48,119 @@ def build(registry: Any, category: str, config: Any, *args: Any) -> Any:
 
 
 class Block(nn.Module):
+    """A residual scheme around two sub-layers, the mixer and the FFN; the block's
+    ``placement`` kind puts its norms around each (pre, post, sandwich...) and a wrapper,
+    if any, decides which tokens run it. Built once per set of weights: a shared or
+    looped block runs at several depths, each with its own state."""
+
     def __init__(self, spec: BlockSpec, dims: Dims, residual: Any) -> None:
         super().__init__()
-        self.mixer_norm = dims.build("normalization", spec.norm, dims.d_model)
+        # registration order (placement's norm, mixer, residual, ffn...) is the parameter
+        # order checkpoints' optimizer states were saved in
+        self.mixer_place = dims.build("norm_placement", spec.placement, spec.norm)
         self.mixer = dims.build("mixer", spec.mixer)
         self.mixer_residual = dims.build("residual", residual)
         self.ffn = dims.build("ffn", spec.ffn) if spec.ffn is not None else None
         if self.ffn is not None:
-            self.ffn_norm = dims.build("normalization", spec.norm, dims.d_model)
+            self.ffn_place = dims.build("norm_placement", spec.placement, spec.norm)
             self.ffn_residual = dims.build("residual", residual)
-        # optional, generic: a block wrapper decides how the block runs (see forward)
         self.wrapper = dims.build("block_wrapper", spec.wrapper) if spec.wrapper is not None else None
-        dispatched = [m for m in self.modules() if isinstance(m, Dispatched)]
-        used = set()
-        for module in dispatched:  # the block's ``impl:`` pins; category.kind before the bare kind
-            keys = [k for k in (f"{module.category}.{module.kind}", module.kind) if k in spec.impl and
-                    pin_applies({k: spec.impl[k]}, module.category, module.kind, dims.registry) is not None]
-            if keys:
-                module.spec_pin = spec.impl[keys[0]]
-                used.update(keys)
-        unused = [kind for kind in spec.impl if kind not in used]
-        if unused:  # a pin that pins nothing would leave the user believing it took effect
-            here = sorted({m.kind for m in dispatched})
+        for place in [self.mixer_place] + ([self.ffn_place] if self.ffn is not None else []):
+            if not isinstance(place, NormPlacement):
+                raise HybridlabError(
+                    f"norm_placement kind {spec.placement.kind!r}: {type(place).__name__} does not subclass "
+                    "hybridlab.core.interfaces.NormPlacement (forward(h, sublayer, residual, ctx)); see docs/plugins.md")
+        if self.wrapper is not None and not isinstance(self.wrapper, BlockWrapper):
             raise HybridlabError(
-                f"layers[{dims.layer}].impl: {', '.join(map(repr, unused))} pinned, but no layer of this block is of "
-                f"that kind (its kinds with implementations: {', '.join(here) or 'none'})")
+                f"block_wrapper kind {spec.wrapper.kind!r}: {type(self.wrapper).__name__} does not subclass "
+                "hybridlab.core.interfaces.BlockWrapper; wrappers now take forward(block, h, state, ctx) with block "
+                "a callable (no block.inner, doc_ids/aux/step are ctx.doc_ids/ctx.aux/ctx.step) and "
+                "init_state(init, batch, device, dtype); see docs/plugins.md")
+        self._register_load_state_dict_pre_hook(_rename_old_norms)
+        apply_block_pins(self, spec, dims)
 
-    def forward(self, h: Tensor, state: State | None = None, *, doc_ids: Tensor | None = None,
-                aux: Aux, step: bool = False) -> tuple[Tensor, State | None]:
-        """A wrapper (e.g. mixture-of-depths) gets this block and the same arguments; it runs
-        ``block.inner`` on what it chooses and returns ``(h, state)`` like ``inner``."""
+    def forward(self, h: Tensor, state: State | None, ctx: RunContext) -> tuple[Tensor, State | None]:
+        """h: the residual stream -> (h, state). A wrapper (mixture-of-depths) gets
+        ``self.inner`` as a callable and runs it on what it chooses."""
         if self.wrapper is not None:
-            return self.wrapper(self, h, state, doc_ids=doc_ids, aux=aux, step=step)
-        return self.inner(h, state, doc_ids=doc_ids, aux=aux, step=step)
+            return self.wrapper(self.inner, h, state, ctx)
+        return self.inner(h, state, ctx)
 
-    def inner(self, h: Tensor, state: State | None = None, *, doc_ids: Tensor | None = None,
-              aux: Aux, step: bool = False) -> tuple[Tensor, State | None]:
-        out: list[State | None] = []
-
-        def mix(x: Tensor) -> Tensor:
-            args = (self.mixer_norm(x), state)
-            y, new_state = self.mixer.step(*args, aux=aux) if step else self.mixer(*args, doc_ids=doc_ids, aux=aux)
-            out.append(new_state)
-            return y
-
-        h = self.mixer_residual(h, mix)
+    def inner(self, h: Tensor, state: State | None, ctx: RunContext) -> tuple[Tensor, State | None]:
+        mixed = MixerRun(self.mixer, state, ctx)
+        h = self.mixer_place(h, mixed, self.mixer_residual, ctx)
         if self.ffn is not None:
-            h = self.ffn_residual(h, lambda x: self.ffn(self.ffn_norm(x), aux=aux))
-        return h, out[0]
+            h = self.ffn_place(h, lambda x: self.ffn(x, aux=ctx.aux), self.ffn_residual, ctx)
+        return h, mixed.state
 
     def init_state(self, batch: int, device: torch.device | str, dtype: torch.dtype) -> State:
         if self.wrapper is not None:  # the wrapper owns the block's decoding state
-            return self.wrapper.init_state(self, batch, device, dtype)
+            return self.wrapper.init_state(self.mixer.init_state, batch, device, dtype)
         return self.mixer.init_state(batch, device, dtype)
 
 
-class Model(nn.Module):
-    """embedding -> residual stream -> blocks -> norm -> head.
+class MixerRun:
+    """The mixer as a sub-layer ``x -> y`` for the norm placement and the residual, keeping
+    the state it returns (the sub-layer seam passes tensors only)."""
 
-    ``forward(tokens)`` runs in parallel; pass ``state=model.init_state(B)`` to also get
-    the state after the last token, and ``step(token, state)`` to decode one token."""
+    def __init__(self, mixer: nn.Module, state: State | None, ctx: RunContext) -> None:
+        self.mixer, self.state, self.ctx = mixer, state, ctx
+
+    def __call__(self, x: Tensor) -> Tensor:
+        ctx, extra = self.ctx, ({"ctx": self.ctx} if isinstance(self.mixer, ReadsContext) else {})
+        if ctx.step:
+            y, self.state = self.mixer.step(x, self.state, aux=ctx.aux, **extra)
+        else:
+            y, self.state = self.mixer(x, self.state, doc_ids=ctx.doc_ids, aux=ctx.aux, **extra)
+        return y
+
+
+def apply_block_pins(block: nn.Module, spec: BlockSpec, dims: Dims) -> None:
+    """Give each dispatched module of the block the spec's ``impl:`` pin for its kind
+    (category.kind before the bare kind); a pin that pins nothing is an error."""
+    dispatched = [m for m in block.modules() if isinstance(m, Dispatched)]
+    used = set()
+    for module in dispatched:
+        keys = [k for k in (f"{module.category}.{module.kind}", module.kind) if k in spec.impl and
+                pin_applies({k: spec.impl[k]}, module.category, module.kind, dims.registry) is not None]
+        if keys:
+            module.spec_pin = spec.impl[keys[0]]
+            used.update(keys)
+    unused = [kind for kind in spec.impl if kind not in used]
+    if unused:  # a pin that pins nothing would leave the user believing it took effect
+        here = sorted({m.kind for m in dispatched})
+        raise HybridlabError(
+            f"layers[{dims.layer}].impl: {', '.join(map(repr, unused))} pinned, but no layer of this block is of "
+            f"that kind (its kinds with implementations: {', '.join(here) or 'none'})")
+
+
+def _rename_old_norms(state_dict, prefix, *args) -> None:
+    """Checkpoints from before norm placement was its own kind hold a block's norms as
+    ``mixer_norm`` / ``ffn_norm``; they are the pre placement's ``norm`` now."""
+    for old, new in (("mixer_norm.", "mixer_place.norm."), ("ffn_norm.", "ffn_place.norm.")):
+        for key in [k for k in state_dict if k.startswith(prefix + old)]:
+            state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+
+
+class Blocks(nn.ModuleDict):
+    """The model's unique blocks by weight key (``Position.key``). Iterating gives the
+    blocks, and ``blocks[3]`` means ``blocks["3"]``, as when this was a list of blocks."""
+
+    def __getitem__(self, key: str | int) -> nn.Module:
+        return super().__getitem__(str(key))
+
+    def __iter__(self):
+        return iter(self.values())
+
+
+class Model(nn.Module):
+    """embedding -> residual stream -> blocks in order -> norm -> head.
+
+    The model holds each set of block weights once (``blocks``, keyed by ``Position.key``)
+    and an order that may use one several times (shared blocks, loops). ``forward(tokens)``
+    runs in parallel; pass ``state=model.init_state(B)`` to also get the state after the
+    last token (one entry per position in the order), and ``step(token, state)`` to decode
+    one token."""
 
     def __init__(self, spec: ModelSpec, registry: Any = None) -> None:
         super().__init__()
@@ -114,35 +169,51 @@ class Model(nn.Module):
 
             registry = default_registry()
         self.spec = spec
-        dims = spec.dims(registry=registry)
+        self.order = spec.positions()
+        dims = Dims(spec.d_model, spec.vocab_size, len(self.order), 0, registry)
         self.embedding = dims.build("embedding", spec.embedding)
+        if not isinstance(self.embedding, StreamTaps) and callable(getattr(self.embedding, "inject", None)):
+            # a migration guard, not a protocol probe: before StreamTaps was declared, an
+            # embedding tapped the stream by defining inject(); it would now silently not
+            raise HybridlabError(
+                f"embedding kind {spec.embedding.kind!r}: {type(self.embedding).__name__} defines inject() but does not "
+                "subclass hybridlab.core.interfaces.StreamTaps, which the model now requires to call it "
+                "(context(tokens, state, doc_ids=None), inject, init_state); see docs/plugins.md")
         # expand()/reduce() only, so kept outside the module tree: a residual module's own
         # parameters (hyper-connections' mixing weights) belong to the blocks' instances,
         # and this one's would never get a gradient yet be counted, saved and optimized
         object.__setattr__(self, "stream", dims.build("residual", spec.residual))
         self._register_load_state_dict_pre_hook(_drop_stream_parameters)
-        self.blocks = nn.ModuleList(Block(b, spec.dims(i, registry), spec.residual) for i, b in enumerate(spec.layers))
+        self.blocks = Blocks()
+        for pos in self.order:  # built at its first use: the depth it sees at construction
+            if pos.key not in self.blocks:
+                self.blocks[pos.key] = Block(pos.block, replace(dims, layer=pos.index, loops=pos.loops), spec.residual)
         self.norm = dims.build("normalization", spec.norm, spec.d_model)
         self.head = dims.build("head", spec.head)
         self.init_weights()
-        if getattr(spec.head, "tied", False):
+        if isinstance(self.head, TiedHead) and self.head.tied:
             self.head.weight = self.embedding.weight  # [V, D], shared
+
+    def uses(self) -> list[tuple[Position, Block]]:
+        """Each position of the order with the block (weights) it runs."""
+        return [(pos, self.blocks[pos.key]) for pos in self.order]
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """All initialisation in one place: normal(0, init_std) for linear and embedding
-        weights, zero biases, and residual output projections scaled by 1/sqrt(2·layers)
-        (GPT-2). Modules with special parameters finish their own in ``init_weights``."""
+        weights, zero biases, and residual output projections scaled by 1/sqrt(2·depth)
+        (GPT-2; depth counts every use of a shared block). Modules with special parameters
+        finish their own in ``init_weights``."""
         std = self.spec.init_std
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, 0.0, std)
-                if getattr(module, "bias", None) is not None:
+                if isinstance(module, nn.Linear) and module.bias is not None:
                     nn.init.zeros_(module.bias)
             if getattr(module, "residual_out", False) and isinstance(module, nn.Linear):
-                module.weight.mul_((2 * len(self.blocks)) ** -0.5)
+                module.weight.mul_((2 * len(self.order)) ** -0.5)
         for module in self.modules():
-            if module is not self and hasattr(module, "init_weights"):
+            if module is not self and isinstance(module, InitWeights):
                 module.init_weights(std)
 
     def forward(self, tokens: Tensor, state: list[State] | None = None, *,
@@ -165,22 +236,20 @@ class Model(nn.Module):
 
     def _run(self, tokens: Tensor, state: list[State] | None, *, doc_ids: Tensor | None, step: bool) -> ModelOutput:
         aux = Aux()
+        ctx = RunContext(aux=aux, doc_ids=doc_ids, step=step, stream=self.stream, n_layers=len(self.order))
         h = self.stream.expand(self.embedding(tokens))
         states: list[State | None] = []
-        taps = hasattr(self.embedding, "inject")  # optional, generic: see Model.init_state
+        taps = isinstance(self.embedding, StreamTaps)
         if taps:
-            tap = None if state is None else state[len(self.blocks)]
-            if doc_ids is None:
-                context, tap_state = self.embedding.context(tokens, tap)
-            elif "doc_ids" in inspect.signature(self.embedding.context).parameters:
-                context, tap_state = self.embedding.context(tokens, tap, doc_ids=doc_ids)
-            else:  # it would read across document boundaries
-                raise ValueError(f"embedding {type(self.embedding).__name__}: its context() takes no doc_ids, so packed "
-                                 "sequences (doc_ids) would leak between documents")
-        for i, block in enumerate(self.blocks):
+            tap = None if state is None else state[len(self.order)]
+            if doc_ids is not None and not self.embedding.packed_sequences:  # it would read across documents
+                raise ValueError(f"embedding {type(self.embedding).__name__} cannot keep packed sequences apart "
+                                 "(packed_sequences = False), so doc_ids would leak between documents")
+            context, tap_state = self.embedding.context(tokens, tap, doc_ids=doc_ids)
+        for pos, block in self.uses():
             if taps:
-                h = self.embedding.inject(i, h, context, self.stream)
-            h, s = block(h, None if state is None else state[i], doc_ids=doc_ids, aux=aux.scope(f"layers.{i}"), step=step)
+                h = self.embedding.inject(pos.index, h, context, self.stream)
+            h, s = block(h, None if state is None else state[pos.index], ctx.at(pos.index, pos.iterations, pos.loops, pos.block.name))
             states.append(s)
         if taps:
             states.append(tap_state)
@@ -189,27 +258,21 @@ class Model(nn.Module):
 
     def init_state(self, batch: int, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> list[State]:
-        """Empty decoding state (KV caches, recurrent matrices), one per block.
-
-        An embedding may also write into the stream before later blocks (e.g. hashed
-        n-gram memories): it defines ``context(tokens, state) -> (context, state)``, run
-        once per forward on the tokens (its state: what it keeps of earlier tokens; it
-        takes ``doc_ids=`` too if it supports packed sequences, which it must then keep
-        apart, and the state belongs to the call's first document),
-        ``inject(layer, h, context, stream) -> h``, run before each block (``stream`` is the
-        model's residual module, for ``expand``/``reduce``), and ``init_state``; its state
-        is the last entry of the list."""
+        """Empty decoding state (KV caches, recurrent matrices), one per position in the
+        order (a shared block keeps one per use), then the embedding's if it taps the
+        stream (core.interfaces.StreamTaps)."""
         param = next(self.parameters())
         device = param.device if device is None else device
         dtype = param.dtype if dtype is None else dtype
         states = []
-        for i, block in enumerate(self.blocks):
+        for pos, block in self.uses():
             try:
                 states.append(block.init_state(batch, device, dtype))
             except NotImplementedError as exc:  # CannotDecode stays CannotDecode
+                i = pos.index
                 raise type(exc)(f"layer {i}: {exc}" if str(exc) else
                                 f"layer {i}: mixer cannot decode step by step (it has no init_state)") from None
-        if hasattr(self.embedding, "inject"):
+        if isinstance(self.embedding, StreamTaps):
             states.append(self.embedding.init_state(batch, device, dtype))
         return states
 
@@ -265,5 +328,5 @@ def active_parameters(module: nn.Module) -> int:
     """Parameters one token uses: a module that routes (a mixture of experts) says how many
     of its own it uses with ``active_parameters()``; every other parameter counts in full."""
     unused = sum(count_parameters(m) - m.active_parameters() for m in module.modules()
-                 if hasattr(m, "active_parameters"))
+                 if isinstance(m, ActiveParameters))
     return count_parameters(module) - unused

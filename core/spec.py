@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 import yaml
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
+from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, ValidationInfo, WrapValidator, field_validator
 
 from .config import Component, Config, Dims, component_category
 from .errors import HybridlabError, Problem, SpecError, format_path
@@ -39,7 +42,12 @@ class BlockSpec(Config):
     ffn: Component("ffn") | None = Field(default_factory=lambda: {"kind": "swiglu"}, validate_default=True)
     """The channel mixer; null for a block without one."""
     norm: Component("normalization") = Field(default_factory=lambda: {"kind": "rmsnorm"}, validate_default=True)
-    """Normalization before each sub-layer."""
+    """The normalization kind of each sub-layer (where it goes is ``placement``'s choice)."""
+    placement: Component("norm_placement") = Field(default_factory=lambda: {"kind": "pre"}, validate_default=True)
+    """Where the norms go around each sub-layer: pre (before it, the default), post (after the
+    residual add), sandwich (before and after the sub-layer), mix_ln, depth_scaled."""
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """A name other layers can refer to (e.g. an attention layer that reads this one's K/V)."""
     wrapper: Component("block_wrapper") | None = None
     """Wraps the whole block and decides how it runs (e.g. mixture-of-depths routes some
     tokens around it); null: the block runs on every token."""
@@ -72,6 +80,62 @@ class BlockSpec(Config):
         return pins
 
 
+class UseSpec(Config):
+    """A use of a block or group written once under the model's ``shared``: the same
+    weights at every use; each use keeps its own decoding state."""
+
+    use: str
+    """The name of the shared block or group."""
+
+
+class LoopSpec(Config):
+    """A group applied ``loop`` times in a row with one set of weights (recurrent depth).
+    Changing ``loop`` after training (``--set layers[2].loop=8``) reuses the weights."""
+
+    loop: int = Field(ge=1)
+    """How many times the group runs."""
+    blocks: list[Layer] = Field(min_length=1)
+    """The group: blocks, uses of shared blocks, or loops (nested loops run at two timescales)."""
+
+
+def _layer(value: Any, handler: Any, info: ValidationInfo) -> Any:
+    """A layer entry is a block, a ``use:`` of a shared block, or a ``loop:`` group."""
+    if isinstance(value, (BlockSpec, UseSpec, LoopSpec)):
+        return value
+    return layer_class(value).model_validate(value, context=info.context)
+
+
+def layer_class(value: Any) -> type[Config]:
+    """The spec class of a raw layer entry, judged by its keys."""
+    if isinstance(value, dict) and "loop" in value:
+        return LoopSpec
+    if isinstance(value, dict) and "use" in value:
+        return UseSpec
+    return BlockSpec
+
+
+@dataclass(frozen=True)
+class _LayerField:
+    """Marks a field whose items are layer entries (for error suggestions)."""
+
+
+Layer = Annotated[Any, WrapValidator(_layer), _LayerField()]
+LoopSpec.model_rebuild()
+
+
+@dataclass(frozen=True)
+class Position:
+    """One step of the model's order: a block at a depth. A shared or looped block has
+    several positions and one set of weights (``key``)."""
+
+    index: int  # depth: 0 for the first block run
+    path: tuple  # where the block is written: ("layers", 2, "blocks", 0) or ("shared", "attn", 0)
+    key: str  # the weights: blocks.<key> in the model ("3" for an ordinary layers[3])
+    block: BlockSpec
+    iterations: tuple = ()  # the loop iteration of each enclosing loop, outermost first
+    loops: tuple = ()  # the count of each enclosing loop, outermost first
+
+
 class ModelSpec(Config):
     """A whole model: embedding, blocks, final norm, head."""
 
@@ -85,8 +149,11 @@ class ModelSpec(Config):
     """Token ids -> vectors."""
     residual: Component("residual") = Field(default_factory=lambda: {"kind": "prenorm"}, validate_default=True)
     """How sub-layers join the residual stream (one scheme for the whole model)."""
-    layers: list[BlockSpec] = Field(min_length=1)
-    """The blocks, in order (after ``repeat`` expansion and ``defaults`` merging)."""
+    layers: list[Layer] = Field(min_length=1)
+    """The layers, in order (after ``repeat`` expansion and ``defaults`` merging): blocks,
+    ``use: NAME`` of a shared block or group, and ``loop: N`` groups."""
+    shared: dict[str, Annotated[list[Layer], Field(min_length=1)]] = Field(default_factory=dict)
+    """Blocks or groups written once and used by name at several depths (one set of weights)."""
     norm: Component("normalization") = Field(default_factory=lambda: {"kind": "rmsnorm"}, validate_default=True)
     """Final normalization before the head."""
     head: Component("head") = Field(default_factory=lambda: {"kind": "lm"}, validate_default=True)
@@ -94,8 +161,49 @@ class ModelSpec(Config):
     init_std: float = Field(default=0.02, gt=0)
     """Standard deviation of the normal init of linear and embedding weights."""
 
+    @field_validator("shared", mode="before")
+    @classmethod
+    def _shared_groups(cls, shared: Any) -> Any:
+        """A shared entry written as one block (or one loop) is a one-block group; ``{blocks:
+        [...]}`` is the group ``[...]``."""
+        if not isinstance(shared, dict):
+            return shared
+        out = {}
+        for name, entry in shared.items():
+            if isinstance(entry, dict) and set(entry) == {"blocks"}:
+                entry = entry["blocks"]
+            out[name] = [entry] if isinstance(entry, dict) else entry
+        return out
+
+    @field_validator("shared")
+    @classmethod
+    def _shared_names(cls, shared: dict[str, list]) -> dict[str, list]:
+        bad = [name for name in shared if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]
+        if bad:
+            raise ValueError(f"names must be identifiers (letters, digits, _; not starting with a digit), got {bad}")
+        return shared
+
+    def positions(self) -> list[Position]:
+        """The blocks in the order they run, loops unrolled and shared uses resolved (a use
+        of an unknown name is skipped here; validation reports it)."""
+        out: list[Position] = []
+
+        def walk(entries: list, path: tuple, key: tuple, iterations: tuple, loops: tuple) -> None:
+            for j, entry in enumerate(entries):
+                if isinstance(entry, BlockSpec):
+                    out.append(Position(len(out), path + (j,), "-".join(key + (str(j),)), entry, iterations, loops))
+                elif isinstance(entry, UseSpec) and entry.use in self.shared and path[0] != "shared":
+                    walk(self.shared[entry.use], ("shared", entry.use), (entry.use,), iterations, loops)
+                elif isinstance(entry, LoopSpec):
+                    for it in range(entry.loop):
+                        walk(entry.blocks, path + (j, "blocks"), key + (str(j),), iterations + (it,),
+                             loops + (entry.loop,))
+
+        walk(self.layers, ("layers",), (), (), ())
+        return out
+
     def dims(self, layer: int = 0, registry: Any = None) -> Dims:
-        return Dims(self.d_model, self.vocab_size, len(self.layers), layer, registry)
+        return Dims(self.d_model, self.vocab_size, len(self.positions()), layer, registry)
 
 
 class PipelineSpec(Config):
@@ -138,6 +246,9 @@ class PipelineSpec(Config):
     """torch.set_num_threads for CPU runs (null: torch's default)."""
     max_bad_steps: int = Field(default=5, ge=1)
     """Stop after this many non-finite losses in a row."""
+    init_from: str | None = None
+    """A run directory whose latest checkpoint gives the model's starting weights
+    (fine-tuning; set by ``model: RUN_DIR``). A resumed run reads its own checkpoint."""
 
     @field_validator("device")
     @classmethod
@@ -337,30 +448,41 @@ def _drop_default_pins_for_absent_kinds(block: Any, item: Any) -> None:
 
 
 def expand_layers(model: LocDict) -> list[Problem]:
-    """In place: ``layers`` becomes a flat list of blocks (``repeat: N, blocks: [...]``
-    expanded, nested groups allowed) and ``defaults`` is merged under every block."""
+    """In place: ``repeat: N, blocks: [...]`` groups in ``layers`` (and in ``shared`` and
+    ``loop`` groups) are expanded into copies, nested groups allowed; ``loop`` groups and
+    ``use`` entries stay as written; a ``shared`` entry written as one block becomes a
+    one-block group; ``defaults`` is merged under every block."""
     problems: list[Problem] = []
     defaults = model.pop("defaults", None)
     defaults_loc = model.locs.pop("defaults", None)
     if defaults is not None and not isinstance(defaults, dict):
         problems.append(defaults_loc.problem("must be a mapping of block fields (norm, ffn, mixer...)"))
         defaults = None
-    layers = model.get("layers")
-    if layers is None:
-        return problems
-    if not isinstance(layers, list):
-        return problems  # validation says it must be a list
+    for key in [k for k in (defaults or {}) if k in ("use", "loop", "blocks", "repeat", "name")]:
+        problems.append(defaults.locs.get(key, defaults_loc).problem(
+            f"{key!r} cannot be a default: defaults are merged into every block "
+            + ("(a name must be unique)" if key == "name" else "(use, loop and repeat are layer entries, not block fields)"),
+            ()))
+        del defaults[key]
 
-    flat = LocList(loc=layers.loc)
-
-    def walk(items: list, item_locs: list) -> None:
+    def walk(items: list, item_locs: list, flat: LocList) -> None:
         for item, loc in zip(items, item_locs):
-            if isinstance(item, dict) and ("repeat" in item or "blocks" in item):
+            if isinstance(item, dict) and "loop" in item:
+                blocks = item.get("blocks")
+                if isinstance(blocks, list):  # a missing or empty list: validation says so, located
+                    item["blocks"] = expanded(blocks)
+                flat.append(item)
+                flat.locs.append(loc)
+            elif isinstance(item, dict) and "use" in item:
+                flat.append(item)
+                flat.locs.append(loc)
+            elif isinstance(item, dict) and ("repeat" in item or "blocks" in item):
                 repeat, blocks = item.get("repeat", 1), item.get("blocks")
                 rloc = item.locs.get("repeat", loc)
                 extra = set(item) - {"repeat", "blocks"}
                 if extra:
-                    problems.append(loc.problem(f"a repeat group takes only 'repeat' and 'blocks', got {sorted(extra)}"))
+                    problems.append(loc.problem(f"a repeat group takes only 'repeat' and 'blocks', got {sorted(extra)}"
+                                                " (a group with shared weights is 'loop: N')"))
                 if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
                     problems.append(rloc.problem(f"must be a positive integer, got {repeat!r}", ()))
                     continue
@@ -369,7 +491,7 @@ def expand_layers(model: LocDict) -> list[Problem]:
                                     if "blocks" in item else loc.problem("a repeat group needs 'blocks'", ("blocks",)))
                     continue
                 for _ in range(repeat):
-                    walk(blocks, blocks.locs)
+                    walk(blocks, blocks.locs, flat)
             else:
                 block = deep_merge(copy.deepcopy(defaults), item) if (defaults and isinstance(item, dict)) else item
                 if block is not item:
@@ -377,8 +499,36 @@ def expand_layers(model: LocDict) -> list[Problem]:
                 flat.append(block)
                 flat.locs.append(loc)
 
-    walk(layers, layers.locs)
-    model["layers"] = flat
+    def expanded(items: LocList) -> LocList:
+        flat = LocList(loc=items.loc)
+        walk(items, getattr(items, "locs", [None] * len(items)), flat)
+        return flat
+
+    layers = model.get("layers")
+    if isinstance(layers, list):  # otherwise validation says it must be a list
+        model["layers"] = expanded(layers)
+    shared = model.get("shared")
+    if isinstance(shared, dict):
+        for name, entry in list(shared.items()):
+            loc = shared.locs.get(name) if isinstance(shared, LocDict) else None
+            if isinstance(entry, dict) and set(entry) == {"blocks"} and isinstance(entry["blocks"], list):
+                shared[name] = expanded(entry["blocks"])  # a group: {blocks: [...]}
+            elif isinstance(entry, dict) and "blocks" in entry and not ({"loop", "repeat"} & set(entry)):
+                where = loc or shared.loc
+                problems.append(where.problem(f"a shared group is {{blocks: [...]}} alone, got also "
+                                              f"{sorted(set(entry) - {'blocks'})}; give each block its own fields", ()))
+                del shared[name]
+            elif not isinstance(entry, (dict, list)):
+                where = loc or shared.loc
+                problems.append(where.problem(f"must be one block (a mapping with mixer:) or a group {{blocks: "
+                                              f"[...]}}, got {entry!r}", ()))
+                del shared[name]
+            elif isinstance(entry, dict):  # one block (or one loop)
+                one = LocList([entry], loc=loc)
+                one.locs = [loc]
+                shared[name] = expanded(one)
+            elif isinstance(entry, list):
+                shared[name] = expanded(entry)
     return problems
 
 
@@ -413,15 +563,23 @@ def _model_at(root: type[BaseModel], data: Any, loc_path: tuple, registry: Any) 
     for part in loc_path:
         if isinstance(part, int):  # a list item: the element model stays
             node = node[part] if isinstance(node, list) and 0 <= part < len(node) else None
-            if pending is not None:
+            if pending == "layer":
+                model, pending = layer_class(node), None
+            elif pending is not None:
                 kind = registry.find(pending, node.get("kind")) if isinstance(node, dict) else None
                 model, pending = (kind.config if kind else None), None
+            continue
+        if pending == "layer":  # shared.NAME: a list of layer entries, resolved at the item
+            node = node.get(part) if isinstance(node, dict) else None
             continue
         fld = model.model_fields.get(part) if model is not None else None
         if fld is None:
             return None
         node = node.get(part) if isinstance(node, dict) else None
         category = component_category(fld)
+        if _is_layer_field(fld):  # the entry's class from its keys (a block, a loop, a use)
+            pending = "layer"
+            continue
         if category is not None and isinstance(node, list):
             pending = category
         elif category is not None:
@@ -432,6 +590,14 @@ def _model_at(root: type[BaseModel], data: Any, loc_path: tuple, registry: Any) 
             candidates = (ann, *typing.get_args(ann))
             model = next((a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None)
     return model
+
+
+def _is_layer_field(fld: Any) -> bool:
+    """A field whose items are layer entries (``list[Layer]``, ``dict[str, list[Layer]]``)."""
+    def walk(annotation: Any) -> bool:
+        return any(isinstance(a, _LayerField) or walk(a) for a in typing.get_args(annotation))
+
+    return walk(fld.annotation) or any(isinstance(m, _LayerField) for m in fld.metadata)
 
 
 def _message(err: dict, root: type[BaseModel], data: Any, registry: Any) -> str:
@@ -519,7 +685,7 @@ def _pin_problems(block: BlockSpec, path: tuple, registry: Any, data: Any, prefi
     components of that kind on any device or dtype (SDPA with a softcap): training would
     fail on every machine, so it is a spec error here, at the pin's line."""
     problems = []
-    present = {config.kind for config, _ in _components(block, ())}
+    present = {config.kind for config, where in _components(block, ()) if where[:1] != ("placement",)}
     for key, name in block.impl.items():
         category, _, kind = key.rpartition(".")
         if kind not in present:
@@ -542,15 +708,91 @@ def _pin_problems(block: BlockSpec, path: tuple, registry: Any, data: Any, prefi
 
 
 def check_problems(model_spec: ModelSpec, data: Any, prefix: tuple = (), registry: Any = None) -> list[Problem]:
-    """Run every component's ``check(dims)`` and locate what it reports; with the
-    registry, also check the blocks' ``impl:`` pins against their components."""
+    """Run every component's ``check(dims)`` and locate what it reports (a shared or looped
+    block once, with the dims of its first use); check the structure (uses, names, layer
+    references); with the registry, also check the blocks' ``impl:`` pins."""
     problems: list[Problem] = []
-    for i, block in enumerate(model_spec.layers):
-        problems += _checked(block, ("layers", i), model_spec.dims(i), data, prefix)
-        if registry is not None and block.impl:
-            problems += _pin_problems(block, ("layers", i), registry, data, prefix)
+    positions = model_spec.positions()
+    seen: set[tuple] = set()
+    pinned: set[str] = set()
+    for pos in positions:  # a shared block once per enclosing loop shape (a wrapper may depend on it)
+        if (pos.key, pos.loops) in seen:
+            continue
+        seen.add((pos.key, pos.loops))
+        dims = Dims(model_spec.d_model, model_spec.vocab_size, len(positions), pos.index, None, pos.loops)
+        problems += _checked(pos.block, pos.path, dims, data, prefix)
+        if registry is not None and pos.block.impl and pos.key not in pinned:
+            pinned.add(pos.key)
+            problems += _pin_problems(pos.block, pos.path, registry, data, prefix)
+    problems = list(dict.fromkeys(problems))  # one block checked under two loop shapes: same message once
+    problems += structure_problems(model_spec, positions, data, prefix)
     for name in ("embedding", "residual", "norm", "head"):
         problems += _checked(getattr(model_spec, name), (name,), model_spec.dims(), data, prefix)
+    return problems
+
+
+def _entries(entries: list, path: tuple) -> Iterator[tuple[Any, tuple]]:
+    """Every layer entry as written (inside loops too), with its path."""
+    for j, entry in enumerate(entries):
+        yield entry, path + (j,)
+        if isinstance(entry, LoopSpec):
+            yield from _entries(entry.blocks, path + (j, "blocks"))
+
+
+def structure_problems(spec: ModelSpec, positions: list[Position], data: Any, prefix: tuple) -> list[Problem]:
+    """Uses name shared entries that exist; shared entries do not use others and are used;
+    block names are unique; a component's layer references (``Config.layer_references``)
+    name an earlier block, which the component accepts (``Config.check_reference``)."""
+    problems: list[Problem] = []
+    used: set[str] = set()
+    for entry, path in _entries(spec.layers, ("layers",)):
+        if isinstance(entry, UseSpec):
+            used.add(entry.use)
+            if entry.use not in spec.shared:
+                known = ", ".join(sorted(spec.shared)) or "none; write the block under shared: first"
+                problems.append(_problem_at(data, prefix + path + ("use",),
+                                            f"no shared block or group named {entry.use!r} (shared: {known})"))
+    for name, group in spec.shared.items():
+        for entry, path in _entries(group, ("shared", name)):
+            if isinstance(entry, UseSpec):
+                problems.append(_problem_at(data, prefix + path + ("use",),
+                                            "a shared group cannot use another shared group; write its blocks here"))
+        if name not in used:
+            problems.append(_problem_at(data, prefix + ("shared", name),
+                                        "is never used (add `- use: " + name + "` to layers, or remove it)"))
+    first: dict[str, Position] = {}  # a block name -> its first position
+    for pos in positions:
+        name = pos.block.name
+        if name is None:
+            continue
+        other = first.setdefault(name, pos)
+        if other.key != pos.key:
+            problems.append(_problem_at(data, prefix + pos.path + ("name",),
+                                        f"{name!r} already names the block at {format_path(other.path)}"))
+    checked: set[str] = set()
+    readers = [(pos, pos.path) for pos in positions if not (pos.key in checked or checked.add(pos.key))]
+    readers += [(None, (name,)) for name in ("embedding", "residual", "norm", "head")]  # may read any block
+    for pos, path in readers:
+        config_root = pos.block if pos is not None else getattr(spec, path[0])
+        for config, where in _components(config_root, ()):
+            for field, target in config.layer_references():
+                at = prefix + path + where + (field,)
+                source = first.get(target)
+                if source is None:
+                    names = ", ".join(sorted(first)) or "none; give the block a name: first"
+                    problems.append(_problem_at(data, at, f"no block named {target!r} (named blocks: {names})"))
+                elif pos is not None and source.index >= pos.index:
+                    problems.append(_problem_at(data, at, f"{target!r} (at {format_path(source.path)}) does not run "
+                                                          "before this block; a layer can only read an earlier one"))
+                elif pos is not None and (pos.block.wrapper is not None or source.block.wrapper is not None):
+                    # a wrapper runs its block on a subset of the tokens: what one layer leaves in the
+                    # run context covers other positions than what the other reads
+                    which = "this block" if pos.block.wrapper is not None else f"{target!r}"
+                    problems.append(_problem_at(data, at, f"{which} has a wrapper ({(pos.block.wrapper or source.block.wrapper).kind}), "
+                                                          "which runs it on a subset of the tokens; a layer "
+                                                          "reference needs both blocks to run on every token"))
+                elif (message := config.check_reference(field, source.block)) is not None:
+                    problems.append(_problem_at(data, at, message))
     return problems
 
 
@@ -585,6 +827,8 @@ def partial_check_problems(data: Any, registry: Any, prefix: tuple = ()) -> list
         return []
     problems: list[Problem] = []
     for i, raw in enumerate(plain["layers"]):
+        if layer_class(raw) is not BlockSpec:
+            continue  # loops and uses: their blocks are checked once the whole spec validates
         dims = Dims(d_model, vocab, len(plain["layers"]), i, None)
         try:
             block = BlockSpec.model_validate(raw, context={"registry": registry})
@@ -704,10 +948,18 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: 
         if not model_path.exists():
             raise SpecError([data.locs["model"].problem(
                 f"model spec {model!r} not found (looked at {display_name(model_path)})")])
-        if model_path.is_dir():
-            raise SpecError([data.locs["model"].problem(f"model spec {model!r} is a directory, expected a YAML file")])
-        data["model"] = resolve_extends(model_path)
-        _not_a_pipeline(data["model"])
+        if model_path.is_dir() and (model_path / "spec.yaml").is_file():  # a run: its model and its weights
+            run = resolve_extends(model_path / "spec.yaml")
+            if not isinstance(run.get("model"), dict):
+                raise SpecError([data.locs["model"].problem(f"run directory {model!r} has no model in its spec.yaml")])
+            data["model"] = run["model"]
+            data["init_from"] = str(model_path.resolve())
+        elif model_path.is_dir():
+            raise SpecError([data.locs["model"].problem(f"model spec {model!r} is a directory without spec.yaml, "
+                                                        "expected a YAML file or a run directory")])
+        else:
+            data["model"] = resolve_extends(model_path)
+            _not_a_pipeline(data["model"])
     elif isinstance(model, dict) and "extends" in model:
         raise SpecError([data.locs["model"].problem("an inline model cannot use 'extends'; give a path instead")])
     apply_overrides(data, [o for o in overrides if o not in model_overrides])

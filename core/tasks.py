@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -94,9 +94,26 @@ class Vocabulary:
         return " ".join(self.names[i] if 0 <= i < len(self.names) else f"<{i}>" for i in ids)
 
 
+@runtime_checkable
+class TaskMetrics(Protocol):
+    """A task that reports its own metrics beside the objectives' (accuracy per query
+    type): ``{name: value or (numerator, denominator)}``; pairs are pooled over batches."""
+
+    def metrics(self, output: Any, batch: dict) -> dict: ...
+
+
+@runtime_checkable
+class TextTask(Protocol):
+    """A task that reads and writes text (prompts for generate): ids <-> text."""
+
+    def encode(self, text: str) -> Iterable[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
 def encode(task: Any, text: str) -> list[int]:
     """The task's ``encode``, or whitespace-separated integer ids."""
-    if hasattr(task, "encode"):
+    if isinstance(task, TextTask):
         return list(task.encode(text))
     try:
         return [int(word) for word in text.split()]
@@ -107,6 +124,6 @@ def encode(task: Any, text: str) -> list[int]:
 def decode(task: Any, ids: Iterable[int]) -> str:
     """The task's ``decode``, or the ids separated by spaces."""
     ids = [int(i) for i in ids]
-    if hasattr(task, "decode"):
+    if isinstance(task, TextTask):
         return task.decode(ids)
     return " ".join(map(str, ids))

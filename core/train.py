@@ -31,7 +31,7 @@ from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, s
 from .errors import HybridlabError
 from .model import Model, count_parameters
 from .spec import PipelineSpec, dump_spec, load_pipeline
-from .tasks import torch_seed
+from .tasks import TaskMetrics, torch_seed
 
 
 def resolve_device(name: str) -> torch.device:
@@ -122,6 +122,11 @@ class Trainer:
                 raise HybridlabError(f"{self.run_dir} is not a run directory and is not empty (it holds "
                                      f"{', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); give a new or "
                                      "empty --out")
+        if self.spec.init_from is not None:  # fine-tuning: the weights of another run's latest checkpoint
+            path = latest_checkpoint(Path(self.spec.init_from))
+            if path is None:
+                raise HybridlabError(f"init_from {self.spec.init_from}: no checkpoint there")
+            load_checkpoint(path, self.model, self.device)
         make_dir(self.run_dir, "--out")
         atomic_write_text(self.run_dir / "spec.yaml", dump_spec(self.spec))
         atomic_write_text(self.run_dir / "metrics.jsonl", "")
@@ -208,28 +213,9 @@ class Trainer:
 
     def _loss(self, batch: dict[str, torch.Tensor], *,
               with_aux: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
-        """The weighted sum of the objectives, plus the auxiliary losses (MoE balance, z-loss...)
-        when ``with_aux``: training optimises that sum, evaluation reports the objectives alone
-        as ``loss`` (so specs with and without auxiliary terms compare fairly) and their sum as ``aux``."""
         with self._autocast():
             out = self.forward(batch["inputs"])
-        total, metrics = torch.zeros((), device=self.device), {}
-        for weight, objective in self.objectives:
-            loss, m = objective(out, batch)
-            total = total + weight * loss
-            metrics.update(m)
-        aux_total = torch.zeros((), device=self.device)
-        for name, aux_loss in out.aux_losses.items():
-            aux_total = aux_total + aux_loss
-            metrics[name] = aux_loss.detach()
-        if out.aux_losses:
-            metrics["aux"] = aux_total.detach()
-            if with_aux:
-                total = total + aux_total
-        metrics.update(out.metrics)
-        if hasattr(self.task, "metrics"):  # e.g. accuracy per query type
-            metrics.update(self.task.metrics(out, batch))
-        return total, metrics
+        return objective_loss(out, batch, self.objectives, self.task, with_aux=with_aux)
 
     def train_step(self) -> dict[str, float] | None:
         """One optimizer step; None when the loss was not finite and the step was skipped."""
@@ -267,24 +253,10 @@ class Trainer:
         out["lr"] = self.optimizer.param_groups[0]["lr"]
         return out
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        self.model.eval()
-        results: dict[str, float] = {}
-        for split in self.task.splits():
-            sums: dict[str, list[float]] = {}  # name -> [numerator, denominator] summed over the batches
-            for i in range(self.spec.eval_batches):
-                loss, metrics = self._loss(self._batch(split, i), with_aux=False)
-                for k, v in {"loss": loss, **metrics}.items():
-                    num, den = (float(v[0]), float(v[1])) if isinstance(v, (tuple, list)) else (float(v), 1.0)
-                    total = sums.setdefault(k, [0.0, 0.0])
-                    total[0], total[1] = total[0] + num, total[1] + den
-            # a (numerator, denominator) metric is pooled over the batches: a batch that asked
-            # nothing of a query type then counts for nothing, not as accuracy 0
-            # a pair whose denominator stayed 0 (no query of that type was asked) is left out:
-            # NaN is not JSON, and an absent metric is not a score of 0
-            results.update({f"{split}/{k}": num / den for k, (num, den) in sums.items() if den})
-        return results
+        return evaluate(self.model, self.task, self.objectives, batch_size=self.spec.batch_size,
+                        eval_batches=self.spec.eval_batches, device=self.device, autocast=self._autocast,
+                        forward=self.forward, batch=self._batch)
 
     def run(self, stop_at: int | None = None) -> dict[str, float]:
         """Train to ``spec.steps`` (or stop after step ``stop_at``, with a checkpoint there,
@@ -321,6 +293,62 @@ class Trainer:
             result = self.evaluate()
         result["seconds"] = time.perf_counter() - start
         return result
+
+
+def objective_loss(out: Any, batch: dict[str, torch.Tensor], objectives: list, task: Any, *,
+                   with_aux: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+    """The weighted sum of the objectives, plus the auxiliary losses (MoE balance, z-loss...)
+    when ``with_aux``: training optimises that sum, evaluation reports the objectives alone
+    as ``loss`` (so specs with and without auxiliary terms compare fairly) and their sum as ``aux``."""
+    device = out.logits.device
+    total, metrics = torch.zeros((), device=device), {}
+    for weight, objective in objectives:
+        loss, m = objective(out, batch)
+        total = total + weight * loss
+        metrics.update(m)
+    aux_total = torch.zeros((), device=device)
+    for name, aux_loss in out.aux_losses.items():
+        aux_total = aux_total + aux_loss
+        metrics[name] = aux_loss.detach()
+    if out.aux_losses:
+        metrics["aux"] = aux_total.detach()
+        if with_aux:
+            total = total + aux_total
+    metrics.update(out.metrics)
+    if isinstance(task, TaskMetrics):  # e.g. accuracy per query type
+        metrics.update(task.metrics(out, batch))
+    return total, metrics
+
+
+@torch.no_grad()
+def evaluate(model: Any, task: Any, objectives: list, *, batch_size: int, eval_batches: int, device: torch.device,
+             autocast: Any = contextlib.nullcontext, forward: Any = None, batch: Any = None) -> dict[str, float]:
+    """Every evaluation split of ``task``: ``<split>/<metric>`` over ``eval_batches`` batches
+    (the model in eval mode). ``forward``: the callable to run (a compiled model), default
+    ``model``; ``batch(split, index)``: the batches, default the task's on ``device``."""
+    model.eval()
+    forward = model if forward is None else forward
+    if batch is None:
+        def batch(split: str, index: int) -> dict:
+            return {k: v.to(device, non_blocking=True) for k, v in task.batch(split, index, batch_size).items()}
+    results: dict[str, float] = {}
+    for split in task.splits():
+        sums: dict[str, list[float]] = {}  # name -> [numerator, denominator] summed over the batches
+        for i in range(eval_batches):
+            data = batch(split, i)
+            with autocast():
+                out = forward(data["inputs"])
+            loss, metrics = objective_loss(out, data, objectives, task, with_aux=False)
+            for k, v in {"loss": loss, **metrics}.items():
+                num, den = (float(v[0]), float(v[1])) if isinstance(v, (tuple, list)) else (float(v), 1.0)
+                total = sums.setdefault(k, [0.0, 0.0])
+                total[0], total[1] = total[0] + num, total[1] + den
+        # a (numerator, denominator) metric is pooled over the batches: a batch that asked
+        # nothing of a query type then counts for nothing, not as accuracy 0; a pair whose
+        # denominator stayed 0 (no query of that type was asked) is left out: NaN is not
+        # JSON, and an absent metric is not a score of 0
+        results.update({f"{split}/{k}": num / den for k, (num, den) in sums.items() if den})
+    return results
 
 
 def _ratio(value: Any) -> float | None:
@@ -396,6 +424,6 @@ def train(pipeline: str | Path | PipelineSpec, *, overrides: list[str] = (), out
     if progress:
         n = count_parameters(trainer.model)
         print(f"run directory: {run_dir}", flush=True)
-        print(f"model {spec.model.name}: {len(spec.model.layers)} blocks, {n:,} parameters on {trainer.device}",
+        print(f"model {spec.model.name}: {len(spec.model.positions())} blocks, {n:,} parameters on {trainer.device}",
               flush=True)
     return run_dir, trainer.run()

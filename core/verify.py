@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 
 from .config import Dims
-from .dispatch import forced
-from .errors import CannotDecode, HybridlabError
+from .dispatch import Dispatched, forced
+from .errors import HybridlabError
+from .interfaces import Aux, ReadsContext, RunContext
 
 SEQ_LENS = (1, 2, 63, 64, 65, 100, 257)  # around chunk sizes and powers of two, and odd
 BATCHES = (1, 3)
@@ -93,6 +94,21 @@ class Report:
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
+
+
+CONFIDENCE_Z = 3.72  # one-sided normal quantile: a check at equal accuracy fails by chance < 1e-4
+
+
+def sampling_spread(numel: int, ref_draws: int = 1, impl_draws: int = 1) -> float:
+    """How far the ratio of two measured RMS errors can stray from the ratio of the true
+    error scales by chance. Rounding errors behave as independent draws (Higham's
+    probabilistic rounding analysis); an RMS over d of them estimates its scale with a
+    log-spread of about 1/sqrt(2d). Comparing two such estimates (d = numel x draws each),
+    the ratio stays within ``exp(z · sqrt(1/2d_ref + 1/2d_impl))`` at confidence z. Near 1
+    for a quantity of thousands of elements; for one element from one draw each, ~40:
+    two single roundings cannot tell a 2x difference in accuracy apart."""
+    numel = max(numel, 1)
+    return math.exp(CONFIDENCE_Z * math.sqrt(0.5 / (numel * ref_draws) + 0.5 / (numel * impl_draws)))
 
 
 def rel_rms(x: Tensor, ref: Tensor, min_scale: float = 0.0) -> float:
@@ -193,7 +209,7 @@ def verify_impl(kind: Any, impl: Any, reference: Any, *, device: str = "cpu",
                                                math.inf, 0, 0, False))
                     continue
                 error, ref_error = rel_rms(got, expect), rel_rms(ref, expect)
-                allowed = impl.tolerance * ref_error + impl.floor
+                allowed = impl.tolerance * ref_error * sampling_spread(expect.numel()) + impl.floor
                 report.checks.append(Check(kind.name, impl.name, dtype_name(dtype), case.label, quantity,
                                            error, ref_error, allowed, error <= allowed))
     return report
@@ -243,23 +259,30 @@ def verify_decoding(kind: Any, registry: Any, *, device: str = "cpu", impl: str 
             continue  # e.g. an SDPA path on an example with softcap: that example is another's to check
         dims = Dims(d_model=48, vocab_size=11, n_layers=1, registry=registry)
         torch.manual_seed(n)
-        module = registry.kind("mixer", kind.name).module(config, dims)
+        try:
+            module = registry.kind("mixer", kind.name).module(config, dims)
+        except Exception as exc:  # noqa: BLE001 - a plugin's constructor failing: a failed check, not a traceback
+            report.checks.append(Check(kind.name, label_impl, "float64", f"example {n}",
+                                       f"building raised {type(exc).__name__}: {exc}", math.inf, 0, EXACT, False))
+            continue
         for sub in module.modules():
-            if hasattr(sub, "registry") and hasattr(sub, "impl_for"):
+            if isinstance(sub, Dispatched):
                 sub.registry = registry
         module = module.to(device=device, dtype=torch.float64).eval()
         case = f"example {n} B3 T37"
         x = torch.randn(3, 37, 48, dtype=torch.float64, device=device)
+        # a mixer that reads the run context gets a fresh one per call, as in a model
+        ctx = (lambda: {"ctx": RunContext(aux=Aux())}) if isinstance(module, ReadsContext) else dict
         with torch.no_grad(), forced({kind.name: impl} if impl else {}):
             try:
-                whole, _ = module(x)
+                whole, _ = module(x, **ctx())
                 state = module.init_state(3, device, torch.float64)
                 steps = []
                 for t in range(x.shape[1]):
-                    y, state = module.step(x[:, t:t + 1], state)
+                    y, state = module.step(x[:, t:t + 1], state, **ctx())
                     steps.append(y)
-                first, s = module(x[:, :20], module.init_state(3, device, torch.float64))
-                second, _ = module(x[:, 20:], s)
+                first, s = module(x[:, :20], module.init_state(3, device, torch.float64), **ctx())
+                second, _ = module(x[:, 20:], s, **ctx())
             except NotImplementedError:
                 continue  # this kind does not decode
             except Exception as exc:  # noqa: BLE001
@@ -349,258 +372,12 @@ def verify_all(*, kind: str | None = None, impl: str | None = None, device: str 
 
 # ---------------------------------------------------------------- model level
 
+def __getattr__(name: str) -> Any:
+    """verify_model, verify_model_decoding and MAX_DECODE live in core/verify_model.py
+    (which imports this module); they are re-exported here lazily, so either module can be
+    imported first."""
+    if name in ("verify_model", "verify_model_decoding", "MAX_DECODE"):
+        from . import verify_model as model_level
 
-def _block_outputs(model: Any) -> tuple[list[Tensor], list[Any]]:
-    outs: list[Tensor] = []
-    hooks = [b.register_forward_hook(lambda mod, args, out: outs.append(out[0].detach())) for b in model.blocks]
-    return outs, hooks
-
-
-def _model_run(model: Any, tokens: Tensor):
-    outs, hooks = _block_outputs(model)
-    try:
-        model.zero_grad(set_to_none=True)
-        logits = model(tokens).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).double(), tokens[:, 1:].flatten())
-        loss.backward()
-    finally:
-        for h in hooks:
-            h.remove()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return logits.detach(), loss.detach(), grads, outs
-
-
-def verify_model(spec: Any, *, device: str = "cpu", dtype: torch.dtype = torch.float32, registry: Any = None,
-                 batch: int = 2, seq_len: int = 131, decode_tokens: int | None = None) -> Report:
-    """Fast implementations vs references on one model, same weights and batch: logits,
-    loss and every parameter's gradient under the oracle rule; names the first block that
-    diverges. Then greedy decoding from state vs the parallel forward (float64).
-
-    ``seq_len`` 131 runs past two 64-token chunks (the GPU chunk of the recurrences and a
-    common one in plugins) with an odd tail: at 45, a state not carried from one 64-token
-    chunk to the next went unseen."""
-    from .model import Model
-
-    if registry is None:
-        from hybridlab.registry import default_registry
-
-        registry = default_registry()
-    start = time.perf_counter()
-    report = Report()
-    name = f"model {spec.name}"
-
-    def build(target_dtype: torch.dtype) -> Any:
-        torch.manual_seed(0)
-        return Model(spec, registry).to(device=device, dtype=target_dtype)
-
-    tokens = torch.randint(0, spec.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
-
-    models: list[Any] = []  # the last run's model: which implementations it chose
-
-    def run(target_dtype: torch.dtype, pins: str | dict, jitter: float = 0.0):
-        model = build(target_dtype)
-        models[:] = [model]
-        model.load_state_dict(weights)
-        if jitter:
-            gen = torch.Generator().manual_seed(1)
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.mul_(1 + jitter * (2 * torch.rand(p.shape, generator=gen, dtype=torch.float64) - 1).to(p))
-        with forced(pins):
-            return _model_run(model, tokens)
-
-    label = f"B{batch} T{seq_len}"
-    # a plugin that raises (a third-party FFN returning the wrong shape...) is a failed
-    # check naming the stage and the exception, not a traceback; the other specs still run
-    stage, impl = "building the model", "dispatched"
-    try:
-        master = build(torch.float32)
-        weights = master.state_dict()
-        stage, impl = "float64 reference forward/backward", "reference"
-        oracle = run(torch.float64, "reference")
-        stage = f"{dtype_name(dtype)} reference forward/backward"
-        ref_low = run(dtype, "reference")
-        # the reference again with every weight moved by about one unit in the last place: how
-        # far each gradient moves is its own rounding scale (large where the gradient is a sum
-        # that cancels), a floor under the reference's error for that gradient
-        ref_jitter = run(dtype, "reference", jitter=torch.finfo(dtype).eps)
-        stage, impl = f"{dtype_name(dtype)} forward/backward", "dispatched"
-        fast = run(dtype, {})
-    except Exception as exc:  # noqa: BLE001 - a plugin's crash is a failed check
-        report.checks.append(Check(name, impl, dtype_name(dtype), label, f"{stage} raised {type(exc).__name__}: {exc}",
-                                   math.inf, 0, 0, False))
-        report.seconds = time.perf_counter() - start
-        return report
-    from .dispatch import Dispatched
-
-    # the implementations the fast run chose, per module and per kind: the model's error
-    # is judged with the loosest tolerance among them (not among every registered one)
-    chosen_by_module = {n: set(m.__dict__.get("_impl_cache", {}).values())
-                        for n, m in models[0].named_modules() if isinstance(m, Dispatched)}
-    by_kind: dict[tuple[str, str], set] = {}
-    for n, m in models[0].named_modules():
-        if isinstance(m, Dispatched):
-            by_kind.setdefault((m.category, m.kind), set()).update(chosen_by_module[n])
-    chosen = [i for impls in by_kind.values() for i in impls]
-    tolerance = max((i.tolerance for i in chosen), default=2.0)
-    floor = max((i.floor for i in chosen), default=1e-6)
-
-    def check(quantity: str, got: Tensor, ref: Tensor, expect: Tensor, min_ref_error: float = 0.0,
-              min_scale: float = 0.0, tol: float | None = None) -> Check:
-        error, ref_error = rel_rms(got, expect, min_scale), rel_rms(ref, expect, min_scale)
-        allowed = (tolerance if tol is None else tol) * max(ref_error, min_ref_error) + floor
-        return Check(name, "dispatched", dtype_name(dtype), label, quantity, error, ref_error, allowed, error <= allowed)
-
-    # A gradient far below the model's is judged against a thousandth of the model's RMS
-    # gradient: its exact value can be structurally zero (a top-1 router whose gate is
-    # renormalised to 1 gets ~1e-22 in float64), where fp32 rounding of the cancelling
-    # terms is "infinitely" wrong relative to it (found by random specs: 1e9 relative error
-    # on such a router, 1e-11 of the model's gradient).
-    model_rms = torch.cat([g.double().flatten() for g in oracle[2].values()]).pow(2).mean().sqrt().item()
-    grad_floor = 1e-3 * model_rms
-
-    def flat(grads: dict[str, Tensor]) -> Tensor:
-        def scale(n: str) -> float:
-            expect = oracle[2][n]
-            return max(expect.norm().item(), grad_floor * math.sqrt(expect.numel()), 1e-30)
-
-        return torch.cat([grads[n].double().flatten() / scale(n) for n in oracle[2]])
-
-    report.checks.append(check("logits", fast[0], ref_low[0], oracle[0]))
-    # the loss is one number: the reference's own error on it can be lucky-small (bf16 MLA:
-    # 1e-6 beside a logits error of 4e-3), so, as for gradients, it is at least how far the
-    # loss moves when every weight moves by one ulp
-    loss_jitter = rel_rms(ref_jitter[1].reshape(1), ref_low[1].reshape(1))
-    report.checks.append(check("loss", fast[1].reshape(1), ref_low[1].reshape(1), oracle[1].reshape(1),
-                               min_ref_error=loss_jitter))
-    # A parameter with a handful of elements (a per-head decay such as A_log) whose gradient
-    # is a sum with heavy cancellation gives a noisy, sometimes lucky, estimate of the
-    # reference's own error. Its minimum is the larger of the reference's error over all
-    # gradients (each normalised) and how far that gradient moved under the one-ulp jitter.
-    # Measured before the jitter floor: chunk/reference ratios up to 10 on such parameters
-    # (random specs: GDN's dt_bias behind mHC lanes and an engram), while whole-gradient
-    # ratios stay near 1.
-    pooled = rel_rms(flat(ref_low[2]), flat(oracle[2]))
-
-    def floor_for(n: str) -> float:
-        return max(pooled, rel_rms(ref_jitter[2][n], ref_low[2][n], grad_floor * 1.0)
-                   if ref_low[2][n].abs().max() > 0 else 0.0)
-
-    # a parameter of a dispatched module may carry its own tolerance (Impl.param_tolerance
-    # of the implementation that module chose)
-    def tolerance_for(n: str, tol: float) -> float:
-        owner, _, local = n.rpartition(".")
-        return max([tol] + [dict(i.param_tolerance).get(local, 0.0) for i in chosen_by_module.get(owner, ())])
-
-    def grad_check(run_: Any, n: str, tol: float) -> Check:
-        c = check(f"grad {n}", run_[2][n], ref_low[2][n], oracle[2][n], floor_for(n), grad_floor, tol)
-        own = tolerance_for(n, tol)
-        if own == tol:
-            return c
-        allowed = own * max(c.ref_error, floor_for(n)) + floor
-        return Check(c.kind, c.impl, c.dtype, c.case, c.quantity, c.error, c.ref_error, allowed, c.error <= allowed)
-
-    grad_checks = [grad_check(fast, n, tolerance) for n in oracle[2]]
-    worst = max(grad_checks, key=lambda c: c.error / c.allowed if c.allowed else math.inf)
-    report.checks += [c for c in grad_checks if not c.passed] or [worst]
-    # With kinds of different tolerances, each kind's fast path also runs alone (the others
-    # on their references), judged by its own tolerance: a loose one must not hide another
-    # kind's bug in the combined run.
-    fast_kinds = {key: impls for key, impls in by_kind.items() if any(i.name != "reference" for i in impls)}
-    if len(fast_kinds) > 1 and len({max(i.tolerance for i in v) for v in fast_kinds.values()}) > 1:
-        for (category, kind), impls in sorted(fast_kinds.items()):
-            tol = max(i.tolerance for i in impls)
-            others = {f"{c}.{k}": "reference" for c, k in fast_kinds if (c, k) != (category, kind)}
-            try:
-                alone = run(dtype, others)
-            except Exception as exc:  # noqa: BLE001
-                report.checks.append(Check(name, kind, dtype_name(dtype), label, f"forward/backward with only {kind} "
-                                           f"fast raised {type(exc).__name__}: {exc}", math.inf, 0, 0, False))
-                continue
-            alone_checks = [check(f"logits (only {kind} fast)", alone[0], ref_low[0], oracle[0], tol=tol)]
-            alone_checks += [c for c in (grad_check(alone, n, tol) for n in oracle[2]) if not c.passed]
-            report.checks += [Check(c.kind, kind, c.dtype, c.case, c.quantity if "only" in c.quantity else
-                                    f"{c.quantity} (only {kind} fast)", c.error, c.ref_error, c.allowed, c.passed)
-                              for c in alone_checks]
-    if not all(c.passed for c in report.checks):
-        for i, (got, ref, expect) in enumerate(zip(fast[3], ref_low[3], oracle[3])):
-            c = check(f"block {i} output", got, ref, expect)
-            if not c.passed:
-                kind = spec.layers[i].mixer.kind
-                report.problems.append(f"{name}: the first block whose output diverges is layers[{i}] "
-                                       f"(mixer {kind}): error {c.error:.3g} > allowed {c.allowed:.3g}")
-                report.checks.append(c)
-                break
-    report.extend(verify_model_decoding(spec, device=device, registry=registry, decode_tokens=decode_tokens,
-                                        weights=weights))
-    report.seconds = time.perf_counter() - start
-    return report
-
-
-MAX_DECODE = 512  # tokens a model-level decode check runs at most (float64, one step at a time)
-
-
-def _reach(config: Any) -> int:
-    """The longest window, block (times ``select``, for selected blocks) or convolution
-    any component of ``config`` sets (so that a decode check runs past it: a KV ring
-    wraps, a block completes, selection has several blocks to choose from)."""
-    from .config import Config
-
-    if isinstance(config, (list, tuple)):
-        return max((_reach(c) for c in config), default=0)
-    if not isinstance(config, Config):
-        return 0
-    found = [v for n, v in config if n in ("window", "block", "conv_size") and type(v) is int]
-    if type(getattr(config, "block", None)) is int and type(getattr(config, "select", None)) is int:
-        found.append(config.block * config.select)  # blocks chosen by selection (NSA)
-    found += [_reach(v) for _, v in config]
-    return max(found, default=0)
-
-
-def verify_model_decoding(spec: Any, *, device: str = "cpu", registry: Any = None, decode_tokens: int | None = None,
-                          weights: dict | None = None, prompt_len: int = 7) -> Report:
-    """Greedy decoding of N tokens from state gives the parallel forward's logits
-    (float64). By default N runs 4 tokens past the longest window / block / convolution
-    in the spec (at least 8, at most MAX_DECODE in all), so that sliding-window caches
-    wrap inside the check."""
-    from .model import Model
-
-    report = Report()
-    if decode_tokens is None:
-        reach = _reach(list(spec.layers))
-        decode_tokens = min(max(8, reach + 4 - prompt_len), MAX_DECODE - prompt_len)
-        if reach + 4 > MAX_DECODE:
-            report.notes.append(f"model {spec.name}: decode check runs {MAX_DECODE} tokens, short of the spec's "
-                                f"longest window/block ({reach}): the cache does not wrap there")
-    torch.manual_seed(0)
-    model = Model(spec, registry).to(device=device, dtype=torch.float64).eval()
-    if weights is not None:
-        model.load_state_dict(weights)
-    prompt = torch.randint(0, spec.vocab_size, (2, prompt_len), generator=torch.Generator().manual_seed(1)).to(device)
-    label = f"B2 prompt {prompt_len} + {decode_tokens}"
-    try:
-        with torch.no_grad():
-            state = model.init_state(2)
-            out = model(prompt, state)
-            logits, tokens = [out.logits], [prompt]
-            for _ in range(decode_tokens):
-                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-                tokens.append(nxt)
-                out = model.step(nxt, out.state)
-                logits.append(out.logits)
-            stepped = torch.cat(logits, 1)
-            parallel = model(torch.cat(tokens, 1)).logits
-    except CannotDecode as exc:  # by design (a non-causal layer): skipped, with the reason
-        report.notes.append(f"model {spec.name}: decode checks skipped: {exc}")
-        return report
-    except NotImplementedError as exc:
-        report.problems.append(f"model {spec.name}: cannot decode from state: {exc}")
-        return report
-    except Exception as exc:  # noqa: BLE001 - a plugin's crash is a failed check
-        report.checks.append(Check(f"model {spec.name}", "dispatched", "float64", label,
-                                   f"decoding raised {type(exc).__name__}: {exc}", math.inf, 0, 0, False))
-        return report
-    error = rel_rms(stepped, parallel)
-    report.checks.append(Check(f"model {spec.name}", "dispatched", "float64", label, "greedy decode == parallel",
-                               error, 0.0, EXACT, error <= EXACT))
-    return report
+        return getattr(model_level, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,21 @@ from typing import Any
 
 from hybridlab.core.verify import Case, Report, verify_kind, verify_model
 
-__all__ = ["Case", "Report", "assert_verified", "verify_kind", "verify_model"]
+__all__ = ["Case", "Report", "assert_verified", "stepwise_logits", "verify_kind", "verify_model"]
+
+
+def stepwise_logits(model: Any, tokens: Any, prefill: int) -> Any:
+    """Logits [B, T, V] of ``model`` on ``tokens`` [B, T] computed as a decoder would: the
+    first ``prefill`` tokens in parallel from an empty state, then one step per token.
+    Compare with ``model(tokens).logits`` to check decoding."""
+    out = model(tokens[:, :prefill], model.init_state(tokens.shape[0]))
+    logits = [out.logits]
+    for t in range(prefill, tokens.shape[1]):
+        out = model.step(tokens[:, t], out.state)
+        logits.append(out.logits)
+    import torch
+
+    return torch.cat(logits, 1)
 
 
 def assert_verified(kind: str, *, impl: str | None = None, device: str = "cpu", registry: Any = None) -> Report:

@@ -27,7 +27,8 @@ def hybridlab_register(register):
       categories exist already),
     - ``register.kind(category, name, config=ConfigModel, module=ModuleClass)`` once per
       kind: ``ConfigModel`` is a pydantic model with ``extra="forbid"`` whose field
-      ``kind`` is ``Literal[name]``; ``ModuleClass(config, dims)`` builds it,
+      ``kind`` is ``Literal[name]``; ``ModuleClass(config, dims, ...)`` builds it (the
+      arguments after ``config`` depend on the category: docs/plugins.md, section 3),
     - ``register.impl(category, kind, name, fn=..., devices=..., dtypes=...)`` for each
       implementation of a kind's core op (exactly one named ``reference``).
 

@@ -27,8 +27,10 @@ CORE_CATEGORIES: dict[str, str] = {
     "mixer": "sequence mixer [B, T, D] (+ state) -> ([B, T, D], state); module(config, dims)",
     "ffn": "channel mixer [B, T, D] -> [B, T, D]; module(config, dims)",
     "residual": "how a block's sub-layers join the residual stream; module(config, dims)",
-    "block_wrapper": "wraps a whole block: module(config, dims); forward(block, h, state, *, doc_ids, aux, step) "
-                     "runs block.inner on what it chooses; init_state(block, batch, device, dtype)",
+    "norm_placement": "where a block's norms go around each sub-layer; module(config, dims, norm_config); "
+                      "forward(h, sublayer, residual, ctx) -> h",
+    "block_wrapper": "wraps a whole block: module(config, dims); forward(block, h, state, ctx) runs the callable "
+                     "block(h, state, ctx) on what it chooses; init_state(init, batch, device, dtype)",
     "head": "hidden [B, T, D] -> logits [B, T, V]; module(config, dims)",
     "loss": "objective: (model output, batch) -> (scalar, metrics); module(config)",
     "data": "a task that yields batches; module(config, seed=...)",

@@ -36,7 +36,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from hybridlab.core.config import Config, Dims
-from hybridlab.core.interfaces import Aux
+from hybridlab.core.interfaces import Aux, BlockWrapper, RunContext
 from hybridlab.core.numerics import upcast
 from hybridlab.registry import hookimpl
 
@@ -53,27 +53,26 @@ class MoDConfig(Config):
     token; evaluation and decoding process a token when its router logit is > 0."""
 
 
-class MixtureOfDepths(nn.Module):
+class MixtureOfDepths(BlockWrapper):
     def __init__(self, config: MoDConfig, dims: Dims) -> None:
         super().__init__()
         self.config = config
         self.router = nn.Linear(dims.d_model, 1)
 
-    def forward(self, block, h: Tensor, state=None, *, doc_ids: Tensor | None = None, aux, step: bool = False):
-        """h: the residual stream [B, T, ...]; the router reads it as [B, T, D]."""
-        x = block.mixer_residual.reduce(h)  # [B, T, D]
-        with torch.autocast(x.device.type, enabled=False):  # fp32 scores: bf16 ones would tie in top-k
-            xn = F.rms_norm(upcast(x), (x.shape[-1],), eps=1e-6)
-            logits = F.linear(xn, self.router.weight.to(xn.dtype), self.router.bias.to(xn.dtype)).squeeze(-1)  # [B, T]
-        if self.training and state is None and not step:
-            return self.top_k(block, h, logits, doc_ids=doc_ids, aux=aux), None
-        return self.causal(block, h, logits, state, doc_ids=doc_ids, aux=aux, step=step)
+    def forward(self, block, h: Tensor, state, ctx: RunContext):
+        """block: ``(h, state, ctx) -> (h, state)``, the block to route around; h: the
+        residual stream [B, T, ...], which the router reads as [B, T, D]."""
+        logits = router_logits(self.router, ctx.stream.reduce(h)).squeeze(-1)  # [B, T]
+        if self.training and state is None and not ctx.step:
+            return self.top_k(block, h, logits, ctx), None
+        return self.causal(block, h, logits, state, ctx)
 
-    def top_k(self, block, h: Tensor, logits: Tensor, *, doc_ids, aux) -> Tensor:
+    def top_k(self, block, h: Tensor, logits: Tensor, ctx: RunContext) -> Tensor:
         """Training: the top ceil(capacity · T) tokens of each sequence, in time order."""
         k = math.ceil(self.config.capacity * h.shape[1])
         chosen = logits.topk(k, dim=1).indices.sort(dim=1).values  # [B, k]
-        h, _ = self.run(block, h, chosen, logits, None, doc_ids=doc_ids, aux=aux, step=False)
+        h, _ = run_tokens(block, h, chosen, torch.sigmoid(logits), None, ctx)
+        aux = ctx.aux
         if aux is not None:
             target = torch.zeros_like(logits).scatter(1, chosen, 1.0)  # [B, T]: in the top-k
             mod = aux.scope("mod")
@@ -84,40 +83,79 @@ class MixtureOfDepths(nn.Module):
             mod.add_metric("router_agreement", ((logits > 0).float() == target).float().mean().detach())
         return h
 
-    def causal(self, block, h: Tensor, logits: Tensor, state, *, doc_ids, aux, step: bool):
+    def causal(self, block, h: Tensor, logits: Tensor, state, ctx: RunContext):
         """Evaluation and decoding: token t runs the block when its router logit is > 0."""
         chosen = logits > 0  # [B, T]
-        rows, states, reports = [], [], []
-        for b in range(h.shape[0]):  # sequences choose different numbers of tokens
-            idx = chosen[b].nonzero().view(1, -1)  # [1, k_b]
-            row, s = h[b:b + 1], None if state is None else state[b]
-            if idx.numel():
-                ids = None if doc_ids is None else doc_ids[b:b + 1]
-                row_aux = None if aux is None else Aux(prefix=aux.prefix)  # its own: rows would overwrite
-                row, s = self.run(block, row, idx, logits[b:b + 1], s, doc_ids=ids, aux=row_aux, step=step)
-                reports.append((idx.shape[1], row_aux))
-            rows.append(row)
-            states.append(s)
-        if aux is not None:
-            combine(reports, aux)
-            aux.scope("mod").add_metric("processed", chosen.float().mean())
-        return torch.cat(rows), None if state is None else states
+        h, states = run_rows(block, h, chosen, torch.sigmoid(logits), state, ctx)
+        if ctx.aux is not None:
+            ctx.aux.scope("mod").add_metric("processed", chosen.float().mean())
+        return h, states
 
-    @staticmethod
-    def run(block, h: Tensor, idx: Tensor, logits: Tensor, state, *, doc_ids, aux, step: bool):
-        """The block on the tokens idx [B, k] of h [B, T, ...]; their update gated, the rest kept."""
-        B, k = idx.shape
-        tail = (1,) * (h.dim() - 2)
-        index = idx.view(B, k, *tail).expand(B, k, *h.shape[2:])
-        picked = h.gather(1, index)  # [B, k, ...]
-        ids = None if doc_ids is None else doc_ids.gather(1, idx)
-        out, state = block.inner(picked, state, doc_ids=ids, aux=aux, step=step)
-        gate = torch.sigmoid(logits.gather(1, idx)).to(h.dtype).view(B, k, *tail)
-        return h.scatter(1, index, picked + gate * (out - picked)), state
+    def init_state(self, init, batch: int, device, dtype):
+        """One batch-1 state per sequence (``init(batch, device, dtype)`` makes the block's):
+        each sequence's block sees only its own chosen tokens."""
+        return [init(1, device, dtype) for _ in range(batch)]
 
-    def init_state(self, block, batch: int, device, dtype):
-        """One batch-1 state per sequence: each sequence's block sees only its own chosen tokens."""
-        return [block.mixer.init_state(1, device, dtype) for _ in range(batch)]
+
+def router_logits(router: nn.Linear, x: Tensor) -> Tensor:
+    """x [B, T, D] -> router(rms_norm(x)) [B, T, out], in fp32 (fp64 stays fp64) with
+    autocast off: a routing decision is a hard threshold (top-k, r > 0, argmax), and bf16
+    scores would tie or flip between runs that agree to rounding."""
+    with torch.autocast(x.device.type, enabled=False):
+        xn = F.rms_norm(upcast(x), (x.shape[-1],), eps=1e-6)
+        return F.linear(xn, router.weight.to(xn.dtype), router.bias.to(xn.dtype))
+
+
+def run_tokens(block, h: Tensor, idx: Tensor, gate: Tensor, state, ctx: RunContext):
+    """The block on the tokens idx [B, k] of h [B, T, ...] (in time order: its mixer sees
+    them as one shorter sequence), each update scaled by its gate [B, T]:
+    ``h_t + gate_t · (block(h)_t - h_t)``; every other token of h is returned bitwise
+    unchanged (a scatter into h)."""
+    B, k = idx.shape
+    tail = (1,) * (h.dim() - 2)
+    index = idx.view(B, k, *tail).expand(B, k, *h.shape[2:])
+    picked = h.gather(1, index)  # [B, k, ...]
+    ids = None if ctx.doc_ids is None else ctx.doc_ids.gather(1, idx)
+    out, state = block(picked, state, ctx.with_(doc_ids=ids))
+    g = gate.gather(1, idx).to(h.dtype).view(B, k, *tail)
+    return h.scatter(1, index, picked + g * (out - picked)), state
+
+
+def run_rows(block, h: Tensor, chosen: Tensor, gate: Tensor, state, ctx: RunContext):
+    """The block on the chosen tokens (chosen [B, T] bool) of each sequence, one sequence
+    at a time (they choose different numbers), gated as in ``run_tokens``. ``state`` is
+    None or one batch-1 state per sequence (returned updated). Each sequence's run reports
+    its losses and metrics into its own Aux; the batch's are combined (``combine``)."""
+    rows, states, reports = [], [], []
+    aux, doc_ids = ctx.aux, ctx.doc_ids
+    for b in range(h.shape[0]):
+        idx = chosen[b].nonzero().view(1, -1)  # [1, k_b]
+        row, s = h[b:b + 1], None if state is None else state[b]
+        if idx.numel():
+            ids = None if doc_ids is None else doc_ids[b:b + 1]
+            row_aux = None if aux is None else Aux(prefix=aux.prefix)  # its own: rows would overwrite
+            row, s = run_tokens(block, row, idx, gate[b:b + 1], s, ctx.with_(doc_ids=ids, aux=row_aux))
+            reports.append((idx.shape[1], row_aux))
+        rows.append(row)
+        states.append(s)
+    if aux is not None:
+        combine(reports, aux)
+    return torch.cat(rows), None if state is None else states
+
+
+def run_chosen(block, h: Tensor, chosen: Tensor, gate: Tensor, state, ctx: RunContext):
+    """``run_rows``, with one shortcut: without a state, when every sequence chose the
+    same number of tokens (all of them, say), one batched run of the block (the same
+    tokens and gates; the block's losses and metrics then come from the batch at once, the
+    exact case of ``combine``'s average)."""
+    counts = chosen.sum(1)  # [B]
+    if state is None and bool((counts == counts[0]).all()):
+        k = int(counts[0])
+        if k == 0:
+            return h, None
+        idx = chosen.nonzero()[:, 1].view(h.shape[0], k)  # [B, k], row-major: each row in time order
+        return run_tokens(block, h, idx, gate, None, ctx)
+    return run_rows(block, h, chosen, gate, state, ctx)
 
 
 def combine(reports: list[tuple[int, Aux | None]], aux: Aux) -> None:

@@ -30,6 +30,7 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from hybridlab.core.config import Config, Dims
+from hybridlab.core.interfaces import StreamTaps
 from hybridlab.registry import hookimpl
 
 HASH_SEED = 0x5EED
@@ -86,7 +87,7 @@ class EngramGate(nn.Module):
         return torch.sigmoid(score) * v
 
 
-class Engram(nn.Module):
+class Engram(StreamTaps, nn.Module):
     def __init__(self, config: EngramConfig, dims: Dims) -> None:
         super().__init__()
         self.config = config

@@ -21,6 +21,7 @@ class LMHead(nn.Module):
     def __init__(self, config: LMHeadConfig, dims: Dims) -> None:
         super().__init__()
         self.config = config
+        self.tied = config.tied  # core.interfaces.TiedHead: the model shares the embedding's weight
         self.weight = nn.Parameter(torch.empty(dims.vocab_size, dims.d_model))
 
     def init_weights(self, std: float) -> None:

@@ -18,6 +18,9 @@ the options apply in this order:
 - ``sinks`` [H]: one learned logit per head joins the softmax denominator and carries no
   value (Xiao et al. 2023; gpt-oss), so a head may attend to "nothing".
 
+The module may also multiply query i by Scalable-Softmax's s_h · log n_i (``temperature:
+length``; n_i: the keys it sees) before the op, which then needs no option for it.
+
 Implementations: ``reference`` (explicit fp32 scores and masks), ``sdpa``
 (F.scaled_dot_product_attention with a mask or bias where needed) and ``flex``
 (FlexAttention, registered by attention_flex.py). Qk-norm and the output gate act outside
@@ -28,6 +31,7 @@ also bias the scores linearly in distance by defining ``distance_slopes(heads) -
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,8 +42,8 @@ from torch import Tensor, nn
 
 from hybridlab.core.config import Component, Config, Dims
 from hybridlab.core.dispatch import Dispatched
-from hybridlab.core.errors import CannotDecode
-from hybridlab.core.interfaces import SequenceMixer
+from hybridlab.core.errors import CannotDecode, HybridlabError
+from hybridlab.core.interfaces import ReadsContext, SequenceMixer
 from hybridlab.core.numerics import compute_dtype, upcast
 from hybridlab.core.verify import BATCHES, SEQ_LENS, Case
 from hybridlab.registry import hookimpl
@@ -57,6 +61,10 @@ def kv_heads_divide_heads(cls, kv_heads: int | None, info) -> int | None:
 MAX_WINDOW = 2 ** 31
 """The largest sliding window a spec may ask for (positions and ring slots stay in int64
 and a window beyond any real context is no window: leave it unset)."""
+
+
+DEFAULT_TEMPERATURE_LENGTH = 1024
+"""temperature_length when unset: a common training context length."""
 
 
 def rope_rotates_nothing(position, width: int) -> str | None:
@@ -96,10 +104,62 @@ class AttentionConfig(Config):
     (headwise) or per channel (elementwise)."""
     sinks: bool = False
     """A learned sink logit per head in the softmax denominator (attention may go nowhere)."""
+    temperature: Literal["none", "length"] = "none"
+    """Adaptive softmax temperature. length: Scalable-Softmax (Nakanishi 2025, "Scalable-Softmax
+    Is Superior for Attention"): query i's scores q_i·k_j·scale are multiplied by s_h · log n_i,
+    where s_h is a learned scalar per head and n_i the number of keys query i sees (its
+    position + 1 when causal, capped by window, counted within its document with doc_ids).
+    Softmax flattens as n grows; the log n factor keeps a long context's attention as sharp
+    as a short one's. It scales q·k only (before a softcap), not ALiBi's bias or a sink."""
+    temperature_length: int | None = Field(default=None, ge=2, validate_default=True)
+    """With temperature: length, the number of visible keys at which the factor starts at 1
+    (s_h = 1 / log(temperature_length)), so a model starts as plain attention there: set it
+    to the training context length (unset: DEFAULT_TEMPERATURE_LENGTH). Only with temperature: length."""
     bias: bool = False
     """Biases on the q/k/v/out projections."""
+    kv_from: str | None = None
+    """Cross-layer KV sharing (Brandon et al. 2024, "Reducing Transformer Key-Value Cache
+    Size with Cross-Layer Attention"; YOCO, Sun et al. 2024): the ``name:`` of an earlier
+    attention block whose keys and values (after its qk-norm and rotation) this layer
+    attends over, decoding included, instead of projecting its own. The layer then has no
+    K/V projection and no cache (0 state bytes). The named layer must be an ``attention``
+    with the same head_dim, kv_heads dividing this layer's heads, the same causal and window."""
 
     _kv_heads_divide = field_validator("kv_heads")(kv_heads_divide_heads)
+
+    def layer_references(self):
+        if self.kv_from is not None:
+            yield "kv_from", self.kv_from
+
+    def check_reference(self, field: str, block) -> str | None:
+        source = block.mixer
+        if not isinstance(source, AttentionConfig):
+            return f"{self.kv_from!r} is a {source.kind} layer; kv_from reads an attention layer's K/V"
+        if source.kv_from is not None:
+            return f"{self.kv_from!r} reads its K/V from {source.kv_from!r} itself; name {source.kv_from!r} instead"
+        mine, theirs = self.head_dim, source.head_dim  # None: d_model / heads, compared after the check below
+        kv = source.kv_heads or source.heads
+        if self.heads % kv:
+            return f"{self.kv_from!r} has {kv} kv_heads, which must divide this layer's heads ({self.heads})"
+        if (source.causal, source.window) != (self.causal, self.window):
+            return (f"{self.kv_from!r} has causal {source.causal}, window {source.window}; this layer must match "
+                    f"(it has causal {self.causal}, window {self.window}): it reads that layer's cache")
+        if (mine is None) != (theirs is None) or (mine is not None and mine != theirs) or (
+                mine is None and self.heads != source.heads):
+            return (f"{self.kv_from!r} must have the same head_dim, written the same way: both unset with equal "
+                    f"heads ({source.heads} there, {self.heads} here), or both set equal ({theirs} there, {mine} here)")
+        return None
+
+    @field_validator("temperature_length")
+    @classmethod
+    def _temperature_length_needs_temperature(cls, length: int | None, info) -> int | None:
+        temperature = info.data.get("temperature")
+        if temperature == "length" and length is None:
+            return DEFAULT_TEMPERATURE_LENGTH
+        if temperature == "none" and length is not None:
+            raise ValueError(f"applies only with temperature: length, got temperature: none and {length}; "
+                             "set temperature: length or drop temperature_length")
+        return length
 
     def check(self, dims: Dims):
         if self.head_dim is None and dims.d_model % self.heads:
@@ -154,6 +214,25 @@ def attention_mask(Tq: int, Tk: int, *, causal: bool, window: int | None = None,
         same = doc_ids[:, -Tq:, None] == doc_ids[:, None, :]  # [B, Tq, Tk]
         mask = mask & same[:, None]
     return mask
+
+
+def visible_keys(Tq: int, Tk: int, *, causal: bool, window: int | None = None, doc_ids: Tensor | None = None,
+                 device: torch.device) -> Tensor:
+    """[1 or B, Tq] int64: how many keys each query sees, the row sums of
+    ``attention_mask(...)`` without building the [Tq, Tk] mask (the n of Scalable-Softmax)."""
+    i = torch.arange(Tk - Tq, Tk, device=device)  # each query's position among the keys
+    lo = i - window + 1 if window is not None else torch.zeros_like(i)  # the key range it may see: [lo, hi]
+    hi = i if causal else (i + window - 1 if window is not None else torch.full_like(i, Tk - 1))
+    lo, hi = lo.clamp(min=0), hi.clamp(max=Tk - 1)
+    if doc_ids is None:
+        return (hi - lo + 1)[None]
+    # count the keys of the query's document inside [lo, hi]: sort positions by (document,
+    # position) and search that order, so documents need not be contiguous runs
+    sorted_ids, order = doc_ids.sort(dim=-1, stable=True)  # [B, Tk] each
+    rank = F.pad((sorted_ids[:, 1:] != sorted_ids[:, :-1]).long().cumsum(-1), (1, 0))  # [B, Tk] dense document rank
+    keys = rank * Tk + order  # [B, Tk], ascending: by document, then position
+    mine = torch.zeros_like(rank).scatter_(-1, order, rank)[:, Tk - Tq:] * Tk  # [B, Tq] each query's document
+    return (torch.searchsorted(keys, mine + hi, right=True) - torch.searchsorted(keys, mine + lo))
 
 
 def masked_softmax(scores: Tensor, mask: Tensor | None) -> Tensor:
@@ -351,7 +430,14 @@ class KVCache:
         return KVCache(ring_k, ring_v, seen, self.window)
 
 
-class Attention(Dispatched, SequenceMixer):
+@dataclass
+class SharedKVState:
+    """The decoding state of a layer that reads another's K/V: nothing but its position."""
+
+    seen: int = 0
+
+
+class Attention(Dispatched, ReadsContext, SequenceMixer):
     category, kind = "mixer", "attention"
 
     def __init__(self, config: AttentionConfig, dims: Dims) -> None:
@@ -361,33 +447,53 @@ class Attention(Dispatched, SequenceMixer):
         self.kv_heads = config.kv_heads or config.heads
         self.head_dim = config.head_dim or dims.d_model // config.heads
         self.q = nn.Linear(dims.d_model, self.heads * self.head_dim, bias=config.bias)
-        self.kv = nn.Linear(dims.d_model, 2 * self.kv_heads * self.head_dim, bias=config.bias)
+        if config.kv_from is None:
+            self.kv = nn.Linear(dims.d_model, 2 * self.kv_heads * self.head_dim, bias=config.bias)
         self.out = nn.Linear(self.heads * self.head_dim, dims.d_model, bias=config.bias)
         self.out.residual_out = True
         self.position = dims.build("position", config.position, self.head_dim)
         slopes = getattr(self.position, "distance_slopes", None)  # only distance-biasing schemes define it
         self.register_buffer("alibi", slopes(self.heads) if slopes else None, persistent=False)
         if config.qk_norm:
-            self.q_norm, self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6), nn.RMSNorm(self.head_dim, eps=1e-6)
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+            if config.kv_from is None:
+                self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
         gate_width = {"none": 0, "headwise": self.heads, "elementwise": self.heads * self.head_dim}[config.gate]
         self.gate = nn.Linear(dims.d_model, gate_width, bias=True) if gate_width else None
         self.sinks = nn.Parameter(torch.zeros(self.heads)) if config.sinks else None
+        # s_h of Scalable-Softmax; s_h · log n is 1 at temperature_length visible keys
+        self.temperature_scale = (nn.Parameter(torch.full((self.heads,), 1 / math.log(config.temperature_length)))
+                                  if config.temperature == "length" else None)
 
-    def forward(self, x, state=None, *, doc_ids=None, aux=None):
+    def step(self, x, state, *, aux=None, ctx=None):
+        return self.forward(x, state, aux=aux, ctx=ctx)
+
+    def forward(self, x, state=None, *, doc_ids=None, aux=None, ctx=None):
         B, T, _ = x.shape
         if doc_ids is not None and state is not None:
             raise NotImplementedError("attention: doc_ids (packed sequences) with a decoding state; "
                                       "decode each document from its own state")
         q = self.q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k, v = self.kv(x).view(B, T, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, Hkv, T, D] each
         if self.config.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q = self.q_norm(q)
         offset = 0 if state is None else state.seen
-        q, k = self.position.rotate(q, offset), self.position.rotate(k, offset)
-        if state is not None:
-            past_k, past_v = state.past()
-            state = state.append(k, v)
-            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # [B, Hkv, L+T, D]
+        q = self.position.rotate(q, offset)
+        if self.config.kv_from is not None:  # the named layer's K/V of this forward, its cache included
+            k, v = self.shared_kv(ctx)
+            state = None if state is None else SharedKVState(state.seen + T)
+        else:
+            k, v = self.kv(x).view(B, T, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, Hkv, T, D]
+            if self.config.qk_norm:
+                k = self.k_norm(k)
+            k = self.position.rotate(k, offset)
+            if state is not None:
+                past_k, past_v = state.past()
+                state = state.append(k, v)
+                k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # [B, Hkv, L+T, D]
+            if ctx is not None and ctx.name is not None:  # a later layer may read them (kv_from)
+                ctx.shared[("kv", ctx.name)] = (k, v)
+        if self.temperature_scale is not None:  # per (head, query): it folds into q, after qk-norm and rotation
+            q = q * self.length_temperature(T, k.shape[2], doc_ids).to(q.dtype)
         impl = self.impl_for(self.config, x, decoding=state is not None)
         options = {"window": self.config.window, "softcap": self.config.softcap, "alibi": self.alibi,
                    "sinks": self.sinks, "doc_ids": doc_ids}
@@ -398,14 +504,35 @@ class Attention(Dispatched, SequenceMixer):
             o = o * torch.sigmoid(self.gate(x)).view(B, T, self.heads, -1).transpose(1, 2)
         return self.out(o.transpose(1, 2).reshape(B, T, -1)), state  # [B, T, H·D] -> [B, T, D]
 
+    def shared_kv(self, ctx) -> tuple[Tensor, Tensor]:
+        """The K/V [B, Hkv, L+T, D] the ``kv_from`` layer left in the run context."""
+        found = None if ctx is None else ctx.shared.get(("kv", self.config.kv_from))
+        if found is None:
+            raise HybridlabError(f"attention with kv_from {self.config.kv_from!r}: no K/V from that layer in this "
+                                 "forward (it runs only inside a model, after the named attention layer)")
+        return found
+
+    def length_temperature(self, Tq: int, Tk: int, doc_ids: Tensor | None) -> Tensor:
+        """[1 or B, H, Tq, 1] Scalable-Softmax's s_h · log n_i for the last Tq of Tk keys,
+        folded into the queries so that every implementation serves it unchanged. A cached
+        prefix holds at most ``window`` keys, which is all a query could see anyway."""
+        n = visible_keys(Tq, Tk, causal=self.config.causal, window=self.config.window, doc_ids=doc_ids,
+                         device=self.temperature_scale.device)  # [1 or B, Tq]
+        scale = upcast(self.temperature_scale)
+        return (scale[:, None] * n.to(scale.dtype).log()[:, None, :])[..., None]
+
     def init_state(self, batch, device, dtype):
         if not self.config.causal:
             raise CannotDecode(f"{self.kind} with causal: false cannot decode step by step "
                                       "(each token attends to later ones, which a decoder has not seen)")
+        if self.config.kv_from is not None:
+            return SharedKVState()
         empty = torch.empty(batch, self.kv_heads, 0, self.head_dim, device=device, dtype=dtype)
         return KVCache(empty, empty.clone(), 0, self.config.window)
 
     def state_bytes(self, seq_len, dtype=torch.bfloat16):
+        if self.config.kv_from is not None:
+            return 0  # the named layer's cache serves both
         kept = seq_len if self.config.window is None else min(seq_len, self.config.window)
         return 2 * self.kv_heads * self.head_dim * kept * dtype.itemsize
 
@@ -418,7 +545,10 @@ def hybridlab_register(register):
                             {"heads": 4, "kv_heads": 2, "window": 6, "sinks": True, "gate": "headwise",
                              "qk_norm": True},
                             {"heads": 3, "window": 11, "position": {"kind": "alibi"}, "gate": "elementwise",
-                             "softcap": 4.0}])
+                             "softcap": 4.0},
+                            {"heads": 4, "kv_heads": 2, "window": 5, "temperature": "length",
+                             "temperature_length": 16},
+                            {"heads": 3, "kv_heads": 1, "temperature": "length", "qk_norm": True, "sinks": True}])
     register.impl("mixer", "attention", "reference", fn=attention_reference,
                   doc="explicit scores, masks and softmax in fp32")
     # tolerance 4 (default 2): the reference accumulates in fp32 and rounds once at the end,

@@ -166,7 +166,7 @@ def test_a_pin_by_bare_kind_name_skips_a_same_named_kind_of_another_category(mon
         model = make(registry, layers=layers)
         model(torch.randint(0, 37, (1, 5)))
         block = model.blocks[0]
-        return [next(iter(m._impl_cache.values())).name for m in (block.mixer, block.mixer_norm)]
+        return [next(iter(m._impl_cache.values())).name for m in (block.mixer, block.mixer_place.norm)]
 
     assert chosen({"gla": "reference"}) == ["reference", "reference"]  # both have one
     assert chosen({"gla": "chunk"}) == ["chunk", "fast"]

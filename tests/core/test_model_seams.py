@@ -8,9 +8,11 @@ import torch
 from torch import nn
 
 from hybridlab.core.config import Config
+from hybridlab.core.interfaces import BlockWrapper, StreamTaps
 from hybridlab.core.model import Model
 from hybridlab.core.spec import ModelSpec
 from hybridlab.registry import hookimpl, load_registry
+from hybridlab.testing import stepwise_logits
 
 LAYERS = [{"mixer": {"kind": "attention", "heads": 2}}, {"mixer": {"kind": "attention", "heads": 2}}]
 
@@ -21,25 +23,25 @@ class EveryOtherConfig(Config):
     kind: Literal["every_other"] = "every_other"
 
 
-class EveryOther(nn.Module):
+class EveryOther(BlockWrapper):
     def __init__(self, config, dims):
         super().__init__()
 
-    def forward(self, block, h, state=None, *, doc_ids=None, aux, step=False):
-        if step:  # the state counts positions: (mixer state, tokens seen)
+    def forward(self, block, h, state, ctx):
+        if ctx.step:  # the state counts positions: (mixer state, tokens seen)
             inner, seen = state
             if seen % 2:
                 return h, (inner, seen + 1)
-            out, inner = block.inner(h, inner, aux=aux, step=True)
+            out, inner = block(h, inner, ctx)
             return out, (inner, seen + 1)
         seen = 0 if state is None else state[1]
         idx = torch.arange((seen % 2), h.shape[1], 2)
-        out, inner = block.inner(h[:, idx], None if state is None else state[0], doc_ids=doc_ids, aux=aux)
+        out, inner = block(h[:, idx], None if state is None else state[0], ctx)
         h = h.index_copy(1, idx, out)
         return h, None if state is None else (inner, seen + h.shape[1])
 
-    def init_state(self, block, batch, device, dtype):
-        return (block.mixer.init_state(batch, device, dtype), 0)
+    def init_state(self, init, batch, device, dtype):
+        return (init(batch, device, dtype), 0)
 
 
 class BigramConfig(Config):
@@ -48,7 +50,7 @@ class BigramConfig(Config):
     kind: Literal["bigram"] = "bigram"
 
 
-class Bigram(nn.Module):
+class Bigram(StreamTaps, nn.Module):
     def __init__(self, config, dims):
         super().__init__()
         self.table = nn.Embedding(dims.vocab_size, dims.d_model)
@@ -62,7 +64,7 @@ class Bigram(nn.Module):
     def forward(self, tokens):
         return self.table(tokens)
 
-    def context(self, tokens, state):
+    def context(self, tokens, state, doc_ids=None):
         first = torch.full_like(tokens[:, :1], self.previous.num_embeddings - 1) if state is None else state
         previous = torch.cat([first, tokens[:, :-1]], dim=1)  # [B, T]
         return self.previous(previous), tokens[:, -1:]
@@ -93,13 +95,7 @@ def make(registry, **changes):
     return Model(spec, registry).double()
 
 
-def decode(model, tokens, prefill):
-    out = model(tokens[:, :prefill], model.init_state(tokens.shape[0]))
-    logits = [out.logits]
-    for t in range(prefill, tokens.shape[1]):
-        out = model.step(tokens[:, t], out.state)
-        logits.append(out.logits)
-    return torch.cat(logits, 1)
+decode = stepwise_logits  # prefill in parallel, then one step per token
 
 
 def test_a_wrapper_decides_which_tokens_run_the_block_and_owns_its_state():
@@ -109,7 +105,7 @@ def test_a_wrapper_decides_which_tokens_run_the_block_and_owns_its_state():
     plain.load_state_dict(model.state_dict())
     tokens = torch.randint(0, 23, (2, 13))
     seen = []
-    model.blocks[0].register_forward_hook(lambda m, args, out: seen.append((args[0], out[0])))
+    model.blocks["0"].register_forward_hook(lambda m, args, out: seen.append((args[0], out[0])))
     logits = model(tokens).logits
     h_in, h_out = seen[0]
     torch.testing.assert_close(h_out[:, 1::2], h_in[:, 1::2], rtol=0, atol=0)  # odd positions skipped
@@ -126,7 +122,7 @@ def test_an_embedding_taps_every_block_and_keeps_its_own_decoding_state():
     logits = model(tokens).logits
     assert model.embedding.calls == [0, 1]
     state = model.init_state(3)
-    assert len(state) == len(model.blocks) + 1 and state[-1].shape == (3, 1)
+    assert len(state) == len(model.order) + 1 and state[-1].shape == (3, 1)
     torch.testing.assert_close(decode(model, tokens, 5), logits, rtol=1e-10, atol=1e-10)
     # the tap matters: the same weights without it give other logits
     model.embedding.inject = lambda layer, h, context, stream: h
@@ -137,3 +133,48 @@ def test_without_wrapper_or_taps_the_state_is_one_entry_per_block(registry):
     spec = ModelSpec.model_validate({"vocab_size": 23, "d_model": 16, "layers": LAYERS}, context={"registry": registry})
     model = Model(spec, registry)
     assert spec.layers[0].wrapper is None and len(model.init_state(1)) == 2
+
+
+class OldStyleWrapper(nn.Module):
+    """A wrapper written for the seam before RunContext: forward(block, h, state, *, doc_ids, aux, step)."""
+
+    def __init__(self, config, dims):
+        super().__init__()
+
+    def forward(self, block, h, state=None, *, doc_ids=None, aux, step=False):
+        return block.inner(h, state, doc_ids=doc_ids, aux=aux, step=step)
+
+
+class OldStyleTaps(nn.Module):
+    """An embedding that taps the stream the old way: inject() without declaring StreamTaps."""
+
+    def __init__(self, config, dims):
+        super().__init__()
+        self.table = nn.Embedding(dims.vocab_size, dims.d_model)
+
+    def forward(self, tokens):
+        return self.table(tokens)
+
+    def inject(self, layer, h, context, stream):
+        return h
+
+
+def test_plugins_written_for_the_old_seams_fail_with_what_to_change():
+    """A wrapper that is not a BlockWrapper, and an embedding with inject() that does not
+    declare StreamTaps, are refused at build with the migration in the message (the
+    embedding would otherwise silently stop tapping the stream)."""
+    import pytest
+
+    from hybridlab.core.errors import HybridlabError
+
+    @hookimpl
+    def hybridlab_register(register):
+        register.kind("block_wrapper", "every_other", config=EveryOtherConfig, module=OldStyleWrapper)
+        register.kind("embedding", "bigram", config=BigramConfig, module=OldStyleTaps)
+
+    registry = load_registry([("old", types.SimpleNamespace(hybridlab_register=hybridlab_register))])
+    layers = [dict(LAYERS[0], wrapper={"kind": "every_other"}), LAYERS[1]]
+    with pytest.raises(HybridlabError, match="does not subclass hybridlab.core.interfaces.BlockWrapper.*ctx.doc_ids"):
+        make(registry, layers=layers)
+    with pytest.raises(HybridlabError, match="defines inject\\(\\) but does not subclass .*StreamTaps"):
+        make(registry, embedding={"kind": "bigram"})

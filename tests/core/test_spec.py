@@ -997,8 +997,8 @@ def test_extends_or_model_naming_a_directory_is_located(tmp_cwd):
     write(tmp_cwd, "p.yaml", "model: other\ndata: {kind: mqar}\n")
     with pytest.raises(SpecError) as info:
         load_pipeline("p.yaml")
-    assert [str(p) for p in info.value.problems] == ["p.yaml:1: model: model spec 'other' is a directory, "
-                                                     "expected a YAML file"]
+    assert [str(p) for p in info.value.problems] == ["p.yaml:1: model: model spec 'other' is a directory without "
+                                                     "spec.yaml, expected a YAML file or a run directory"]
 
 
 def test_every_bad_set_is_reported_at_once(tmp_cwd):

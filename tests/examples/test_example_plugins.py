@@ -194,7 +194,7 @@ tokens = torch.randint(0, spec.vocab_size, (2, 37))
 out = model(tokens)
 assert out.logits.shape == (2, 37, spec.vocab_size), out.logits.shape
 assert torch.isfinite(out.logits).all()
-norm = model.blocks[0].mixer_norm
+norm = model.blocks[0].mixer_place.norm
 print(json.dumps({{
     "mixers": [b.mixer.kind for b in spec.layers],
     "norms": sorted({{b.norm.kind for b in spec.layers}} | {{spec.norm.kind}}),
@@ -377,7 +377,7 @@ for impl in ["torch", "reference"]:
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
-    assert model.blocks[0].mixer_norm.g.grad.abs() > 0
+    assert model.blocks[0].mixer_place.norm.g.grad.abs() > 0
     opt.step()
     for name, p in model.named_parameters():
         assert torch.isfinite(p).all(), name

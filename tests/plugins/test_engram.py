@@ -128,8 +128,9 @@ def test_packed_documents_do_not_share_n_grams(registry):
     torch.testing.assert_close(rest, alone[:, 1:], rtol=0, atol=0)
 
 
-def test_an_embedding_context_without_doc_ids_refuses_packed_sequences(registry, monkeypatch):
+def test_an_embedding_that_cannot_keep_documents_apart_refuses_packed_sequences(registry, monkeypatch):
+    """Declared (StreamTaps.packed_sequences = False), no longer read off context()'s signature."""
     model = make(registry).eval()
-    monkeypatch.setattr(model.embedding, "context", lambda tokens, state: (None, None))
-    with pytest.raises(ValueError, match="its context\\(\\) takes no doc_ids"):
+    monkeypatch.setattr(model.embedding, "packed_sequences", False)
+    with pytest.raises(ValueError, match="cannot keep packed sequences apart \\(packed_sequences = False\\)"):
         model(torch.zeros(1, 4, dtype=torch.long), doc_ids=torch.zeros(1, 4, dtype=torch.long))

@@ -14,7 +14,8 @@ from hybridlab.core.spec import load_model_spec
 from hybridlab.core.verify import verify_model
 
 SPECS = Path(__file__).resolve().parents[3] / "specs" / "models"
-FILES = ["attention-variants-tiny.yaml", "differential_attention-tiny.yaml", "mla-tiny.yaml", "nsa-tiny.yaml"]
+FILES = ["attention-variants-tiny.yaml", "attention-adaptive-temperature-tiny.yaml", "differential_attention-tiny.yaml",
+         "mla-tiny.yaml", "nsa-tiny.yaml"]
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -41,7 +42,8 @@ def test_mla_spec_decodes_from_a_latent_cache_a_third_the_size_of_kv(registry):
     assert mixer.state_bytes(1000) == (32 + 8) * 1000 * 2 < full_kv / 3
 
 
-@pytest.mark.parametrize("name", ["attention-variants-tiny.yaml", "differential_attention-tiny.yaml", "mla-tiny.yaml"])
+@pytest.mark.parametrize("name", ["attention-variants-tiny.yaml", "attention-adaptive-temperature-tiny.yaml",
+                                  "differential_attention-tiny.yaml", "mla-tiny.yaml"])
 @pytest.mark.parametrize("pins", ["reference", {}])
 def test_packed_documents_equal_separate_sequences(registry, name, pins):
     torch.manual_seed(0)

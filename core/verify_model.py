@@ -1,0 +1,303 @@
+"""Model-level verification: one model, its dispatched implementations against its
+references on the same weights and tokens, then greedy decoding from state.
+
+Why several draws. A rounding error is a random draw: reordering a sum (a chunk form, a
+fused kernel, another CPU's vector width) gives another draw of the same size, not the
+same number. For a quantity with many elements (the logits) one run already averages many
+draws; for a gradient with one element (a per-head decay when ``heads: 1``) it does not,
+and the ratio of two single draws is unbounded: at equal accuracy it exceeds 6 about one
+time in ten. So each quantity's error is the RMS over ``DRAWS`` runs whose weights differ
+by at most one unit in the last place (each against its own float64 oracle: a fresh
+rounding pattern, the same mathematics), for the reference and the fast path alike, and
+the bound widens by the sampling spread that remains (``verify.sampling_spread``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .dispatch import Dispatched, forced
+from .errors import CannotDecode, format_path
+from .verify import EXACT, Check, Report, dtype_name, rel_rms, sampling_spread
+
+DRAWS = 4  # rounding draws per model-level quantity (see the module docstring)
+MAX_DECODE = 512  # tokens a model-level decode check runs at most (float64, one step at a time)
+
+
+@dataclass
+class Pass:
+    """One forward/backward of a model on the verify tokens."""
+
+    logits: Tensor
+    loss: Tensor  # [1]
+    grads: dict[str, Tensor]
+    blocks: list[Tensor]  # each block's output, in order of execution
+
+
+def drawn_weights(weights: dict[str, Tensor], dtype: torch.dtype, draw: int) -> dict[str, Tensor]:
+    """The weights rounded to ``dtype``; for ``draw`` > 0, each also moved by at most one
+    unit in the last place (seeded by ``draw``), which changes every rounding in the run."""
+    eps = torch.finfo(dtype).eps if draw else 0.0
+    gen = torch.Generator().manual_seed(draw)
+    out = {}
+    for name, w in weights.items():
+        if w.is_floating_point():
+            w = w.double()
+            if draw:
+                w = w * (1 + eps * (2 * torch.rand(w.shape, generator=gen, dtype=torch.float64) - 1))
+            w = w.to(dtype)
+        out[name] = w
+    return out
+
+
+class ModelRunner:
+    """Builds the spec's model at a dtype and runs it on fixed tokens under pins."""
+
+    def __init__(self, spec: Any, registry: Any, device: str, tokens: Tensor) -> None:
+        self.spec, self.registry, self.device, self.tokens = spec, registry, device, tokens
+        self.last: Any = None  # the model of the last run (which implementations it chose)
+
+    def build(self, dtype: torch.dtype) -> Any:
+        from .model import Model
+
+        torch.manual_seed(0)
+        return Model(self.spec, self.registry).to(device=self.device, dtype=dtype)
+
+    def run(self, dtype: torch.dtype, pins: str | dict, weights: dict[str, Tensor]) -> Pass:
+        model = self.last = self.build(dtype)
+        model.load_state_dict(weights)
+        blocks: list[Tensor] = []
+        hooks = [b.register_forward_hook(lambda mod, args, out: blocks.append(out[0].detach()))
+                 for b in model.blocks.values()]
+        try:
+            with forced(pins):
+                logits = model(self.tokens).logits
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).double(),
+                                                         self.tokens[:, 1:].flatten())
+                loss.backward()
+        finally:
+            for h in hooks:
+                h.remove()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return Pass(logits.detach(), loss.detach().reshape(1), grads, blocks)
+
+
+def chosen_implementations(model: Any) -> tuple[dict[str, set], dict[tuple[str, str], set]]:
+    """The implementations a run chose: per dispatched module (by name) and per (category, kind)."""
+    by_module = {n: set(m.__dict__.get("_impl_cache", {}).values())
+                 for n, m in model.named_modules() if isinstance(m, Dispatched)}
+    by_kind: dict[tuple[str, str], set] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, Dispatched):
+            by_kind.setdefault((m.category, m.kind), set()).update(by_module[n])
+    return by_module, by_kind
+
+
+def drawn_error(passes: list[Pass], oracles: list[Pass], pick: Any, min_scale: float = 0.0) -> float:
+    """RMS over the draws of rel_rms(pick(pass) − pick(oracle)), each against its own oracle."""
+    errors = [rel_rms(pick(p), pick(o), min_scale) for p, o in zip(passes, oracles)]
+    return math.sqrt(sum(e * e for e in errors) / len(errors))
+
+
+class Judge:
+    """Applies the rule ``error ≤ tolerance · ref_error · spread + floor`` to one model's
+    quantities, each error being the RMS over the draws (see the module docstring)."""
+
+    def __init__(self, name: str, label: str, dtype: torch.dtype, oracles: list[Pass], refs: list[Pass],
+                 floor: float) -> None:
+        self.name, self.label, self.dtype = name, label, dtype_name(dtype)
+        self.oracles, self.refs, self.floor = oracles, refs, floor
+        # A gradient far below the model's is judged against a thousandth of the model's RMS
+        # gradient: its exact value can be structurally zero (a top-1 router whose gate is
+        # renormalised to 1 gets ~1e-22 in float64), where fp32 rounding of the cancelling
+        # terms is "infinitely" wrong relative to it.
+        grads = oracles[0].grads.values()
+        model_rms = torch.cat([g.double().flatten() for g in grads]).pow(2).mean().sqrt().item() if grads else 0.0
+        self.grad_floor = 1e-3 * model_rms
+
+    def check(self, quantity: str, passes: list[Pass], pick: Any, tolerance: float, min_scale: float = 0.0,
+              impl: str = "dispatched") -> Check:
+        error = drawn_error(passes, self.oracles, pick, min_scale)
+        ref_error = drawn_error(self.refs, self.oracles, pick, min_scale)
+        numel = pick(self.oracles[0]).numel()
+        allowed = tolerance * ref_error * sampling_spread(numel, len(self.refs), len(passes)) + self.floor
+        return Check(self.name, impl, self.dtype, self.label, quantity, error, ref_error, allowed, error <= allowed)
+
+    def grad(self, n: str, passes: list[Pass], tolerance: float, impl: str = "dispatched") -> Check:
+        return self.check(f"grad {n}", passes, lambda p: p.grads[n], tolerance, self.grad_floor, impl)
+
+
+def verify_model(spec: Any, *, device: str = "cpu", dtype: torch.dtype = torch.float32, registry: Any = None,
+                 batch: int = 2, seq_len: int = 131, decode_tokens: int | None = None) -> Report:
+    """Fast implementations vs references on one model, same weights and batch: logits,
+    loss and every parameter's gradient under the oracle rule; names the first block that
+    diverges. Then greedy decoding from state vs the parallel forward (float64).
+
+    ``seq_len`` 131 runs past two 64-token chunks (the GPU chunk of the recurrences and a
+    common one in plugins) with an odd tail: at 45, a state not carried from one 64-token
+    chunk to the next went unseen."""
+    if registry is None:
+        from hybridlab.registry import default_registry
+
+        registry = default_registry()
+    start = time.perf_counter()
+    report = Report()
+    name, label = f"model {spec.name}", f"B{batch} T{seq_len}"
+    tokens = torch.randint(0, spec.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    runner = ModelRunner(spec, registry, device, tokens)
+    # a plugin that raises (a third-party FFN returning the wrong shape...) is a failed
+    # check naming the stage and the exception, not a traceback; the other specs still run
+    stage, impl = "building the model", "dispatched"
+    try:
+        weights = runner.build(torch.float32).state_dict()
+        draws = [drawn_weights(weights, dtype, k) for k in range(DRAWS)]
+        stage, impl = "float64 reference forward/backward", "reference"
+        oracles = [runner.run(torch.float64, "reference", w) for w in draws]
+        stage = f"{dtype_name(dtype)} reference forward/backward"
+        refs = [runner.run(dtype, "reference", w) for w in draws]
+        stage, impl = f"{dtype_name(dtype)} forward/backward", "dispatched"
+        fast = [runner.run(dtype, {}, w) for w in draws]
+    except Exception as exc:  # noqa: BLE001 - a plugin's crash is a failed check
+        report.checks.append(Check(name, impl, dtype_name(dtype), label, f"{stage} raised {type(exc).__name__}: {exc}",
+                                   math.inf, 0, 0, False))
+        report.seconds = time.perf_counter() - start
+        return report
+    # the model's error is judged with the loosest tolerance among the implementations the
+    # fast run chose (not among every registered one)
+    by_module, by_kind = chosen_implementations(runner.last)
+    chosen = [i for impls in by_kind.values() for i in impls]
+    tolerance = max((i.tolerance for i in chosen), default=2.0)
+    judge = Judge(name, label, dtype, oracles, refs, floor=max((i.floor for i in chosen), default=1e-6))
+
+    def grad_tolerance(n: str, tol: float) -> float:
+        """A parameter of a dispatched module may carry its own tolerance
+        (Impl.param_tolerance of the implementation that module chose)."""
+        owner, _, local = n.rpartition(".")
+        return max([tol] + [dict(i.param_tolerance).get(local, 0.0) for i in by_module.get(owner, ())])
+
+    report.checks.append(judge.check("logits", fast, lambda p: p.logits, tolerance))
+    report.checks.append(judge.check("loss", fast, lambda p: p.loss, tolerance))
+    grad_checks = [judge.grad(n, fast, grad_tolerance(n, tolerance)) for n in oracles[0].grads]
+    if grad_checks:
+        worst = max(grad_checks, key=lambda c: c.error / c.allowed if c.allowed else math.inf)
+        report.checks += [c for c in grad_checks if not c.passed] or [worst]
+    report.checks += kinds_alone(runner, judge, draws, dtype, by_kind, grad_tolerance)
+    if not all(c.passed for c in report.checks):
+        first_diverging_block(spec, judge, fast, tolerance, report)
+    report.extend(verify_model_decoding(spec, device=device, registry=registry, decode_tokens=decode_tokens,
+                                        weights=weights))
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def kinds_alone(runner: ModelRunner, judge: Judge, draws: list, dtype: torch.dtype, by_kind: dict,
+                grad_tolerance: Any) -> list[Check]:
+    """With kinds of different tolerances, each kind's fast path also runs alone (the others
+    on their references), judged by its own tolerance: a loose one must not hide another
+    kind's bug in the combined run."""
+    fast_kinds = {key: impls for key, impls in by_kind.items() if any(i.name != "reference" for i in impls)}
+    if len(fast_kinds) < 2 or len({max(i.tolerance for i in v) for v in fast_kinds.values()}) < 2:
+        return []
+    checks = []
+    for (category, kind), impls in sorted(fast_kinds.items()):
+        tol = max(i.tolerance for i in impls)
+        others = {f"{c}.{k}": "reference" for c, k in fast_kinds if (c, k) != (category, kind)}
+        try:
+            alone = [runner.run(dtype, others, w) for w in draws]
+        except Exception as exc:  # noqa: BLE001
+            checks.append(Check(judge.name, kind, judge.dtype, judge.label, f"forward/backward with only {kind} "
+                                f"fast raised {type(exc).__name__}: {exc}", math.inf, 0, 0, False))
+            continue
+        suffix = f" (only {kind} fast)"
+        checks.append(judge.check("logits" + suffix, alone, lambda p: p.logits, tol, impl=kind))
+        for n in judge.oracles[0].grads:
+            c = judge.grad(n, alone, grad_tolerance(n, tol), impl=kind)
+            if not c.passed:
+                c.quantity += suffix
+                checks.append(c)
+    return checks
+
+
+def first_diverging_block(spec: Any, judge: Judge, fast: list[Pass], tolerance: float, report: Report) -> None:
+    """Name the first block whose output fails the rule (a problem and a failed check)."""
+    for i in range(len(judge.oracles[0].blocks)):
+        c = judge.check(f"block {i} output", fast, lambda p: p.blocks[i], tolerance)
+        if not c.passed:
+            pos = spec.positions()[i]
+            where = format_path(pos.path) + ("" if pos.path == ("layers", i) else f" at depth {i}")
+            report.problems.append(f"{judge.name}: the first block whose output diverges is {where} "
+                                   f"(mixer {pos.block.mixer.kind}): error {c.error:.3g} > allowed {c.allowed:.3g}")
+            report.checks.append(c)
+            return
+
+
+def _reach(config: Any) -> int:
+    """The longest window, block (times ``select``, for selected blocks) or convolution
+    any component of ``config`` sets (so that a decode check runs past it: a KV ring
+    wraps, a block completes, selection has several blocks to choose from)."""
+    from .config import Config
+
+    if isinstance(config, (list, tuple)):
+        return max((_reach(c) for c in config), default=0)
+    if not isinstance(config, Config):
+        return 0
+    found = [v for n, v in config if n in ("window", "block", "conv_size") and type(v) is int]
+    if type(getattr(config, "block", None)) is int and type(getattr(config, "select", None)) is int:
+        found.append(config.block * config.select)  # blocks chosen by selection (NSA)
+    found += [_reach(v) for _, v in config]
+    return max(found, default=0)
+
+
+def verify_model_decoding(spec: Any, *, device: str = "cpu", registry: Any = None, decode_tokens: int | None = None,
+                          weights: dict | None = None, prompt_len: int = 7) -> Report:
+    """Greedy decoding of N tokens from state gives the parallel forward's logits
+    (float64). By default N runs 4 tokens past the longest window / block / convolution
+    in the spec (at least 8, at most MAX_DECODE in all), so that sliding-window caches
+    wrap inside the check."""
+    from .model import Model
+
+    report = Report()
+    if decode_tokens is None:
+        reach = _reach([pos.block for pos in spec.positions()])
+        decode_tokens = min(max(8, reach + 4 - prompt_len), MAX_DECODE - prompt_len)
+        if reach + 4 > MAX_DECODE:
+            report.notes.append(f"model {spec.name}: decode check runs {MAX_DECODE} tokens, short of the spec's "
+                                f"longest window/block ({reach}): the cache does not wrap there")
+    torch.manual_seed(0)
+    model = Model(spec, registry).to(device=device, dtype=torch.float64).eval()
+    if weights is not None:
+        model.load_state_dict(weights)
+    prompt = torch.randint(0, spec.vocab_size, (2, prompt_len), generator=torch.Generator().manual_seed(1)).to(device)
+    label = f"B2 prompt {prompt_len} + {decode_tokens}"
+    try:
+        with torch.no_grad():
+            state = model.init_state(2)
+            out = model(prompt, state)
+            logits, tokens = [out.logits], [prompt]
+            for _ in range(decode_tokens):
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(nxt)
+                out = model.step(nxt, out.state)
+                logits.append(out.logits)
+            stepped = torch.cat(logits, 1)
+            parallel = model(torch.cat(tokens, 1)).logits
+    except CannotDecode as exc:  # by design (a non-causal layer): skipped, with the reason
+        report.notes.append(f"model {spec.name}: decode checks skipped: {exc}")
+        return report
+    except NotImplementedError as exc:
+        report.problems.append(f"model {spec.name}: cannot decode from state: {exc}")
+        return report
+    except Exception as exc:  # noqa: BLE001 - a plugin's crash is a failed check
+        report.checks.append(Check(f"model {spec.name}", "dispatched", "float64", label,
+                                   f"decoding raised {type(exc).__name__}: {exc}", math.inf, 0, 0, False))
+        return report
+    error = rel_rms(stepped, parallel)
+    report.checks.append(Check(f"model {spec.name}", "dispatched", "float64", label, "greedy decode == parallel",
+                               error, 0.0, EXACT, error <= EXACT))
+    return report
