@@ -78,13 +78,14 @@ class Block(nn.Module):
                 "init_state(init, batch, device, dtype); see docs/plugins.md")
         self._register_load_state_dict_pre_hook(_rename_old_norms)
         apply_block_pins(self, spec, dims)
+        self.kinds = ", ".join(f"{name} {config.kind}" for name, config in (
+            ("mixer", spec.mixer), ("placement", spec.placement), ("wrapper", spec.wrapper)) if config is not None)
 
     def forward(self, h: Tensor, state: State | None, ctx: RunContext) -> tuple[Tensor, State | None]:
         """h: the residual stream -> (h, state). A wrapper (mixture-of-depths) gets
         ``self.inner`` as a callable and runs it on what it chooses."""
-        if self.wrapper is not None:
-            return self.wrapper(self.inner, h, state, ctx)
-        return self.inner(h, state, ctx)
+        out = self.wrapper(self.inner, h, state, ctx) if self.wrapper is not None else self.inner(h, state, ctx)
+        return checked_block_output(out, h, ctx, self.kinds)
 
     def inner(self, h: Tensor, state: State | None, ctx: RunContext) -> tuple[Tensor, State | None]:
         mixed = MixerRun(self.mixer, state, ctx)
@@ -97,6 +98,18 @@ class Block(nn.Module):
         if self.wrapper is not None:  # the wrapper owns the block's decoding state
             return self.wrapper.init_state(self.mixer.init_state, batch, device, dtype)
         return self.mixer.init_state(batch, device, dtype)
+
+
+def checked_block_output(out: Any, h: Tensor, ctx: RunContext, kinds: str) -> tuple[Tensor, State | None]:
+    """``out`` if it is ``(h', state)`` with h' of h's shape; otherwise an error naming the
+    block (a plugin's wrapper or placement returning the wrong thing is said here, not as
+    a shape mismatch three layers later)."""
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], Tensor) and out[0].shape == h.shape:
+        return out
+    got = (f"a stream of shape {tuple(out[0].shape)}" if isinstance(out, tuple) and len(out) == 2
+           and isinstance(out[0], Tensor) else type(out).__name__)
+    raise HybridlabError(f"the block at depth {ctx.layer} ({kinds}) returned {got}; expected (h, state) with h of "
+                         f"the input's shape {tuple(h.shape)}")
 
 
 class MixerRun:

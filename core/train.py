@@ -316,7 +316,12 @@ def objective_loss(out: Any, batch: dict[str, torch.Tensor], objectives: list, t
             total = total + aux_total
     metrics.update(out.metrics)
     if isinstance(task, TaskMetrics):  # e.g. accuracy per query type
-        metrics.update(task.metrics(out, batch))
+        own = task.metrics(out, batch)
+        taken = sorted(set(own) & (set(metrics) | {"loss", "aux"}))
+        if taken:  # it would silently replace the objectives' number of the same name
+            raise HybridlabError(f"task {type(task).__name__}: its metrics {taken} have the names of the objectives' "
+                                 "or the model's metrics; give them other names")
+        metrics.update(own)
     return total, metrics
 
 

@@ -178,3 +178,26 @@ def test_plugins_written_for_the_old_seams_fail_with_what_to_change():
         make(registry, layers=layers)
     with pytest.raises(HybridlabError, match="defines inject\\(\\) but does not subclass .*StreamTaps"):
         make(registry, embedding={"kind": "bigram"})
+
+
+def test_a_wrapper_returning_the_wrong_shape_is_named():
+    """Found by an outside-in probe: a wrapper dropping a position surfaced as a loss shape
+    mismatch three calls later, naming neither the wrapper nor the depth."""
+    import pytest
+
+    from hybridlab.core.errors import HybridlabError
+
+    class Short(EveryOther):
+        def forward(self, block, h, state, ctx):
+            out, state = block(h, state, ctx)
+            return out[:, :-1], state
+
+    @hookimpl
+    def hybridlab_register(register):
+        register.kind("block_wrapper", "every_other", config=EveryOtherConfig, module=Short)
+
+    registry = load_registry([("short", types.SimpleNamespace(hybridlab_register=hybridlab_register))])
+    model = make(registry, layers=[LAYERS[0], dict(LAYERS[1], wrapper={"kind": "every_other"})])
+    with pytest.raises(HybridlabError, match=r"block at depth 1 \(mixer attention, placement pre, wrapper every_other\) "
+                                             r"returned a stream of shape \(2, 4, 16\); expected"):
+        model(torch.zeros(2, 5, dtype=torch.long))

@@ -513,3 +513,27 @@ def test_the_issue_15_spec_passes_under_every_cpu_capability(tmp_path):
         done = subprocess.run([sys.executable, "-m", "hybridlab", "verify", str(spec)], env=env,
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, (capability, done.stdout[-2000:], done.stderr[-2000:])
+
+
+def test_model_level_a_prefill_that_forgets_the_state_fails_two_pieces(registry, monkeypatch):
+    """A mixer whose multi-token forward ignores the state it is given (a chunked prefill
+    restarting from nothing) while its one-token step is right: greedy decoding after one
+    prefill cannot see it; the two-pieces check can."""
+    from hybridlab.plugins.mixer.attention import Attention
+
+    original = Attention.forward
+
+    def forgetful(self, x, state=None, **kw):
+        if state is not None and x.shape[1] > 1:
+            _, fresh = original(self, x, self.init_state(x.shape[0], x.device, x.dtype), **kw)
+            y, _ = original(self, x, None, **kw)
+            return y, fresh
+        return original(self, x, state, **kw)
+
+    monkeypatch.setattr(Attention, "forward", forgetful)
+    spec = ModelSpec.model_validate(MODEL, context={"registry": registry})
+    from hybridlab.core.verify import verify_model_decoding
+
+    report = verify_model_decoding(spec, registry=registry)
+    verdicts = {c.quantity: c.passed for c in report.checks}
+    assert verdicts == {"greedy decode == parallel": True, "two pieces == whole": False}

@@ -18,6 +18,7 @@ from hybridlab.core.model import Model
 from hybridlab.core.spec import ModelSpec, load_pipeline
 from hybridlab.core.train import train
 from hybridlab.core.verify import verify_model
+from hybridlab.testing import stepwise_logits
 
 ROOT = Path(__file__).resolve().parents[2]
 ATTN = {"kind": "attention", "heads": 2}
@@ -239,13 +240,7 @@ ROUTING = {"skip": (SKIP_LAYERS, ["layers.0.skip.processed", "layers.1.skip.proc
            "mor": (MOR_LAYERS, ["layers.5.mor.processed", "layers.6.mor.processed"])}  # last iteration
 
 
-def decode(model, tokens, prefill):
-    out = model(tokens[:, :prefill], model.init_state(tokens.shape[0]))
-    logits = [out.logits]
-    for t in range(prefill, tokens.shape[1]):
-        out = model.step(tokens[:, t], out.state)
-        logits.append(out.logits)
-    return torch.cat(logits, 1)
+decode = stepwise_logits  # prefill in parallel, then one step per token
 
 
 @pytest.mark.parametrize("kind", ["skip", "mor"])
