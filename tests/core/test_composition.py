@@ -3,6 +3,7 @@ norm placement kinds, and the located errors of each."""
 
 import math
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
@@ -370,7 +371,7 @@ def test_a_placement_that_is_not_a_norm_placement_is_refused_when_built(registry
     from hybridlab.registry import hookimpl, load_registry
 
     class LooseConfig(Config):
-        kind: __import__("typing").Literal["loose"] = "loose"
+        kind: Literal["loose"] = "loose"
 
     class Loose(nn.Module):
         def __init__(self, config, dims, norm):
