@@ -137,6 +137,8 @@ def build(spec: SpecLike, overrides: Overrides = (), registry: Any = None, *, se
     from hybridlab.core.model import Model
     from hybridlab.core.tasks import torch_seed
 
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63):
+        raise HybridlabError(f"seed: expected a whole number in [0, 2^63) or None, got {seed!r}")
     registry = _registry(registry)
     model_spec = _model_spec(spec, overrides, registry, "<spec>")
     if seed is None:
@@ -157,7 +159,8 @@ def load(run_dir: str | os.PathLike[str], device: str = "cpu", overrides: Overri
     SpecError."""
     from hybridlab.core.generate import load_run
 
-    _, model, _ = load_run(run_dir, device=device, registry=_registry(registry), overrides=_overrides(overrides))
+    _, model, _ = load_run(run_dir, device=_device(device), registry=_registry(registry),
+                           overrides=_overrides(overrides))
     return model
 
 
@@ -197,10 +200,10 @@ def evaluate(run_dir: str | os.PathLike[str], overrides: Overrides = (), *, devi
     Raises HybridlabError or SpecError."""
     from hybridlab.core.generate import evaluate_run
 
-    return evaluate_run(run_dir, overrides=_overrides(overrides), device=device, registry=_registry(registry))
+    return evaluate_run(run_dir, overrides=_overrides(overrides), device=_device(device), registry=_registry(registry))
 
 
-def generate(run_dir: str | os.PathLike[str], prompt: str, *, max_new_tokens: int = 32, temperature: float = 0.0,
+def generate(run_dir: str | os.PathLike[str], prompt: str | Sequence[int], *, max_new_tokens: int = 32, temperature: float = 0.0,
              seed: int = 0, device: str = "cpu", overrides: Overrides = (), registry: Any = None) -> Generation:
     """Continue ``prompt`` with a trained run, decoding step by step from the model's state.
     The prompt is read by the run's task: UTF-8 text for ``text``, else whitespace-separated
@@ -211,8 +214,12 @@ def generate(run_dir: str | os.PathLike[str], prompt: str, *, max_new_tokens: in
     decode, bad settings) or SpecError."""
     from hybridlab.core.generate import generate as run
 
+    if isinstance(prompt, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+        prompt = " ".join(map(str, prompt))  # token ids, as the CLI reads them
+    if not isinstance(prompt, str):
+        raise HybridlabError(f"prompt: expected text or a list of token ids, got {type(prompt).__name__}")
     tokens, text = run(run_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                       device=device, registry=_registry(registry), overrides=_overrides(overrides))
+                       device=_device(device), registry=_registry(registry), overrides=_overrides(overrides))
     return Generation(tokens, text)
 
 
@@ -250,7 +257,7 @@ def verify(spec: SpecLike | Sequence[SpecLike] | None = None, *, kind: str | Non
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise HybridlabError(f"seq_len: expected at least 2 tokens (a next-token loss needs two), got {seq_len!r}")
     specs = _many(spec)
-    names = ["<spec>"] if len(specs) == 1 else [f"<spec[{i}]>" for i in range(len(specs))]
+    names = ["<spec>"] if len(specs) == 1 else [f"<specs[{i}]>" for i in range(len(specs))]
     model_specs, problems = [], []
     for item, name in zip(specs, names):  # every bad spec reported at once, before any check runs
         try:
@@ -372,7 +379,24 @@ def _registry(registry: Any) -> Any:
         from hybridlab.registry import default_registry
 
         registry = default_registry()
+    from hybridlab.registry import Registry
+
+    if not isinstance(registry, Registry):
+        raise HybridlabError(f"registry: expected a hybridlab.registry.Registry (or None for the installed plugins), "
+                             f"got {type(registry).__name__}")
     return registry
+
+
+def _device(device: Any) -> str:
+    """A device name from a string or a torch.device (cpu, cuda, cuda:N, auto)."""
+    import torch
+
+    if isinstance(device, torch.device):
+        return str(device)
+    if not isinstance(device, str):
+        raise HybridlabError(f"device: expected a name such as 'cpu', 'cuda:0' or 'auto', or a torch.device, got "
+                             f"{type(device).__name__} {device!r} (overrides come after the device, or by name)")
+    return device
 
 
 def _BaseModel() -> type:
@@ -400,6 +424,8 @@ def _overrides(overrides: Overrides | str | None) -> list[str]:
     bad = [o for o in out if not isinstance(o, str)]
     if bad:
         raise HybridlabError(f"overrides: expected KEY=VALUE strings or a mapping, got {bad[0]!r}")
+    if isinstance(overrides, (bytes, bytearray)):
+        raise HybridlabError("overrides: expected KEY=VALUE strings or a mapping, got bytes")
     return out
 
 

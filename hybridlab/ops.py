@@ -6,7 +6,9 @@ conventions so results can be checked against it:
 - ``beta`` is used as given (already through a sigmoid);
 - ``scale`` defaults to K ** -0.5; ``initial_state`` is [B, H, K, V];
 - ``doc_ids`` [B, T] marks packed documents: the state restarts where the id changes;
-- every op returns ``(o, final_state)``, the state in fp32 (fp64 for fp64 inputs).
+- every op returns ``(o, final_state)``, the state in fp32 (fp64 for fp64 inputs);
+  ``forgetting_attn`` (softmax attention, stateless like fla's) returns ``o`` alone, and
+  its k, v and g may be longer than q (a cached prefix: queries are the last positions).
 
 Arguments are checked before anything runs: tensors where tensors belong, one floating
 dtype for q, k, v, one device, shapes against each other, and g ≤ 0 (-inf, a hard reset,
@@ -33,16 +35,18 @@ import torch
 
 from hybridlab.core.dispatch import choose
 from hybridlab.plugins.mixer.deltanet import delta_rule_reference
+from hybridlab.plugins.mixer.forgetting_attention import forgetting_attn_reference
 from hybridlab.plugins.mixer.gated_deltanet import gated_delta_rule_reference
 from hybridlab.plugins.mixer.gated_deltaproduct import gated_delta_product_reference
 from hybridlab.plugins.mixer.gla import gla_reference
+from hybridlab.plugins.mixer.hgrn import hgrn_reference
 from hybridlab.plugins.mixer.kda import kda_reference
 from hybridlab.plugins.mixer.linear_attention import linear_attn_reference
 from hybridlab.plugins.mixer.mamba2 import ssd_reference
 from hybridlab.plugins.mixer.retention import retention_reference
 
 __all__ = ["linear_attn", "retention", "gla", "delta_rule", "gated_delta_rule", "gated_delta_product", "kda", "ssd",
-           "op"]
+           "hgrn", "forgetting_attn", "op"]
 
 
 def op(name: str, kind: str, reference: Callable) -> Callable:
@@ -63,9 +67,12 @@ def op(name: str, kind: str, reference: Callable) -> Callable:
             value = bound.arguments.get(arg)
             if value is not None and not isinstance(value, torch.Tensor):
                 raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(value).__name__}")
-        q, k, v = (bound.arguments[x] for x in ("q", "k", "v"))
-        if not (k.dtype == q.dtype == v.dtype):
-            raise ValueError(f"{name}: expected q, k and v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        if "q" in signature.parameters:
+            q, k, v = (bound.arguments[x] for x in ("q", "k", "v"))
+            if not (k.dtype == q.dtype == v.dtype):
+                raise ValueError(f"{name}: expected q, k and v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        else:  # ops without q, k, v (hgrn's x, g): the first tensor argument sets the device
+            q = bound.arguments[tensor_args[0]]
         tensors = [a for a in bound.arguments.values() if isinstance(a, torch.Tensor)]
         elsewhere = [n for n, a in bound.arguments.items() if isinstance(a, torch.Tensor) and a.device != q.device]
         if elsewhere:
@@ -100,3 +107,5 @@ gated_delta_rule = op("gated_delta_rule", "gated_deltanet", gated_delta_rule_ref
 gated_delta_product = op("gated_delta_product", "gated_deltaproduct", gated_delta_product_reference)
 kda = op("kda", "kda", kda_reference)
 ssd = op("ssd", "mamba2", ssd_reference)
+hgrn = op("hgrn", "hgrn", hgrn_reference)  # x, g [B, T, D]; HGRN2 runs on gla
+forgetting_attn = op("forgetting_attn", "forgetting_attention", forgetting_attn_reference)

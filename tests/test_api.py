@@ -267,7 +267,7 @@ def test_verify_everything_in_a_registry_and_bad_arguments():
     assert {"torch", "reference"} <= {c.impl for c in report.checks if c.passed}
     with pytest.raises(hybridlab.HybridlabError, match="give either a spec or kind="):
         hybridlab.verify(MODEL, kind="attention")
-    with pytest.raises(hybridlab.SpecError, match=r"^<spec\[1\]>: layers\[0\].blocks\[0\].mixer.bogus"):
+    with pytest.raises(hybridlab.SpecError, match=r"^<specs\[1\]>: layers\[0\].blocks\[0\].mixer.bogus"):
         hybridlab.verify([MODEL, BAD])
     with pytest.raises(hybridlab.HybridlabError, match="seq_len: expected at least 2"):
         hybridlab.verify(MODEL, seq_len=1)
@@ -300,3 +300,25 @@ def test_compare_reports_every_bad_mapping_before_training(tmp_path):
     files = {p.file for p in bad.value.problems}
     assert files == {"<specs[1]>", "<specs[2]>"}
     assert not (tmp_path / "cmp").exists()
+
+
+def test_notebook_mistakes_are_hybridlab_errors(tmp_path):
+    """Found by an outside-in probe: overrides passed where the device goes, a torch.device,
+    a non-Registry registry and a string seed gave AttributeErrors or blamed a validator;
+    a list of token ids as a prompt crashed."""
+    import torch
+
+    import hybridlab
+
+    with pytest.raises(hybridlab.HybridlabError, match="device: expected a name"):
+        hybridlab.load(tmp_path, {"model.layers[0].mixer.window": 4})
+    with pytest.raises(hybridlab.HybridlabError, match="registry: expected a hybridlab.registry.Registry"):
+        hybridlab.build({"vocab_size": 8, "d_model": 8, "layers": [{"mixer": {"kind": "attention", "heads": 2}}]},
+                        registry=5)
+    with pytest.raises(hybridlab.HybridlabError, match="seed: expected a whole number"):
+        hybridlab.build({"vocab_size": 8, "d_model": 8, "layers": [{"mixer": {"kind": "attention", "heads": 2}}]},
+                        seed="a")
+    with pytest.raises(hybridlab.HybridlabError, match="not a run directory"):  # a torch.device is taken
+        hybridlab.load(tmp_path, device=torch.device("cpu"))
+    with pytest.raises(hybridlab.HybridlabError, match="prompt: expected text or a list of token ids"):
+        hybridlab.generate(tmp_path, {"a": 1})
