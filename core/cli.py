@@ -43,9 +43,16 @@ def cmd_list(args: argparse.Namespace) -> int:
         raise HybridlabError(f"unknown category {args.category!r}; categories: {', '.join(sorted(registry.categories))}")
     rows = []
     for kind in registry.kinds(args.category):
-        impls = ", ".join(i.name for i in registry.impls(kind.category, kind.name)) or "-"
+        # an implementation another package registered for this kind is credited to that package
+        impls = ", ".join(i.name if str(i.owner) == str(kind.owner) else f"{i.name} ({i.owner})"
+                          for i in registry.impls(kind.category, kind.name)) or "-"
         rows.append((kind.category, kind.name, impls, str(kind.owner), kind.doc))
     _table(("category", "kind", "implementations", "package", "description"), rows)
+    failed = [record for record in registry.plugins if record.error]
+    if failed:  # the listing is printed either way; the status lets a script notice
+        print(f"{len(failed)} plugin(s) failed to load and are not listed: "
+              f"{', '.join(r.name for r in failed)} (see `hybridlab plugins`)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -294,3 +294,29 @@ def test_summary_plans_for_any_cuda_device_and_refuses_others():
     assert code == 0 and "implementations for cuda float32" in out, err
     code, _, err = run("summary", TINY, "--device", "meta")
     assert (code, err.strip()) == (2, "summary plans for cpu or cuda, got 'meta'")
+
+
+def test_list_credits_each_implementation_to_its_package_and_fails_with_a_failed_plugin(monkeypatch, capsys):
+    """Issue 18's list of what a plugin author hit: an implementation another package adds
+    to a built-in kind was shown as the kind owner's; a failed plugin left list at status 0."""
+    import types
+
+    from hybridlab.core import cli
+    from hybridlab.plugins.normalization.rmsnorm import rmsnorm_reference
+    from hybridlab.registry import hookimpl, load_registry
+
+    @hookimpl
+    def adds(register):
+        register.impl("normalization", "rmsnorm", "mine", fn=rmsnorm_reference)
+
+    @hookimpl
+    def broken(register):
+        raise RuntimeError("boom")
+
+    registry = load_registry([("adds", types.SimpleNamespace(hybridlab_register=adds)),
+                              ("broken", types.SimpleNamespace(hybridlab_register=broken))])
+    monkeypatch.setattr(cli, "_registry", lambda: registry)
+    assert main(["list", "normalization"]) == 1
+    out, err = capsys.readouterr()
+    row = next(line for line in out.splitlines() if " rmsnorm " in f" {line} ")
+    assert "mine (adds" in row and "1 plugin(s) failed to load and are not listed: broken" in err

@@ -454,7 +454,7 @@ def test_model_level_a_loose_tolerance_does_not_hide_another_kinds_bug():
     data = {**MODEL, "layers": [{"mixer": {"kind": "gated_deltanet", "heads": 2}}]}
     report = verify_model(ModelSpec.model_validate(data, context={"registry": registry}), registry=registry)
     assert not report.passed
-    assert {c.impl for c in report.failures()} == {"rmsnorm"}
+    assert {c.impl for c in report.failures()} == {"rmsnorm: weight_grad_off"}  # the kind and its fast implementation
     assert all(c.quantity.endswith("norm.weight (only rmsnorm fast)") for c in report.failures())
 
 
@@ -537,3 +537,18 @@ def test_model_level_a_prefill_that_forgets_the_state_fails_two_pieces(registry,
     report = verify_model_decoding(spec, registry=registry)
     verdicts = {c.quantity: c.passed for c in report.checks}
     assert verdicts == {"greedy decode == parallel": True, "two pieces == whole": False}
+
+
+def test_model_level_a_path_that_cuts_a_parameter_off_says_no_gradient(monkeypatch):
+    """A fast path that detaches a weight (no gradient at all) is a failed check that says
+    so, not a KeyError (issue 18's list of what a plugin author hit)."""
+    def fn(register):
+        def detached_weight(x, weight, eps):
+            return rmsnorm_eps_outside(x, weight.detach() if weight is not None else None, 1e-6)
+
+        register.impl("normalization", "rmsnorm", "detached", fn=detached_weight, priority=100)
+
+    registry = _registry_with(fn)
+    report = verify_model(ModelSpec.model_validate(MODEL, context={"registry": registry}), registry=registry)
+    assert not report.passed
+    assert any(c.quantity.endswith("norm.weight: no gradient") for c in report.failures()), report.failures()
