@@ -11,21 +11,16 @@ ATEN_CPU_CAPABILITY (default, avx2, avx512) to emulate other CPUs' summation ord
 import argparse
 import json
 import os
-import random
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-import yaml
-
 from hybridlab.core.errors import SpecError
-from hybridlab.core.spec import load_model_spec
-from hybridlab.core.verify import verify_model
 from hybridlab.registry import default_registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "core"))
-from test_random_specs import random_spec  # noqa: E402
+from test_random_specs import verified_specs  # noqa: E402
 
 
 def main() -> None:
@@ -37,15 +32,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     rows, failures = [], []
     for seed in range(*args.seeds):
-        rng = random.Random(seed)
-        for index in range(2):
-            path = tmp / f"random{seed}_{index}.yaml"
-            path.write_text(yaml.safe_dump(random_spec(rng, index), sort_keys=False))
-            try:
-                spec = load_model_spec(path, registry=registry)
-            except SpecError:
+        for path, report in verified_specs(seed, tmp, registry):
+            if isinstance(report, SpecError):
                 continue
-            report = verify_model(spec, registry=registry)
+            index = int(path.stem.rpartition("_")[2])
             worst = max((c.error / c.allowed for c in report.checks if c.allowed and c.dtype != "float64"), default=0)
             rows.append({"seed": seed, "index": index, "passed": report.passed, "worst_ratio": worst})
             if not report.passed:

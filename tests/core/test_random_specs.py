@@ -91,16 +91,25 @@ def random_spec(rng, index):
     return spec
 
 
-@pytest.mark.parametrize("seed", range(16))
-def test_random_hybrid_specs_validate_with_located_errors_or_verify(seed, tmp_path, registry):
+def verified_specs(seed, folder, registry):
+    """The two random specs of ``seed``, written to ``folder``: yields (path, SpecError or
+    verify_model's Report) for each (benchmarks/random_specs.py sweeps more seeds)."""
     rng = random.Random(seed)
     for index in range(2):
-        path = tmp_path / f"random{index}.yaml"
+        path = folder / f"random{seed}_{index}.yaml"
         path.write_text(yaml.safe_dump(random_spec(rng, index), sort_keys=False))
         try:
             spec = load_model_spec(path, registry=registry)
         except SpecError as exc:  # e.g. 3 heads that do not divide d_model: said where
-            assert f"{path}:" in str(exc) and "layers[" in str(exc), str(exc)
+            yield path, exc
             continue
-        report = verify_model(spec, registry=registry)
-        assert report.passed, (path.read_text(), [str(c) for c in report.failures()], report.problems)
+        yield path, verify_model(spec, registry=registry)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_random_hybrid_specs_validate_with_located_errors_or_verify(seed, tmp_path, registry):
+    for path, result in verified_specs(seed, tmp_path, registry):
+        if isinstance(result, SpecError):
+            assert f"{path}:" in str(result) and "layers[" in str(result), str(result)
+            continue
+        assert result.passed, (path.read_text(), [str(c) for c in result.failures()], result.problems)
