@@ -27,6 +27,7 @@ because built-ins load in name order) to keep each file to one concern.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections import OrderedDict
 
@@ -142,7 +143,28 @@ def _sink_share(lse: Tensor, sinks: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.sigmoid(lse.to(dtype) - sinks.to(dtype).view(1, -1, 1))[..., None]
 
 
+def compiled_cpu_flex_unavailable(device: str, dtype: torch.dtype) -> str | None:
+    """Why compiled flex cannot run here, or None: on the CPU (float64 runs eager) inductor
+    lowers flex only with a vector instruction set, and ATEN_CPU_CAPABILITY=default (or a
+    CPU without AVX2) leaves it none."""
+    if device != "cpu" or dtype == torch.float64:
+        return None
+    if not _cpu_vector_isa():
+        return "compiled CPU flex needs a vector instruction set (AVX2 or better), which this CPU or " \
+               "ATEN_CPU_CAPABILITY does not offer"
+    return None
+
+
+@functools.cache
+def _cpu_vector_isa() -> bool:
+    from torch._inductor import cpu_vec_isa
+
+    return bool(cpu_vec_isa.pick_vec_isa())
+
+
 def flex_supports(config, device: str, dtype: torch.dtype) -> str | None:
+    if (reason := compiled_cpu_flex_unavailable(device, dtype)) is not None:
+        return reason
     if config is not None and config.sinks and device == "cpu" and dtype != torch.float64:
         return "sinks need flex's log-sum-exp, which compiled CPU flex does not return (torch 2.13)"
     return None

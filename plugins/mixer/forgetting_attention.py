@@ -59,7 +59,7 @@ from hybridlab.core.numerics import compute_dtype, upcast
 from hybridlab.core.verify import BATCHES, SEQ_LENS, Case
 from hybridlab.plugins.mixer.attention import (MAX_WINDOW, KVCache, attention_mask, fused_sdpa,
                                                kv_heads_divide_heads, rope_rotates_nothing)
-from hybridlab.plugins.mixer.attention_flex import _MIN_DIM, _block_mask, _flex
+from hybridlab.plugins.mixer.attention_flex import _MIN_DIM, _block_mask, _flex, compiled_cpu_flex_unavailable
 from hybridlab.registry import hookimpl
 
 
@@ -342,4 +342,5 @@ def hybridlab_register(register):
     # backward rounds P and dS like SDPA's; worst forward ratio on the CPU grid 1.57, bf16).
     # No FlexAttention backward on CPU in torch 2.13; its CUDA backward is not yet measured.
     register.impl("mixer", "forgetting_attention", "flex", fn=forgetting_attn_flex, priority=5, backward={"cuda"},
-                  tolerance=4.0, doc="torch.nn.attention.flex_attention with a forget-gate score_mod, compiled once")
+                  tolerance=4.0, supports=lambda config, device, dtype: compiled_cpu_flex_unavailable(device, dtype),
+                  doc="torch.nn.attention.flex_attention with a forget-gate score_mod, compiled once")

@@ -170,3 +170,18 @@ def test_the_specs_verify(name, seq_len, capsys):
     assert main(["verify", str(SPECS / name), "--seq-len", seq_len]) == 0
     out = capsys.readouterr().out
     assert "greedy decode == parallel" in out and "forgetting_attention" in out
+
+
+def test_compiled_cpu_flex_declines_without_a_vector_instruction_set(monkeypatch):
+    """Found running the suite under ATEN_CPU_CAPABILITY=default: inductor cannot lower flex
+    on the CPU without a vector ISA, and the dispatcher picked flex anyway (softcap at
+    evaluation); now flex says why it cannot serve and the reference runs."""
+    import torch
+
+    from hybridlab.plugins.mixer import attention_flex
+
+    monkeypatch.setattr(attention_flex, "_cpu_vector_isa", lambda: False)
+    reason = attention_flex.flex_supports(None, "cpu", torch.float32)
+    assert reason is not None and "vector instruction set" in reason
+    assert attention_flex.flex_supports(None, "cpu", torch.float64) is None  # eager, no compiler
+    assert attention_flex.flex_supports(None, "cuda", torch.float32) is None
