@@ -69,8 +69,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, trainer_state: dict[str, Any]) -> Path:
-    """Write checkpoints/step-NNNNNN and then point ``latest`` at it."""
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, trainer_state: dict[str, Any],
+                    extra: dict[str, torch.nn.Module] | None = None) -> Path:
+    """Write checkpoints/step-NNNNNN and then point ``latest`` at it. ``extra``: modules
+    trained beside the model (an objective's MTP modules), each saved as ``<name>.safetensors``."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
@@ -82,6 +84,9 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, trainer_st
         shutil.rmtree(staging)
     staging.mkdir()
     atomic_write(staging / "model.safetensors", lambda tmp: safetensors.torch.save_model(model, str(tmp)))
+    for part, module in (extra or {}).items():
+        atomic_write(staging / f"{part}.safetensors",
+                     lambda tmp, module=module: safetensors.torch.save_model(module, str(tmp)))
     buffer = io.BytesIO()
     torch.save(trainer_state, buffer)
     atomic_write_bytes(staging / "trainer.pt", buffer.getvalue())
@@ -107,10 +112,28 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
-    """Load weights into ``model`` (strict: same names, same shapes) and return the trainer
-    state. A file that cannot be read or does not fit is a HybridlabError naming it."""
-    weights = path / "model.safetensors"
+def load_checkpoint(path: Path, model: torch.nn.Module, device: torch.device,
+                    extra: dict[str, torch.nn.Module] | None = None) -> dict[str, Any]:
+    """Load weights into ``model`` (strict: same names, same shapes) and ``extra``'s modules
+    (from ``<name>.safetensors``), and return the trainer state. A file that cannot be read
+    or does not fit is a HybridlabError naming it."""
+    load_weights(path / "model.safetensors", model, device)
+    for name, module in (extra or {}).items():
+        file = path / f"{name}.safetensors"
+        if not file.exists():
+            raise HybridlabError(f"{path}: no {file.name}, which this pipeline's {name} need (the checkpoint was "
+                                 f"written by a pipeline without them)")
+        load_weights(file, module, device)
+    # on the CPU: RNG states must stay there; the optimizer moves its state to the parameters
+    try:
+        return torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise _damaged(path / "trainer.pt", exc) from None
+
+
+def load_weights(weights: Path, model: torch.nn.Module, device: torch.device) -> None:
+    """One safetensors file into ``model``, strictly; errors name the file."""
+    path = weights.parent
     try:
         with safetensors.safe_open(str(weights), framework="pt") as f:
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
@@ -130,11 +153,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, device: torch.device) ->
     if missing or unexpected:
         raise HybridlabError(f"{path}: checkpoint does not fit the model (missing: {sorted(missing)[:5]}, "
                              f"unexpected: {sorted(unexpected)[:5]})")
-    # on the CPU: RNG states must stay there; the optimizer moves its state to the parameters
-    try:
-        return torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise _damaged(path / "trainer.pt", exc) from None
 
 
 def _damaged(file: Path, exc: Exception) -> HybridlabError:

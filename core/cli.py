@@ -208,13 +208,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import generate
+    from .generate import decode_run
 
     if args.prompt is None:
         raise HybridlabError("generate needs --prompt TEXT (ids or token names; bytes for the text task)")
-    _, text = generate(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       seed=args.seed, device=args.device, overrides=args.set)
-    print(text)
+    result = decode_run(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        seed=args.seed, device=args.device, overrides=args.set, speculative=args.speculative)
+    print(result.text)
+    if args.speculative:  # on stderr: stdout stays the text alone, as without --speculative
+        s = result.stats
+        rate = "no draft" if not s.drafted else f"{s.acceptance_rate:.3f}"
+        print(f"speculative: acceptance rate {rate} ({s.accepted} of {s.drafted} drafted tokens accepted), "
+              f"{s.tokens} tokens in {s.rounds + 1} forwards, {s.tokens_per_second:.1f} tokens/s", file=sys.stderr)
     return 0
 
 
@@ -444,10 +449,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32)")
     s.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default) is greedy")
     s.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0")
+    s.add_argument("--speculative", action="store_true",
+                   help="draft tokens with the run's drafting objective and verify them in one forward per round: "
+                   "the greedy output in fewer model forwards; prints the acceptance rate and tokens/s on stderr")
     s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the run's spec first, e.g. model.layers[1].loop=8 (the weights must still fit)")
     s.set_defaults(fn=cmd_generate)
+    from .hf import add_commands  # import-hf, export-hf (core/hf)
+    add_commands(sub)
     return p
 
 

@@ -81,6 +81,12 @@ class Config(BaseModel):
         loader turns each into a spec problem at that field's line."""
         return ()
 
+    def reads_ahead(self) -> bool:
+        """Whether this component lets a position read later positions (an encoder's
+        attention with ``causal: false``). Objectives that predict tokens from the ones
+        before them (``Needs.causal``) refuse a model with such a component."""
+        return False
+
     def layer_references(self) -> Iterable[tuple[str, str]]:
         """Other blocks this component reads, by their ``name:``: ``(field, name)`` pairs
         (an attention layer reading an earlier one's K/V). The loader checks that each names
@@ -177,11 +183,66 @@ def component_category(field_info: Any) -> str | None:
     return found[0] if found else None
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What an objective needs the core to provide (``LossConfig.needs``); the core checks
+    each at validate time and provides it without knowing the kind.
+
+    - ``fields``: batch fields it reads; the task must yield them (``DataConfig.fields``).
+    - ``hidden``: layers whose output it reads from the model's forward on
+      ``batch['inputs']``: a position in the order (an int, negative from the end), a
+      block's ``name:``, or ``"final"`` (the head's input, after the final norm).
+    - ``models``: names of config fields that hold another model (a run directory, or
+      ``start``: the trained model's own starting weights), loaded frozen on the device.
+    - ``forward``: it reads the model's output on ``batch['inputs']`` (``run.output``).
+    - ``samples``: it draws from the model's own step decoding (``run.sample``).
+    - ``causal``: it predicts tokens from the ones before them, so no layer may read later
+      positions (``Config.reads_ahead``); an embedding objective sets it False."""
+
+    fields: tuple[str, ...] = ("inputs", "targets")
+    hidden: tuple[int | str, ...] = ()
+    models: tuple[str, ...] = ()
+    forward: bool = True
+    samples: bool = False
+    causal: bool = True
+
+
 class LossConfig(Config):
-    """Base of loss configs: every objective carries its weight in the sum."""
+    """Base of objective configs (category ``loss``): every objective carries its weight
+    in the sum and a name its metrics are logged under."""
 
     weight: float = Field(default=1.0, ge=0)
     """Multiplier of this objective in the total loss."""
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    """Prefix of this objective's metrics (default: its kind). The first objective's metrics
+    keep their own names (``accuracy``); every later one's are logged as ``<name>.<metric>``,
+    with its unweighted loss as ``<name>.loss``."""
+
+    def needs(self) -> Needs:
+        """What the core must provide (see :class:`Needs`); a plain loss reads the model's
+        output on ``inputs`` and scores ``targets``."""
+        return Needs()
+
+    def check_pipeline(self, pipeline: Any, models: dict[str, Any]) -> Iterable[tuple[str, str]]:
+        """Checks that need the whole pipeline (its model spec, task config) and the model
+        specs of the models named in ``needs().models`` (``{field: ModelSpec}``, 'start'
+        fields left out). Yield ``(field, message)``, where field is a name or a path inside
+        this config (``("pooling", "heads")``) or None; each becomes a located spec error."""
+        return ()
+
+
+class DataConfig(Config):
+    """Base of data configs. A task config that does not derive from it yields
+    ``inputs`` and ``targets`` only, and says nothing about its vocabulary."""
+
+    def fields(self) -> frozenset[str]:
+        """The batch fields the task yields (objectives' ``needs().fields`` are checked
+        against these at validate time)."""
+        return frozenset({"inputs", "targets"})
+
+    def min_vocab_size(self) -> int | None:
+        """Token ids the task uses (0..N-1): the model's vocab_size must be at least N."""
+        return None
 
 
 def _not_finite(value: Any) -> bool:

@@ -97,6 +97,7 @@ class ModelOutput:
     state: list[State] | None = None  # one entry per block when decoding
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    hidden: dict[Any, Tensor] = field(default_factory=dict)  # what forward(hidden=...) asked to keep
 
 
 SubLayer = Callable[[Tensor], Tensor]
@@ -177,4 +178,34 @@ class NormPlacement(nn.Module):
     ``residual(h, f)`` (the stream's residual module) and placing its norms around it."""
 
     def forward(self, h: Tensor, sublayer: SubLayer, residual: Any, ctx: RunContext) -> Tensor:
+        raise NotImplementedError
+
+
+class Drafter:
+    """An objective module that drafts tokens for speculative decoding (``hybridlab generate
+    --speculative``), such as multi-token prediction modules. Declared by inheriting this
+    class beside ``Objective``; the core finds it among a run's objectives with
+    ``isinstance`` and never names its kind.
+
+    The core decodes greedily and calls the drafter once per round with what became final
+    since its last call: ``hidden`` [B, n, D], the model's output at ``draft_layer`` (a key of
+    ``ModelOutput.hidden``: a position index or ``"final"``) at the n positions the model
+    ran, and ``tokens`` [B, n], the token that follows each of those positions (first the
+    prompt's positions and the model's first token, later the accepted drafts and the
+    model's own next token). A rejected draft never reaches the drafter, so it keeps no
+    rollback of its own.
+
+    - ``draft_layer``: the hidden key it reads; ``max_draft``: most tokens one call drafts;
+    - ``draft_state(model, batch, device, dtype) -> state``: its state before the first call;
+    - ``draft(model, state, hidden, tokens, count) -> (drafts [B, count], state)``: its guess
+      of the ``count`` tokens (1 <= count <= max_draft) after the last of ``tokens``."""
+
+    draft_layer: int | str = "final"
+    max_draft: int = 1
+
+    def draft_state(self, model: nn.Module, batch: int, device: torch.device | str, dtype: torch.dtype) -> Any:
+        raise NotImplementedError
+
+    def draft(self, model: nn.Module, state: Any, hidden: Tensor, tokens: Tensor,
+              count: int) -> tuple[Tensor, Any]:
         raise NotImplementedError

@@ -230,14 +230,18 @@ class Model(nn.Module):
                 module.init_weights(std)
 
     def forward(self, tokens: Tensor, state: list[State] | None = None, *,
-                doc_ids: Tensor | None = None) -> ModelOutput:
+                doc_ids: Tensor | None = None, hidden: tuple = ()) -> ModelOutput:
         """tokens [B, T] -> ModelOutput(logits [B, T, V], state, aux_losses, metrics).
+        ``hidden``: positions in the order (ints) whose output to keep in ``output.hidden``
+        ([B, T, D], the stream reduced), and ``"final"`` for the input of the head (after the
+        final norm); a plain tuple, so a compiled model sees no hooks.
         T = 0 reads nothing: empty logits, and the state passes through unchanged (every
         kind alike; the attention kinds' reshapes cannot infer a size from no tokens)."""
         if tokens.dim() == 2 and tokens.shape[1] == 0:
             logits = next(self.parameters()).new_zeros(tokens.shape[0], 0, self.spec.vocab_size)
-            return ModelOutput(logits, state, {}, {})
-        return self._run(tokens, state, doc_ids=doc_ids, step=False)
+            empty = logits.new_zeros(tokens.shape[0], 0, self.spec.d_model)
+            return ModelOutput(logits, state, {}, {}, {key: empty for key in hidden})
+        return self._run(tokens, state, doc_ids=doc_ids, step=False, hidden=hidden)
 
     def step(self, tokens: Tensor, state: list[State]) -> ModelOutput:
         """One token per sequence: tokens [B] or [B, 1] -> logits [B, 1, V] and the new state."""
@@ -247,11 +251,13 @@ class Model(nn.Module):
             raise ValueError(f"step takes one token per sequence, got tokens of shape {tuple(tokens.shape)}")
         return self._run(tokens, state, doc_ids=None, step=True)
 
-    def _run(self, tokens: Tensor, state: list[State] | None, *, doc_ids: Tensor | None, step: bool) -> ModelOutput:
+    def _run(self, tokens: Tensor, state: list[State] | None, *, doc_ids: Tensor | None, step: bool,
+             hidden: tuple = ()) -> ModelOutput:
         aux = Aux()
         ctx = RunContext(aux=aux, doc_ids=doc_ids, step=step, stream=self.stream, n_layers=len(self.order))
         h = self.stream.expand(self.embedding(tokens))
         states: list[State | None] = []
+        kept: dict = {}
         taps = isinstance(self.embedding, StreamTaps)
         if taps:
             tap = None if state is None else state[len(self.order)]
@@ -264,10 +270,15 @@ class Model(nn.Module):
                 h = self.embedding.inject(pos.index, h, context, self.stream)
             h, s = block(h, None if state is None else state[pos.index], ctx.at(pos.index, pos.iterations, pos.loops, pos.block.name))
             states.append(s)
+            if pos.index in hidden:
+                kept[pos.index] = self.stream.reduce(h)
         if taps:
             states.append(tap_state)
-        logits = self.head(self.norm(self.stream.reduce(h)))
-        return ModelOutput(logits, None if state is None else states, aux.losses, aux.metrics)
+        final = self.norm(self.stream.reduce(h))
+        if "final" in hidden:
+            kept["final"] = final
+        logits = self.head(final)
+        return ModelOutput(logits, None if state is None else states, aux.losses, aux.metrics, kept)
 
     def init_state(self, batch: int, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> list[State]:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .checkpoint import atomic_write_text, save_checkpoint
 from .errors import HybridlabError
-from .generate import evaluate_run, load_run
+from .generate import evaluate_run, load_objectives, load_run
 from .interfaces import StreamTaps
 from .spec import BlockSpec, PipelineSpec, check_problems, dump_spec
 from .train import make_dir
@@ -112,8 +112,11 @@ def prune_run(run_dir: str | Path, drop: int, out: str | Path, *, batches: int |
     else:
         raise HybridlabError(f"no span of {drop} blocks can be dropped: " + "; ".join(refused))
     before = evaluate_run(run_dir, device=device, registry=registry)
+    # the objectives' own weights (MTP modules...) read the model's output, not its blocks: they carry over
+    objectives = load_objectives(run_dir, spec, model, registry=registry, device=next(model.parameters()).device)
     write_pruned_run(out, new_spec, model, renames, {"pruned_from": str(run_dir.resolve()), "dropped_depths": dropped,
-                                                     "distances": distances, "split": split}, registry)
+                                                     "distances": distances, "split": split}, registry,
+                     extra={"objectives": objectives} if objectives.has_weights() else {})
     after = evaluate_run(out, device=device, registry=registry)
     return PruneResult(out, dropped, distances, before, after)
 
@@ -146,7 +149,7 @@ def pruned_spec(spec: PipelineSpec, indices: list[int], registry: Any) -> tuple[
 
 
 def write_pruned_run(out: Path, spec: PipelineSpec, model: Any, renames: dict[str, str], info: dict,
-                     registry: Any) -> None:
+                     registry: Any, extra: dict | None = None) -> None:
     from .model import Model
 
     if out.exists() and any(out.iterdir()):
@@ -167,4 +170,4 @@ def write_pruned_run(out: Path, spec: PipelineSpec, model: Any, renames: dict[st
     atomic_write_text(out / "spec.yaml", dump_spec(spec))
     atomic_write_text(out / "metrics.jsonl", "")
     atomic_write_text(out / "prune.json", json.dumps(info, indent=2) + "\n")
-    save_checkpoint(out, 0, new, {"step": 0, "pruned_from": info["pruned_from"]})
+    save_checkpoint(out, 0, new, {"step": 0, "pruned_from": info["pruned_from"]}, extra=extra)

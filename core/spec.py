@@ -27,7 +27,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, ValidationInfo, WrapValidator, field_validator
 
-from .config import Component, Config, Dims, component_category
+from .config import Component, Config, DataConfig, Dims, component_category
 from .errors import HybridlabError, Problem, SpecError, format_path
 from .yamlio import Loc, LocDict, LocList, display_name, read_yaml, to_plain
 
@@ -976,13 +976,16 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: 
         loc, rest = _walk(data, ("data", "eval_lengths"))
         twice = sorted({n for n in lengths if lengths.count(n) > 1})
         problems.append(loc.problem(f"lists {', '.join(map(str, twice))} twice (each length is one split)", rest))
-    needed = getattr(spec.data, "min_vocab_size", None)
-    if needed is not None and needed() > spec.model.vocab_size:
+    needed = spec.data.min_vocab_size() if isinstance(spec.data, DataConfig) else None
+    if needed is not None and needed > spec.model.vocab_size:
         loc, rest = _walk(data, ("data",))
-        problems.append(loc.problem(f"the task uses {needed()} token ids but model.vocab_size is "
+        problems.append(loc.problem(f"the task uses {needed} token ids but model.vocab_size is "
                                     f"{spec.model.vocab_size}", rest))
+    objectives, found = objective_problems(spec, data, registry, check_models=not saved_run)
+    problems += found
     if problems:
         raise SpecError(problems)
+    spec = spec.model_copy(update={"objectives": objectives})
     warmup = getattr(spec.schedule, "warmup", None)  # any schedule kind with a warmup field
     if warn and isinstance(warmup, int) and warmup > spec.steps:
         # a warning, not an error: `--set steps=3` on a real pipeline is a common smoke test
@@ -990,6 +993,88 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: 
         print(f"warning: {loc.problem(f'warmup ({warmup} steps) is longer than the run (steps: {spec.steps}): the lr never reaches its peak', rest)}",
               file=sys.stderr)
     return spec
+
+
+def objective_problems(spec: PipelineSpec, data: Any, registry: Any, *,
+                       check_models: bool = True) -> tuple[list, list[Problem]]:
+    """The objectives' needs against the pipeline: unique names, batch fields the task
+    yields, hidden layers the model has, model references that are trained runs (made
+    absolute), then each config's own ``check_pipeline``. -> (the objectives with their
+    references resolved, the problems)."""
+    from .objectives import START, check_model_reference, objective_names, resolve_layer
+
+    problems: list[Problem] = []
+    names = objective_names(spec.objectives)
+    fields = spec.data.fields() if isinstance(spec.data, DataConfig) else frozenset({"inputs", "targets"})
+    resolved = []
+    for i, (config, name) in enumerate(zip(spec.objectives, names)):
+        at = ("objectives", i)
+        if names.index(name) != i:
+            problems.append(_problem_at(data, at + ("name",) if config.name else at + ("kind",),
+                                        f"two objectives are named {name!r}; give one a 'name:' (it prefixes "
+                                        "its metrics)"))
+        try:
+            needs = config.needs()
+        except Exception as exc:  # noqa: BLE001 - a plugin's needs() crashing: reported at its entry
+            problems.append(_problem_at(data, at, f"its needs() raised {type(exc).__name__}: {exc}"))
+            resolved.append(config)
+            continue
+        missing = [f for f in needs.fields if f not in fields]
+        if missing:
+            problems.append(_problem_at(
+                data, at + ("kind",), f"objective {config.kind!r} reads batch fields {', '.join(missing)}, which task "
+                f"{spec.data.kind!r} does not yield (it yields {', '.join(sorted(fields))})"))
+        for ref in needs.hidden:
+            if resolve_layer(spec.model, ref) is None:
+                problems.append(_problem_at(data, at, f"reads the output of layer {ref!r}, which model "
+                                f"{spec.model.name!r} does not have (a position 0..{len(spec.model.positions()) - 1},"
+                                " a block's name:, or 'final')"))
+        models, update, unusable = {}, {}, False
+        for field in needs.models if check_models else ():
+            ref = getattr(config, field)
+            loc, _ = _walk(data, at + (field,))
+            base = Path(loc.file).parent if loc is not None and loc.file not in ("--set", "<spec>") else Path.cwd()
+            where, why = check_model_reference(str(ref), base)
+            if why is None and where != START:
+                try:
+                    models[field] = load_pipeline(Path(where) / "spec.yaml", registry=registry, warn=False,
+                                                  saved_run=True).model
+                except HybridlabError as exc:
+                    why = f"the run's spec.yaml does not load: {exc}"
+            if why is not None:
+                problems.append(_problem_at(data, at + (field,), why))
+                unusable = True
+            else:
+                update[field] = where
+        config = config.model_copy(update=update) if update else config
+        resolved.append(config)
+        if unusable:
+            continue  # the config's own checks would read a model that is not there
+        try:
+            own = list(config.check_pipeline(spec, models))
+        except Exception as exc:  # noqa: BLE001
+            own = [(None, f"its check_pipeline() raised {type(exc).__name__}: {exc}")]
+        for field, message in own:
+            inside = () if field is None else tuple(field) if isinstance(field, (tuple, list)) else (field,)
+            problems.append(_problem_at(data, at + inside, message))
+    causal = [name for name, config in zip(names, spec.objectives) if _needs(config).causal]
+    if causal:
+        for config, path in _components(spec.model, ("model",)):
+            if config.reads_ahead():
+                problems.append(_problem_at(data, path, f"{config.kind} reads later positions (an encoder), but "
+                                f"objective {causal[0]!r} predicts each token from the ones before it: the model "
+                                "would see the answer (make it causal, or train it with an embedding objective)"))
+    return resolved, problems
+
+
+def _needs(config: Any) -> Any:
+    """``config.needs()``, or the default needs when it fails (already reported)."""
+    from .config import Needs
+
+    try:
+        return config.needs()
+    except Exception:  # noqa: BLE001
+        return Needs()
 
 
 def is_pipeline(path: str | Path) -> bool:

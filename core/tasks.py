@@ -15,6 +15,9 @@ and optionally
                                                 pairs are pooled over evaluation batches
     encode(text) -> list[int], decode(ids) -> str   how ``hybridlab generate`` reads a prompt
                                                     (without them: whitespace-separated ids)
+    reward(batch, completions [B, G, N]) -> [B, G]  its symbolic oracle's score of sampled
+                                                    answers (:class:`Rewards`; a task whose
+                                                    config's fields() has ``answer`` offers it)
 
 Length splits: a split named ``len{N}`` evaluates at length N, in the task's own length
 unit (tokens for most tasks, history events for factworld). Tasks with ``eval_lengths``
@@ -100,6 +103,29 @@ class TaskMetrics(Protocol):
     type): ``{name: value or (numerator, denominator)}``; pairs are pooled over batches."""
 
     def metrics(self, output: Any, batch: dict) -> dict: ...
+
+
+@runtime_checkable
+class Rewards(Protocol):
+    """A task whose answers its own symbolic oracle checks (for RL objectives: ``grpo``).
+
+    Its batches carry ``prompt`` [B, P] (token ids up to where an answer starts, one P per
+    batch) and ``answer`` [B, A] (a correct answer), and its config's ``fields()`` lists
+    them: a task config whose fields include ``answer`` promises this protocol, which is
+    how a pipeline is checked at validate time. ``reward(batch, completions)`` scores
+    completions [B, G, N] (G per prompt, N tokens each, decoded after ``batch['prompt']``)
+    -> [B, G] float in [0, 1]; 1 means correct (a sample "passes")."""
+
+    def reward(self, batch: dict, completions: torch.Tensor) -> torch.Tensor: ...
+
+
+def exact_match(answer: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
+    """answer [B, A], completions [B, G, N] -> [B, G] float: 1 where a completion's first A
+    tokens are the answer (tokens after them are not read), 0 elsewhere and where N < A."""
+    A = answer.shape[1]
+    if completions.shape[-1] < A:
+        return completions.new_zeros(completions.shape[:2], dtype=torch.float)
+    return (completions[..., :A] == answer[:, None, :]).all(-1).float()
 
 
 @runtime_checkable

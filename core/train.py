@@ -31,7 +31,8 @@ from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, s
 from .errors import HybridlabError
 from .model import Model, count_parameters
 from .spec import PipelineSpec, dump_spec, load_pipeline
-from .tasks import TaskMetrics, torch_seed
+from .objectives import Objectives, start_copy
+from .tasks import TaskMetrics, generator, torch_seed
 
 
 def resolve_device(name: str) -> torch.device:
@@ -98,8 +99,11 @@ class Trainer:
         self.forward = torch.compile(self.model) if spec.compile else self.model
         kind = lambda category, config: self.registry.kind(category, config.kind).module  # noqa: E731
         self.task = kind("data", spec.data)(spec.data, seed=spec.seed)
-        self.objectives = [(cfg.weight, kind("loss", cfg)(cfg)) for cfg in spec.objectives]
-        self.optimizer = kind("optimizer", spec.optimizer)(spec.optimizer, self.model.named_parameters())
+        # built before any checkpoint is loaded: a 'start' reference copies the weights as they start
+        self.objectives = Objectives(spec.objectives, self.model, self.registry, device=self.device,
+                                     start=self._start_weights).to(self.device)
+        params = [*self.model.named_parameters(), *self.objectives.named_parameters(prefix="objectives")]
+        self.optimizer = kind("optimizer", spec.optimizer)(spec.optimizer, params)
         for group in self.optimizer.param_groups:
             group["peak_lr"] = group["lr"]
         self.schedule = kind("schedule", spec.schedule)(spec.schedule, spec.steps)
@@ -109,6 +113,16 @@ class Trainer:
             self._resume()
         else:
             self._start()
+
+    def _start_weights(self) -> Model:
+        """A copy of the model at its start: the seeded initialisation, or init_from's weights."""
+        model = start_copy(self.model)
+        if self.spec.init_from is not None:
+            path = latest_checkpoint(Path(self.spec.init_from))
+            if path is None:
+                raise HybridlabError(f"init_from {self.spec.init_from}: no checkpoint there")
+            load_checkpoint(path, model, self.device)
+        return model
 
     # ---- run directory ----
     def _start(self) -> None:
@@ -135,7 +149,7 @@ class Trainer:
         path = latest_checkpoint(self.run_dir)
         if path is None:
             raise HybridlabError(f"{self.run_dir}: no checkpoint to resume from")
-        state = load_checkpoint(path, self.model, self.device)
+        state = load_checkpoint(path, self.model, self.device, extra=self._extra())
         step, steps = state["step"], self.spec.steps
         saved_steps = _saved_steps(self.run_dir / "spec.yaml")  # before --set changed it
         if steps < step or (steps == step and saved_steps not in (None, steps)):
@@ -195,7 +209,11 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         state = {"step": self.step, "bad_steps": self.bad_steps, "optimizer": self.optimizer.state_dict(), "rng": rng}
-        return save_checkpoint(self.run_dir, self.step, self.model, state)
+        return save_checkpoint(self.run_dir, self.step, self.model, state, extra=self._extra())
+
+    def _extra(self) -> dict[str, torch.nn.Module]:
+        """Weights saved beside the model's: the objectives' own modules, if they have any."""
+        return {"objectives": self.objectives} if self.objectives.has_weights() else {}
 
     def log(self, record: dict[str, Any]) -> None:
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -213,13 +231,20 @@ class Trainer:
 
     def _loss(self, batch: dict[str, torch.Tensor], *,
               with_aux: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
-        with self._autocast():
-            out = self.forward(batch["inputs"])
-        return objective_loss(out, batch, self.objectives, self.task, with_aux=with_aux)
+        return objective_loss(self.objectives, batch, model=self.model, forward=self.forward, task=self.task,
+                              step=self.step, steps=self.spec.steps, training=True, autocast=self._autocast,
+                              with_aux=with_aux, generator=self._generator("train", self.step))
+
+    def _generator(self, split: str, index: int) -> torch.Generator:
+        """The objectives' sampling stream at one step: a pure function of (seed, split,
+        index) like the data, so a resumed run draws the same samples."""
+        seed = int(generator(self.spec.seed, f"samples/{split}", index).initial_seed())
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def train_step(self) -> dict[str, float] | None:
         """One optimizer step; None when the loss was not finite and the step was skipped."""
         self.model.train()
+        self.objectives.train()
         batch = self._batch("train", self.step)
         lr_scale = self.schedule(self.step)
         for group in self.optimizer.param_groups:
@@ -229,7 +254,8 @@ class Trainer:
         if bad is None:
             loss.backward()
             # a finite loss can still give inf/NaN gradients; stepping on them would poison the weights
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip or math.inf)
+            trained = [*self.model.parameters(), *self.objectives.parameters()]
+            norm = torch.nn.utils.clip_grad_norm_(trained, self.spec.grad_clip or math.inf)
             bad = None if torch.isfinite(norm) else "gradient"
             if self.spec.grad_clip is not None:
                 metrics["grad_norm"] = norm
@@ -256,7 +282,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.model, self.task, self.objectives, batch_size=self.spec.batch_size,
                         eval_batches=self.spec.eval_batches, device=self.device, autocast=self._autocast,
-                        forward=self.forward, batch=self._batch)
+                        forward=self.forward, batch=self._batch, step=self.step, steps=self.spec.steps,
+                        generator=self._generator)
 
     def run(self, stop_at: int | None = None) -> dict[str, float]:
         """Train to ``spec.steps`` (or stop after step ``stop_at``, with a checkpoint there,
@@ -274,8 +301,10 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 metrics["tokens_per_s"] = tokens_per_step * window_steps / max(elapsed, 1e-9)
                 self.log({"step": self.step, **metrics})
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics.get('accuracy', math.nan):.3f}",
-                                tok_s=f"{metrics['tokens_per_s']:.0f}")
+                shown = {"loss": f"{metrics['loss']:.3f}"}
+                if "accuracy" in metrics:  # the first objective's, when it has one (dpo, grpo do not)
+                    shown["acc"] = f"{metrics['accuracy']:.3f}"
+                bar.set_postfix(**shown, tok_s=f"{metrics['tokens_per_s']:.0f}")
                 window_start, window_steps = time.perf_counter(), 0
             bar.update(1)
             last = self.step == spec.steps
@@ -295,25 +324,34 @@ class Trainer:
         return result
 
 
-def objective_loss(out: Any, batch: dict[str, torch.Tensor], objectives: list, task: Any, *,
-                   with_aux: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+def objective_loss(objectives: Objectives, batch: dict[str, torch.Tensor], *, model: Any, forward: Any = None,
+                   task: Any, step: int = 0, steps: int = 1, training: bool = True, autocast: Any = None,
+                   with_aux: bool = True, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
     """The weighted sum of the objectives, plus the auxiliary losses (MoE balance, z-loss...)
     when ``with_aux``: training optimises that sum, evaluation reports the objectives alone
     as ``loss`` (so specs with and without auxiliary terms compare fairly) and their sum as ``aux``."""
-    device = out.logits.device
-    total, metrics = torch.zeros((), device=device), {}
-    for weight, objective in objectives:
-        loss, m = objective(out, batch)
-        total = total + weight * loss
-        metrics.update(m)
-    aux_total = torch.zeros((), device=device)
-    for name, aux_loss in out.aux_losses.items():
+    out, results, aux = objectives.compute(batch, model=model, forward=forward, task=task, step=step, steps=steps,
+                                           training=training, autocast=autocast, generator=generator)
+    total, metrics = objectives.combine(results)
+    return with_model_metrics(total, metrics, out, batch, task, aux=aux, with_aux=with_aux)
+
+
+def with_model_metrics(total: torch.Tensor, metrics: dict, out: Any, batch: dict, task: Any, *,
+                       aux: dict[str, torch.Tensor] | None = None, with_aux: bool = True) -> tuple[torch.Tensor, dict]:
+    """Add the model's auxiliary losses (``aux``; default: those of ``out``), what the
+    model's forward on ``inputs`` reports (its metrics) and the task's metrics to the
+    objectives' sum; without that forward (``out`` None) only the auxiliary losses."""
+    aux = (out.aux_losses if out is not None else {}) if aux is None else aux
+    aux_total = torch.zeros((), device=total.device)
+    for name, aux_loss in aux.items():
         aux_total = aux_total + aux_loss
         metrics[name] = aux_loss.detach()
-    if out.aux_losses:
+    if aux:
         metrics["aux"] = aux_total.detach()
         if with_aux:
             total = total + aux_total
+    if out is None:
+        return total, metrics
     metrics.update(out.metrics)
     if isinstance(task, TaskMetrics):  # e.g. accuracy per query type
         own = task.metrics(out, batch)
@@ -326,12 +364,15 @@ def objective_loss(out: Any, batch: dict[str, torch.Tensor], objectives: list, t
 
 
 @torch.no_grad()
-def evaluate(model: Any, task: Any, objectives: list, *, batch_size: int, eval_batches: int, device: torch.device,
-             autocast: Any = contextlib.nullcontext, forward: Any = None, batch: Any = None) -> dict[str, float]:
+def evaluate(model: Any, task: Any, objectives: Objectives, *, batch_size: int, eval_batches: int,
+             device: torch.device, autocast: Any = contextlib.nullcontext, forward: Any = None, batch: Any = None,
+             step: int = 0, steps: int = 1, generator: Any = None) -> dict[str, float]:
     """Every evaluation split of ``task``: ``<split>/<metric>`` over ``eval_batches`` batches
     (the model in eval mode). ``forward``: the callable to run (a compiled model), default
-    ``model``; ``batch(split, index)``: the batches, default the task's on ``device``."""
+    ``model``; ``batch(split, index)``: the batches, default the task's on ``device``;
+    ``generator(split, index)``: the objectives' sampling streams."""
     model.eval()
+    objectives.eval()
     forward = model if forward is None else forward
     if batch is None:
         def batch(split: str, index: int) -> dict:
@@ -341,9 +382,10 @@ def evaluate(model: Any, task: Any, objectives: list, *, batch_size: int, eval_b
         sums: dict[str, list[float]] = {}  # name -> [numerator, denominator] summed over the batches
         for i in range(eval_batches):
             data = batch(split, i)
-            with autocast():
-                out = forward(data["inputs"])
-            loss, metrics = objective_loss(out, data, objectives, task, with_aux=False)
+            stream = generator(split, i) if generator is not None else None
+            loss, metrics = objective_loss(objectives, data, model=model, forward=forward, task=task, step=step,
+                                           steps=steps, training=False, autocast=autocast, with_aux=False,
+                                           generator=stream)
             for k, v in {"loss": loss, **metrics}.items():
                 num, den = (float(v[0]), float(v[1])) if isinstance(v, (tuple, list)) else (float(v), 1.0)
                 total = sums.setdefault(k, [0.0, 0.0])

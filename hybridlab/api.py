@@ -119,6 +119,10 @@ class Generation:
     """The new token ids."""
     text: str
     """The prompt and its continuation, decoded by the run's task."""
+    acceptance_rate: float | None = None
+    """With ``speculative``: accepted drafted tokens / drafted tokens (else None)."""
+    tokens_per_second: float | None = None
+    """New tokens per second, the prefill included."""
 
 
 # ---------------------------------------------------------------- models and runs
@@ -204,23 +208,27 @@ def evaluate(run_dir: str | os.PathLike[str], overrides: Overrides = (), *, devi
 
 
 def generate(run_dir: str | os.PathLike[str], prompt: str | Sequence[int], *, max_new_tokens: int = 32, temperature: float = 0.0,
-             seed: int = 0, device: str = "cpu", overrides: Overrides = (), registry: Any = None) -> Generation:
+             seed: int = 0, device: str = "cpu", overrides: Overrides = (), registry: Any = None,
+             speculative: bool = False) -> Generation:
     """Continue ``prompt`` with a trained run, decoding step by step from the model's state.
     The prompt is read by the run's task: UTF-8 text for ``text``, else whitespace-separated
     token ids (or names, for tasks that name their tokens). ``temperature`` 0 is greedy;
-    ``seed`` seeds sampling.
+    ``seed`` seeds sampling. ``speculative``: draft with the run's MTP modules and verify
+    (greedy only; the same tokens as without, see ``hybridlab generate --speculative``).
 
     Raises HybridlabError (an empty prompt, ids outside the vocabulary, a mixer that cannot
     decode, bad settings) or SpecError."""
-    from hybridlab.core.generate import generate as run
+    from hybridlab.core.generate import decode_run
 
     if isinstance(prompt, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
         prompt = " ".join(map(str, prompt))  # token ids, as the CLI reads them
     if not isinstance(prompt, str):
         raise HybridlabError(f"prompt: expected text or a list of token ids, got {type(prompt).__name__}")
-    tokens, text = run(run_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                       device=_device(device), registry=_registry(registry), overrides=_overrides(overrides))
-    return Generation(tokens, text)
+    result = decode_run(run_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                        device=_device(device), registry=_registry(registry), overrides=_overrides(overrides),
+                        speculative=bool(speculative))
+    rate = result.stats.acceptance_rate if result.speculative else None
+    return Generation(result.tokens, result.text, rate, result.stats.tokens_per_second)
 
 
 # ---------------------------------------------------------------- verify and compare

@@ -32,7 +32,9 @@ CORE_CATEGORIES: dict[str, str] = {
     "block_wrapper": "wraps a whole block: module(config, dims); forward(block, h, state, ctx) runs the callable "
                      "block(h, state, ctx) on what it chooses; init_state(init, batch, device, dtype)",
     "head": "hidden [B, T, D] -> logits [B, T, V]; module(config, dims)",
-    "loss": "objective: (model output, batch) -> (scalar, metrics); module(config)",
+    "loss": "objective: a plain loss module(config), (model output, batch) -> (scalar, metrics); or a "
+            "core.objectives.Objective module(config, setup), forward(run) -> (scalar, metrics)",
+    "pooling": "hidden [B, T, D] -> one vector per sequence [B, D]; module(config, dims)",
     "data": "a task that yields batches; module(config, seed=...)",
     "optimizer": "builds a torch optimizer; module(config, params)",
     "schedule": "learning-rate multiplier per step; module(config, steps)",

@@ -322,3 +322,14 @@ def test_notebook_mistakes_are_hybridlab_errors(tmp_path):
         hybridlab.load(tmp_path, device=torch.device("cpu"))
     with pytest.raises(hybridlab.HybridlabError, match="prompt: expected text or a list of token ids"):
         hybridlab.generate(tmp_path, {"a": 1})
+
+
+def test_speculative_generate_equals_greedy_and_reports_its_acceptance(tmp_path):
+    run = hybridlab.train(pipeline(MODEL, objectives=[{"kind": "cross_entropy"}, {"kind": "mtp", "depth": 2}]),
+                          out=tmp_path / "mtp", progress=False)
+    plain = hybridlab.generate(run.run_dir, "3 20 5 21 3", max_new_tokens=8)
+    fast = hybridlab.generate(run.run_dir, "3 20 5 21 3", max_new_tokens=8, speculative=True)
+    assert fast.tokens == plain.tokens and plain.acceptance_rate is None
+    assert 0.0 <= fast.acceptance_rate <= 1.0
+    with pytest.raises(hybridlab.HybridlabError, match="speculative"):
+        hybridlab.generate(run.run_dir, "3 20", temperature=1.0, speculative=True)

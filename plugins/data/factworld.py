@@ -23,6 +23,13 @@ next input token). Queried objects are ones the history moved at least once. ``l
 counts history events; evaluation splits ``len{N}`` use N events, so histories can be
 longer than any seen in training. Metrics: ``accuracy`` (from the loss) and
 ``accuracy_recall`` / ``accuracy_state`` / ``accuracy_composition`` per split.
+
+For preference and RL objectives every batch also carries ``prompt``: the sequence's facts
+and history, then one question of its own (``... | recall a0 g3``), drawn after the
+sequence's other draws; ``answer``: the oracle's answer to it [B, 1]; ``rejected``: another
+token of the answer's kind (a value, or an agent for ``who``; a value when there is only
+one agent) [B, 1]. The three question types differ in length, so every row of a batch asks
+the same type (drawn per batch from ``query_types``); ``reward`` checks sampled answers.
 """
 
 from __future__ import annotations
@@ -32,8 +39,8 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from hybridlab.core.config import Config
-from hybridlab.core.tasks import Vocabulary, generator, length_splits, split_length, unknown_split
+from hybridlab.core.config import DataConfig
+from hybridlab.core.tasks import Vocabulary, exact_match, generator, length_splits, split_length, unknown_split
 from hybridlab.registry import hookimpl
 
 QUERY_TYPES = ("recall", "state", "composition")
@@ -41,7 +48,7 @@ SPECIALS = ("<pad>", "|", "give", "recall", "who", "compose")
 PAD, SEP, GIVE, RECALL, WHO, COMPOSE = range(len(SPECIALS))
 
 
-class FactWorldConfig(Config):
+class FactWorldConfig(DataConfig):
     """Agents with static facts and objects passed around; recall, state and composition queries."""
 
     kind: Literal["factworld"] = "factworld"
@@ -85,6 +92,9 @@ class FactWorldConfig(Config):
     def lengths(self) -> list[int]:
         return list(self.eval_lengths or [self.length])
 
+    def fields(self) -> frozenset[str]:
+        return frozenset({"inputs", "targets", "query_type", "prompt", "answer", "rejected"})
+
 
 class FactWorld:
     def __init__(self, config: FactWorldConfig, seed: int = 0) -> None:
@@ -110,7 +120,8 @@ class FactWorld:
 
     def batch(self, split: str, index: int, batch_size: int) -> dict[str, torch.Tensor]:
         """-> inputs, targets [B, T] and query_type [B, T] (index into QUERY_TYPES at each
-        scored position, -1 elsewhere)."""
+        scored position, -1 elsewhere); prompt [B, P] (facts, history, one question of one
+        type for the whole batch), answer and rejected [B, 1]."""
         c = self.config
         if split == "train":
             L = c.length
@@ -132,11 +143,16 @@ class FactWorld:
         qattr = torch.randint(0, R, (B, Q), generator=g)
         qagent = torch.randint(0, A, (B, Q), generator=g)
         qpick = torch.rand(B, Q, generator=g)  # picks among the objects the history moved
+        # the prompt's question, drawn after the rest: inputs and targets are as they were without it
+        ptype = c.query_types[int(torch.randint(0, len(c.query_types), (), generator=g))]
+        pattr, pagent = torch.randint(0, R, (B,), generator=g), torch.randint(0, A, (B,), generator=g)
+        ppick, pwrong = torch.rand(B, generator=g), torch.rand(B, generator=g)
 
         T = self.seq_len(L)
         inputs = torch.full((B, T), PAD, dtype=torch.long)
         targets = torch.full((B, T), -100, dtype=torch.long)
         query_type = torch.full((B, T), -1, dtype=torch.long)
+        prompts, answers, rejected = [], [], []
         for b in range(B):
             seq: list[int] = []
             if c.facts == "prompt":
@@ -150,6 +166,11 @@ class FactWorld:
                 holder[o] = r
             seq.append(SEP)
             candidates = sorted(holder)
+            question, answer = self._question(ptype, int(pattr[b]), int(pagent[b]), float(ppick[b]), facts[b],
+                                              holder, candidates)
+            prompts.append(seq + question)
+            answers.append(answer)
+            rejected.append(self._wrong(answer, ptype, float(pwrong[b])))
             for q in range(Q):
                 name = c.query_types[int(qtype[b, q])]
                 attr, agent = int(qattr[b, q]), int(qagent[b, q])
@@ -167,7 +188,33 @@ class FactWorld:
                 query_type[b, len(seq) - 1] = QUERY_TYPES.index(name)
                 seq.append(answer)
             inputs[b, :len(seq)] = torch.tensor(seq)
-        return {"inputs": inputs, "targets": targets, "query_type": query_type}
+        return {"inputs": inputs, "targets": targets, "query_type": query_type, "prompt": torch.tensor(prompts),
+                "answer": torch.tensor(answers)[:, None], "rejected": torch.tensor(rejected)[:, None]}
+
+    def _question(self, name: str, attr: int, agent: int, pick: float, facts: torch.Tensor, holder: dict[int, int],
+                  candidates: list[int]) -> tuple[list[int], int]:
+        """One question of type ``name`` about a sequence -> (its tokens, the oracle's answer)."""
+        obj = candidates[int(pick * len(candidates))]
+        if name == "recall":
+            return [RECALL, self.attr0 + attr, self.agent0 + agent], self.value0 + int(facts[agent, attr])
+        if name == "state":
+            return [WHO, self.object0 + obj], self.agent0 + holder[obj]
+        return [COMPOSE, self.attr0 + attr, self.object0 + obj], self.value0 + int(facts[holder[obj], attr])
+
+    def _wrong(self, answer: int, name: str, draw: float) -> int:
+        """A token of the answer's kind that is not the answer (``draw`` in [0, 1) picks it)."""
+        c = self.config
+        if name == "state" and c.agents > 1:
+            first, count = self.agent0, c.agents
+        else:  # a value (for 'who' with a single agent too: no other agent exists)
+            first, count = self.value0, c.values
+        if not first <= answer < first + count:
+            return first + int(draw * count)
+        return first + (answer - first + 1 + int(draw * (count - 1))) % count
+
+    def reward(self, batch: dict[str, torch.Tensor], completions: torch.Tensor) -> torch.Tensor:
+        """completions [B, G, N] -> [B, G]: 1.0 where the first token answers the prompt's question."""
+        return exact_match(batch["answer"], completions)
 
     def metrics(self, output, batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Accuracy per query type asked, as (correct, asked) pairs: evaluation pools them

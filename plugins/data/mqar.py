@@ -12,6 +12,10 @@ a pure function of (seed, split, index), so a resumed run sees exactly the same 
 Evaluation: one split ``eval`` at the training length, or with ``eval_lengths`` one split
 ``len{N}`` per length (same pairs and queries, a longer gap before the queries: recall over
 a longer distance than any seen in training).
+
+For preference and RL objectives every batch also carries ``prompt`` (the sequence up to
+and including the last query's key, [B, T-1]), ``answer`` (that query's value, [B, 1]) and
+``rejected`` (another value, [B, 1]); ``reward`` checks sampled answers against the pairs.
 """
 
 from __future__ import annotations
@@ -21,13 +25,13 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from hybridlab.core.config import Config
-from hybridlab.core.tasks import generator, length_splits, split_length, unknown_split
+from hybridlab.core.config import DataConfig
+from hybridlab.core.tasks import exact_match, generator, length_splits, split_length, unknown_split
 from hybridlab.registry import hookimpl
 
 
 
-class MQARConfig(Config):
+class MQARConfig(DataConfig):
     """Associative recall: key-value pairs, then queries answered by the matching value."""
 
     kind: Literal["mqar"] = "mqar"
@@ -70,6 +74,9 @@ class MQARConfig(Config):
     def min_vocab_size(self) -> int:
         return self.vocab
 
+    def fields(self) -> frozenset[str]:
+        return frozenset({"inputs", "targets", "prompt", "answer", "rejected"})
+
 
 class MQAR:
     def __init__(self, config: MQARConfig, seed: int = 0) -> None:
@@ -79,7 +86,9 @@ class MQAR:
         return length_splits(self.config.eval_lengths) if self.config.eval_lengths else ["eval"]
 
     def batch(self, split: str, index: int, batch_size: int) -> dict[str, torch.Tensor]:
-        """-> {'inputs': [B, T] long, 'targets': [B, T] long (-100 where not scored)}"""
+        """-> {'inputs': [B, T] long, 'targets': [B, T] long (-100 where not scored),
+        'prompt': [B, T-1], 'answer': [B, 1] (the last query's value), 'rejected': [B, 1]
+        (a different value, uniformly drawn)}"""
         c = self.config
         if split == "train" or (split == "eval" and not c.eval_lengths):
             # a hash of (seed, split, index): torch's CPU generator keeps only the low 32 bits
@@ -102,7 +111,16 @@ class MQAR:
         inputs[:, start + 1::2] = values.gather(1, asked)
         targets = torch.full((B, T), -100, dtype=torch.long)
         targets[:, start::2] = inputs[:, start + 1::2]
-        return {"inputs": inputs, "targets": targets}
+        # drawn last, so inputs and targets are what they were before these fields existed
+        shift = torch.randint(1, c.vocab - K - 1, (B, 1), generator=g)  # [B, 1] to another of the vocab-K-1 values
+        answer = inputs[:, -1:].clone()  # copies: an objective editing one field leaves the others be
+        rejected = K + 1 + (answer - K - 1 + shift) % (c.vocab - K - 1)
+        return {"inputs": inputs, "targets": targets, "prompt": inputs[:, :-1].clone(), "answer": answer,
+                "rejected": rejected}
+
+    def reward(self, batch: dict[str, torch.Tensor], completions: torch.Tensor) -> torch.Tensor:
+        """completions [B, G, N] -> [B, G]: 1.0 where the first token is the queried key's value."""
+        return exact_match(batch["answer"], completions)
 
 
 @hookimpl

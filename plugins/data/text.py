@@ -19,13 +19,13 @@ from typing import Literal
 import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from hybridlab.core.config import Config
+from hybridlab.core.config import DataConfig
 from hybridlab.core.errors import HybridlabError
 from hybridlab.core.tasks import generator, length_splits, split_length, unknown_split
 from hybridlab.registry import hookimpl
 
 
-class TextConfig(Config):
+class TextConfig(DataConfig):
     """Byte-level next-token prediction over local text files."""
 
     kind: Literal["text"] = "text"

@@ -16,6 +16,10 @@ A recurrence whose transition can flip sign (negative
 eigenvalues) solves parity at any length; attention has to count, and usually fails
 past the lengths it was trained on (Grazzi et al. 2024). Evaluation: one split
 ``len{N}`` per entry of ``eval_lengths`` (default: the training length).
+
+For preference and RL objectives every batch also carries ``prompt`` (the whole word,
+[B, T]), ``answer`` (its product, the last target, [B, 1]) and ``rejected`` (another
+element, [B, 1]); ``reward`` checks sampled answers against the product.
 """
 
 from __future__ import annotations
@@ -26,12 +30,12 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from hybridlab.core.config import Config
-from hybridlab.core.tasks import Vocabulary, generator, length_splits, split_length, unknown_split
+from hybridlab.core.config import DataConfig
+from hybridlab.core.tasks import Vocabulary, exact_match, generator, length_splits, split_length, unknown_split
 from hybridlab.registry import hookimpl
 
 
-class _WordProblemConfig(Config):
+class _WordProblemConfig(DataConfig):
     length: int = Field(default=32, ge=1)
     """Elements per training sequence."""
     eval_lengths: list[int] | None = Field(default=None, min_length=1)
@@ -46,6 +50,9 @@ class _WordProblemConfig(Config):
 
     def lengths(self) -> list[int]:
         return list(self.eval_lengths or [self.length])
+
+    def fields(self) -> frozenset[str]:
+        return frozenset({"inputs", "targets", "prompt", "answer", "rejected"})
 
 
 class S5Config(_WordProblemConfig):
@@ -114,7 +121,8 @@ class WordProblem:
         return length_splits(self.config.lengths())
 
     def batch(self, split: str, index: int, batch_size: int) -> dict[str, torch.Tensor]:
-        """-> {'inputs': [B, T] element ids, 'targets': [B, T] id of the product of inputs[:, :t+1]}"""
+        """-> {'inputs': [B, T] element ids, 'targets': [B, T] id of the product of inputs[:, :t+1],
+        'prompt': [B, T] the word, 'answer': [B, 1] its product, 'rejected': [B, 1] another element}"""
         if split == "train":
             T = self.config.length
         elif split in self.splits():
@@ -129,7 +137,15 @@ class WordProblem:
         for t in range(T):
             state = self.table[state, inputs[:, t]]
             targets[:, t] = state
-        return {"inputs": inputs, "targets": targets}
+        # drawn last, so inputs and targets are what they were before these fields existed
+        shift = torch.randint(1, n, (batch_size, 1), generator=g)  # [B, 1] to another of the n elements
+        answer = targets[:, -1:].clone()
+        return {"inputs": inputs, "targets": targets, "prompt": inputs.clone(), "answer": answer,
+                "rejected": (answer + shift) % n}
+
+    def reward(self, batch: dict[str, torch.Tensor], completions: torch.Tensor) -> torch.Tensor:
+        """completions [B, G, N] -> [B, G]: 1.0 where the first token is the product of the word."""
+        return exact_match(batch["answer"], completions)
 
     def metrics(self, output, batch) -> dict[str, torch.Tensor]:
         """accuracy_last: accuracy at the final position alone (the product of the whole word).

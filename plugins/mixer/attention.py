@@ -88,6 +88,9 @@ class AttentionConfig(Config):
     """Width of each head (default: d_model / heads)."""
     causal: bool = True
     """Each token attends only to itself and earlier tokens."""
+
+    def reads_ahead(self) -> bool:
+        return not self.causal
     window: int | None = Field(default=None, ge=1, le=MAX_WINDOW)
     """Sliding window: each token sees at most this many tokens, itself included (with
     causal: false, tokens less than this far away on either side). Decoding keeps a ring
@@ -96,6 +99,9 @@ class AttentionConfig(Config):
     """Positional scheme: rope (rotates q and k), alibi (biases scores by distance), none."""
     qk_norm: bool = False
     """RMSNorm on each query and key head (learned scale per head dim), before rotation."""
+    qk_norm_eps: float = Field(default=1e-6, gt=0)
+    """The eps of qk_norm's RMSNorm, added to the mean square (Qwen3 uses its rms_norm_eps).
+    Only read with qk_norm: true."""
     softcap: float | None = Field(default=None, gt=0)
     """Soft-cap the scores: softcap · tanh(score / softcap) (Gemma 2 uses 50)."""
     gate: Literal["none", "headwise", "elementwise"] = "none"
@@ -455,9 +461,9 @@ class Attention(Dispatched, ReadsContext, SequenceMixer):
         slopes = getattr(self.position, "distance_slopes", None)  # only distance-biasing schemes define it
         self.register_buffer("alibi", slopes(self.heads) if slopes else None, persistent=False)
         if config.qk_norm:
-            self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=config.qk_norm_eps)
             if config.kv_from is None:
-                self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+                self.k_norm = nn.RMSNorm(self.head_dim, eps=config.qk_norm_eps)
         gate_width = {"none": 0, "headwise": self.heads, "elementwise": self.heads * self.head_dim}[config.gate]
         self.gate = nn.Linear(dims.d_model, gate_width, bias=True) if gate_width else None
         self.sinks = nn.Parameter(torch.zeros(self.heads)) if config.sinks else None
@@ -548,7 +554,8 @@ def hybridlab_register(register):
                              "softcap": 4.0},
                             {"heads": 4, "kv_heads": 2, "window": 5, "temperature": "length",
                              "temperature_length": 16},
-                            {"heads": 3, "kv_heads": 1, "temperature": "length", "qk_norm": True, "sinks": True}])
+                            {"heads": 3, "kv_heads": 1, "temperature": "length", "qk_norm": True, "qk_norm_eps": 1e-5,
+                             "sinks": True}])
     register.impl("mixer", "attention", "reference", fn=attention_reference,
                   doc="explicit scores, masks and softmax in fp32")
     # tolerance 4 (default 2): the reference accumulates in fp32 and rounds once at the end,

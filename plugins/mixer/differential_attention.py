@@ -43,6 +43,9 @@ class DifferentialAttentionConfig(Config):
     """Width of each query/key half (default: d_model / heads / 2; the value is twice this)."""
     causal: bool = True
     """Each token attends only to itself and earlier tokens."""
+
+    def reads_ahead(self) -> bool:
+        return not self.causal
     lambda_init: float | None = Field(default=None, ge=0, lt=1)
     """λ's constant part (default: 0.8 − 0.6 · exp(−0.3 · layer index), as in the paper)."""
     position: Component("position") = Field(default_factory=lambda: {"kind": "rope"}, validate_default=True)

@@ -55,6 +55,9 @@ class MLAConfig(Config):
     """Width of each head's value (default head_dim)."""
     causal: bool = True
     """Each token attends only to itself and earlier tokens."""
+
+    def reads_ahead(self) -> bool:
+        return not self.causal
     position: Component("position") = Field(default_factory=lambda: {"kind": "rope"}, validate_default=True)
     """Positional scheme of the decoupled part (rope; none leaves it unrotated)."""
 

@@ -341,16 +341,12 @@ def test_a_task_metric_named_like_an_objectives_metric_is_an_error(registry):
     """Found by an outside-in probe: a task metric named 'loss' silently replaced the
     objectives' loss in the evaluation."""
     from hybridlab.core.interfaces import ModelOutput
-    from hybridlab.core.train import objective_loss
+    from hybridlab.core.train import with_model_metrics
 
     class Task:
         def metrics(self, output, batch):
             return {"loss": torch.tensor(123.0)}
 
-    class Objective:
-        def __call__(self, out, batch):
-            return out.logits.sum(), {"ce": out.logits.sum()}
-
     out = ModelOutput(torch.zeros(1, 2, 3))
     with pytest.raises(HybridlabError, match=r"its metrics \['loss'\] have the names"):
-        objective_loss(out, {}, [(1.0, Objective())], Task())
+        with_model_metrics(out.logits.sum(), {"ce": out.logits.sum()}, out, {}, Task())

@@ -1,0 +1,184 @@
+"""What the Hugging Face importer and exporter share: transformers on demand, the tensors
+of a ``save_pretrained`` directory (one safetensors file or the shards of an index), and
+writing an output directory all at once (staged beside it, renamed into place), so a
+failure leaves nothing behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from hybridlab.core.errors import HybridlabError
+
+INSTALL = "pip install 'hybridlab[hf]'"
+
+
+def require_transformers(command: str) -> Any:
+    """The transformers module, or a one-line error naming the extra that installs it."""
+    try:
+        import transformers
+    except ImportError:
+        raise HybridlabError(f"{command} needs the transformers package, an optional extra: {INSTALL}") from None
+    _hub_kernels_first()
+    return transformers
+
+
+def _hub_kernels_first() -> None:
+    """transformers imports Hugging Face's ``kernels`` package where it is installed. In a
+    source checkout run from its root (``python -m hybridlab``, ``python -m pytest``), the
+    root is on sys.path and our own ``kernels/`` folder would answer that import; import
+    theirs first, with the root hidden (ours is ``hybridlab.kernels``, never ``kernels``)."""
+    import importlib
+    import importlib.util
+    import sys
+
+    import hybridlab
+
+    root = Path(hybridlab.__file__).resolve().parent.parent
+    if "kernels" in sys.modules or not (root / "kernels" / "__init__.py").is_file():
+        return
+    saved = list(sys.path)
+    sys.path[:] = [p for p in saved if Path(p or ".").resolve() != root]
+    try:
+        if len(sys.path) != len(saved) and importlib.util.find_spec("kernels") is not None:
+            importlib.import_module("kernels")
+    except ImportError:
+        pass  # transformers reads its version from the installed metadata and decides itself
+    finally:
+        sys.path[:] = saved
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; anything else is an error naming the file."""
+    if not path.is_file():
+        raise HybridlabError(f"{path}: not found; {what}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HybridlabError(f"{path}: cannot be read as JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise HybridlabError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+class Tensors:
+    """The tensors of a ``save_pretrained`` directory by name, read on demand from
+    ``model.safetensors`` or the shards ``model.safetensors.index.json`` lists. ``take``
+    checks a tensor's shape against what the config implies and marks it used, so that
+    tensors nothing took can be reported (a checkpoint the config does not describe)."""
+
+    def __init__(self, src: Path) -> None:
+        self.src = src
+        single, index = src / "model.safetensors", src / "model.safetensors.index.json"
+        if single.is_file():
+            self.files = {name: single for name in self._names(single)}
+        elif index.is_file():
+            weight_map = read_json(index, "").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise HybridlabError(f"{index}: no weight_map object (expected tensor name -> shard file)")
+            self.files = {name: src / file for name, file in weight_map.items()}
+            for file in sorted(set(self.files.values())):
+                if not file.is_file():
+                    raise HybridlabError(f"{index}: names shard {file.name}, which is not in {src}")
+        else:
+            found = sorted(p.name for p in src.glob("*.bin")) + sorted(p.name for p in src.glob("*.pt"))
+            why = (f" (it has {', '.join(found[:3])}: load and save_pretrained it again to write safetensors)"
+                   if found else "")
+            raise HybridlabError(f"{src}: no model.safetensors or model.safetensors.index.json; import-hf reads "
+                                 f"safetensors weights{why}")
+        self.used: set[str] = set()
+        self.dtypes: set[str] = set()  # of the tensors taken, as stored
+        self._open: dict[Path, Any] = {}
+
+    @staticmethod
+    def _names(file: Path) -> list[str]:
+        import safetensors
+
+        try:
+            with safetensors.safe_open(str(file), framework="pt") as f:
+                return list(f.keys())
+        except Exception as exc:  # noqa: BLE001 - whatever the reader says, the file is damaged
+            raise _damaged(file, exc) from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def _handle(self, file: Path) -> Any:
+        import safetensors
+
+        if file not in self._open:
+            try:
+                self._open[file] = safetensors.safe_open(str(file), framework="pt")
+            except Exception as exc:  # noqa: BLE001
+                raise _damaged(file, exc) from None
+        return self._open[file]
+
+    def take(self, name: str, shape: tuple[int, ...], why: str) -> torch.Tensor:
+        """The tensor ``name`` as float32, which must have ``shape`` (``why``: what in the
+        config implies it, for the message)."""
+        if name not in self.files:
+            raise HybridlabError(f"{self.src}: tensor {name} is missing ({why} implies it, shape {list(shape)})")
+        file = self.files[name]
+        handle = self._handle(file)
+        try:
+            found = tuple(handle.get_slice(name).get_shape())
+        except Exception as exc:  # noqa: BLE001 - an index naming a tensor its shard lacks, a bad header
+            raise _damaged(file, exc, name) from None
+        if found != tuple(shape):
+            raise HybridlabError(f"{file}: tensor {name} has shape {list(found)}, but {why} implies {list(shape)}")
+        try:
+            tensor = handle.get_tensor(name)
+        except Exception as exc:  # noqa: BLE001 - e.g. the data after a good header is cut short
+            raise _damaged(file, exc, name) from None
+        self.used.add(name)
+        self.dtypes.add(str(tensor.dtype).removeprefix("torch."))
+        return tensor.to(torch.float32)
+
+    def unused(self) -> list[str]:
+        return sorted(set(self.files) - self.used)
+
+
+def _damaged(file: Path, exc: Exception, name: str | None = None) -> HybridlabError:
+    reason = (str(exc).strip().splitlines() or [""])[0][:200]
+    what = f" (reading {name})" if name else ""
+    return HybridlabError(f"{file}: cannot be read{what}: {type(exc).__name__}: {reason}; the file is damaged or "
+                          "incomplete")
+
+
+def check_new(out: Path, what: str) -> None:
+    """``out`` must not exist, or be an empty directory."""
+    if out.exists() and not out.is_dir():
+        raise HybridlabError(f"{what} {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise HybridlabError(f"{what} {out}: exists and is not empty; give a new or empty directory")
+
+
+@contextlib.contextmanager
+def staged(out: Path, what: str) -> Iterator[Path]:
+    """A fresh directory beside ``out`` to write into; renamed to ``out`` when the block
+    ends without an error, removed when it raises (so nothing half-written is left)."""
+    out = Path(out)
+    check_new(out, what)
+    parent = out.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HybridlabError(f"{what} {out}: cannot create {parent} ({exc.strerror or exc})") from None
+    staging = parent / f".{out.name}.partial-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        yield staging
+        if out.is_dir():  # empty, checked above
+            out.rmdir()
+        os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
