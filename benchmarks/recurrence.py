@@ -36,7 +36,8 @@ from hybridlab.plugins.mixer.linear_recurrence import default_chunk
 # public op -> mixer kind
 OPS = {"linear_attn": "linear_attention", "retention": "retention", "gla": "gla", "delta_rule": "deltanet",
        "gated_delta_rule": "gated_deltanet", "gated_delta_product": "gated_deltaproduct", "kda": "kda",
-       "ssd": "mamba2"}
+       "ssd": "mamba2", "rwkv7": "rwkv7",
+       "comba": "comba"}
 
 
 def make_inputs(op: str, T: int, device: str, dtype: torch.dtype, B: int = 1, H: int = 4, K: int = 64,
@@ -63,6 +64,16 @@ def make_inputs(op: str, T: int, device: str, dtype: torch.dtype, B: int = 1, H:
         x["g"], x["beta"] = F.logsigmoid(randn(B, T, H, K)) / 16, torch.sigmoid(randn(B, T, H))
     if op == "ssd":
         x["g"] = F.logsigmoid(randn(B, T, H) + 2)
+    if op == "comba":  # the layer's inputs: unit q and k, p = σ(λ) k, q - d p
+        x["k"] = F.normalize(x["k"], dim=-1)
+        x["p"] = x["k"] * torch.sigmoid(randn(H))[:, None]
+        x["q"] = F.normalize(x["q"], dim=-1) - x["p"]
+        x["g"], x["beta"] = F.logsigmoid(randn(B, T, H) + 2), torch.sigmoid(randn(B, T, H))
+    if op == "rwkv7":  # the RWKV-7 layer's inputs: a = -κ̂, b = κ̂ ⊙ η, w ∈ (-e^-0.5, 0)
+        removal = F.normalize(randn(B, T, H, K), dim=-1)
+        x["k"] = x["k"] * K ** -0.5
+        x["a"], x["b"] = -removal, removal * torch.rand(B, T, H, K, generator=gen)
+        x["gk"] = -0.6065 * torch.sigmoid(randn(B, T, H, K))
     return {n: t.to(device=device, dtype=dtype) for n, t in x.items()}
 
 

@@ -112,6 +112,21 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path
 
 
+def checkpoint_at(path: Path) -> Path | None:
+    """A checkpoint named by ``path``: a checkpoint directory itself (``RUN/checkpoints/
+    step-NNNNNN``, as a pinned reference stores it), or a run directory's latest."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return path
+    return latest_checkpoint(path)
+
+
+def run_of(path: Path) -> Path:
+    """The run directory of a run or checkpoint directory."""
+    path = Path(path)
+    return path.parent.parent if (path / "model.safetensors").is_file() else path
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, device: torch.device,
                     extra: dict[str, torch.nn.Module] | None = None) -> dict[str, Any]:
     """Load weights into ``model`` (strict: same names, same shapes) and ``extra``'s modules

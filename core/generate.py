@@ -34,7 +34,7 @@ from .train import resolve_device
 
 
 def load_run(run_dir: str | Path, *, device: str = "cpu", registry: Any = None,
-             overrides: Iterable[str] = ()) -> tuple[PipelineSpec, Model, Any]:
+             overrides: Iterable[str] = (), check_models: bool = False) -> tuple[PipelineSpec, Model, Any]:
     """The run's spec, its model with the latest checkpoint's weights (in eval mode) and its
     task. ``overrides`` (``--set``) change the spec first: what the weights allow, such as a
     loop's count (``model.layers[1].loop=8``) or an attention window."""
@@ -46,7 +46,8 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", registry: Any = None,
 
         registry = default_registry()
     # training warnings are past, and the training data is not needed to continue a prompt
-    spec = load_pipeline(run_dir / "spec.yaml", list(overrides), registry=registry, warn=False, saved_run=True)
+    spec = load_pipeline(run_dir / "spec.yaml", list(overrides), registry=registry, warn=False, saved_run=True,
+                         check_models=check_models)
     path = latest_checkpoint(run_dir)
     if path is None:
         raise HybridlabError(f"{run_dir}: no checkpoint yet (train it first, or wait for its first checkpoint)")
@@ -223,7 +224,8 @@ def evaluate_run(run_dir: str | Path, *, overrides: Iterable[str] = (), device: 
     eval_batches and batch_size), after ``overrides`` (a loop's count, eval lengths...)."""
     from .train import evaluate
 
-    spec, model, task = load_run(run_dir, device=device, registry=registry, overrides=overrides)
+    # the objectives run here: their model references are checked (a --set may have changed them)
+    spec, model, task = load_run(run_dir, device=device, registry=registry, overrides=overrides, check_models=True)
     device_ = next(model.parameters()).device
     objectives = load_objectives(run_dir, spec, model, registry=registry, device=device_)
     streams = lambda split, index: torch.Generator(device=device_).manual_seed(  # noqa: E731

@@ -94,7 +94,10 @@ class ObjectiveRun:
     def hidden(self, ref: int | str) -> Tensor:
         if self.output is None:
             raise HybridlabError("the objective asked for hidden states but needs().forward is false")
-        return self.output.hidden[self.layers.get(ref, ref)]
+        if ref not in self.layers:
+            raise HybridlabError(f"the objective read the output of layer {ref!r}, which its needs().hidden does not "
+                                 f"declare (declared by this pipeline's objectives: {sorted(map(str, self.layers))})")
+        return self.output.hidden[self.layers[ref]]
 
     @torch.no_grad()
     def sample(self, prompts: Tensor, n: int, max_new_tokens: int, *, temperature: float = 1.0) -> Tensor:
@@ -109,6 +112,33 @@ class ObjectiveRun:
         finally:
             self.model.train(was)
         return out[:, P:].reshape(B, n, max_new_tokens)
+
+
+RESERVED_METRICS = ("loss", "aux", "lr", "grad_norm", "tokens_per_s", "skipped", "non_finite", "step")
+
+
+def checked_result(name: str, result: Any) -> tuple[Tensor, dict]:
+    """An objective's ``(loss, metrics)`` as the contract says: a scalar tensor and a mapping
+    of numbers or (numerator, denominator) pairs, with names the trainer does not log
+    itself; a one-line error naming the objective otherwise."""
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict)):
+        raise HybridlabError(f"objective {name!r} returned {type(result).__name__}; it must return (loss, metrics), "
+                             "a scalar tensor and a dict")
+    loss, metrics = result
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        shape = f"a tensor of shape {list(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+        raise HybridlabError(f"objective {name!r} returned {shape} as its loss; it must be a scalar tensor")
+    taken = sorted(set(metrics) & set(RESERVED_METRICS))
+    if taken:
+        raise HybridlabError(f"objective {name!r}: its metrics {taken} have names the trainer logs itself; give them "
+                             "other names")
+    for key, value in metrics.items():
+        parts = value if isinstance(value, (tuple, list)) and len(value) == 2 else (value,)
+        if not all(isinstance(v, (int, float, Tensor)) and not isinstance(v, bool) and
+                   (not isinstance(v, Tensor) or v.numel() == 1) for v in parts):
+            raise HybridlabError(f"objective {name!r}: metric {key!r} is {value!r}; a metric is a number, a "
+                                 "one-element tensor, or a (numerator, denominator) pair of them")
+    return loss, metrics
 
 
 class LossAdapter(Objective):
@@ -143,10 +173,19 @@ def objective_names(configs: list[LossConfig]) -> list[str]:
 
 
 def load_frozen(ref: str, device: torch.device, registry: Any) -> nn.Module:
-    """A run directory's model with its latest weights, in eval mode, without gradients."""
-    from .generate import load_run
+    """A run's model (``ref``: a checkpoint directory, as references are pinned, or a run
+    directory: its latest), in eval mode, without gradients."""
+    from .checkpoint import checkpoint_at, load_checkpoint, run_of
+    from .model import Model
+    from .spec import load_pipeline
 
-    _, model, _ = load_run(ref, device=str(device), registry=registry)
+    run = run_of(Path(ref))
+    path = checkpoint_at(Path(ref))
+    if path is None:
+        raise HybridlabError(f"{ref}: no checkpoint there")
+    spec = load_pipeline(run / "spec.yaml", registry=registry, warn=False, saved_run=True)
+    model = Model(spec.model, registry).to(device)
+    load_checkpoint(path, model, device)
     return freeze(model)
 
 
@@ -234,7 +273,7 @@ class Objectives(nn.Module):
         for i, (config, module) in enumerate(zip(self.configs, self.items)):
             run = ObjectiveRun(batch, output, model, run_forward, self.models[i], task, step, steps, training,
                                self.layers, generator, autocast)
-            loss, metrics = module(run)
+            loss, metrics = checked_result(self.names[i], module(run))
             results.append((config.weight, loss, metrics))
         return output, results, {name: sum(values) / len(values) for name, values in aux.items()}
 
@@ -261,7 +300,7 @@ def starting_model(spec: Any, registry: Any, device: torch.device) -> nn.Module:
     """A pipeline's model as its training started, rebuilt: the initialisation under the
     run's seed (the trainer builds the model first thing after seeding), or the weights of
     ``init_from``'s latest checkpoint. The caller's random state is left as it was."""
-    from .checkpoint import latest_checkpoint, load_checkpoint
+    from .checkpoint import checkpoint_at, load_checkpoint
     from .model import Model
     from .tasks import torch_seed
 
@@ -269,7 +308,7 @@ def starting_model(spec: Any, registry: Any, device: torch.device) -> nn.Module:
         torch.manual_seed(torch_seed(spec.seed))
         model = Model(spec.model, registry).to(device)
     if spec.init_from is not None:
-        path = latest_checkpoint(Path(spec.init_from))
+        path = checkpoint_at(Path(spec.init_from))
         if path is None:
             raise HybridlabError(f"init_from {spec.init_from}: no checkpoint there (the run's 'start' reference "
                                  "is its weights)")
@@ -278,22 +317,28 @@ def starting_model(spec: Any, registry: Any, device: torch.device) -> nn.Module:
 
 
 def check_model_reference(ref: str, base: Path) -> tuple[str | None, str | None]:
-    """A model reference from a spec -> (absolute run directory or 'start', None) or
-    (None, why it cannot be used). Relative paths are read from ``base``."""
+    """A model reference from a spec -> (its pinned checkpoint directory, or 'start'; None)
+    or (None, why it cannot be used). Relative paths are read from ``base``. A run
+    directory is pinned to its latest checkpoint, so a resumed run reads the same weights
+    even when that run has trained on since."""
+    from .checkpoint import checkpoint_at, run_of
+
     if ref == START:
         return START, None
     path = Path(ref)
     if not path.is_absolute():
         path = base / path
     if not path.exists():
+        if path.parent.name == "checkpoints" and path.parent.parent.is_dir():
+            return None, (f"checkpoint {ref!r} is gone: this run read that run's weights as they were then, and "
+                          "that run has trained on and deleted it (only the newest checkpoints are kept)")
         return None, f"run directory {ref!r} not found (looked at {path})"
-    if not (path / "spec.yaml").is_file():
+    if not (run_of(path) / "spec.yaml").is_file():
         return None, f"{ref!r} is not a run directory (no spec.yaml)"
-    from .checkpoint import latest_checkpoint
-
     try:
-        if latest_checkpoint(path) is None:
-            return None, f"run {ref!r} has no checkpoint yet (train it first)"
+        pinned = checkpoint_at(path)
     except HybridlabError as exc:
         return None, str(exc)
-    return str(path.resolve()), None
+    if pinned is None:
+        return None, f"run {ref!r} has no checkpoint yet (train it first)"
+    return str(pinned.resolve()), None

@@ -30,7 +30,7 @@ from .checkpoint import atomic_write_text, save_checkpoint
 from .errors import HybridlabError
 from .generate import evaluate_run, load_objectives, load_run
 from .interfaces import StreamTaps
-from .spec import BlockSpec, PipelineSpec, check_problems, dump_spec
+from .spec import BlockSpec, PipelineSpec, check_problems, dump_spec, objective_problems
 from .train import make_dir
 
 
@@ -141,6 +141,7 @@ def pruned_spec(spec: PipelineSpec, indices: list[int], registry: Any) -> tuple[
         raise HybridlabError(f"the pruned spec does not validate: {exc}") from None
     # the checks that need the whole model (a kv_from naming a dropped block...), before anything is written
     problems = check_problems(new.model, None, ("model",), registry)
+    problems += objective_problems(new, None, registry, check_models=False)[1]  # a LET reading a dropped layer
     if problems:
         raise HybridlabError("the pruned spec would not be valid: " + "; ".join(
             f"{p.path}: {p.message}" for p in problems))

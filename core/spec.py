@@ -27,7 +27,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, ValidationInfo, WrapValidator, field_validator
 
-from .config import Component, Config, DataConfig, Dims, component_category
+from .checkpoint import checkpoint_at
+from .config import Component, Config, DataConfig, Dims, Needs, component_category
 from .errors import HybridlabError, Problem, SpecError, format_path
 from .yamlio import Loc, LocDict, LocList, display_name, read_yaml, to_plain
 
@@ -247,8 +248,9 @@ class PipelineSpec(Config):
     max_bad_steps: int = Field(default=5, ge=1)
     """Stop after this many non-finite losses in a row."""
     init_from: str | None = None
-    """A run directory whose latest checkpoint gives the model's starting weights
-    (fine-tuning; set by ``model: RUN_DIR``). A resumed run reads its own checkpoint."""
+    """A checkpoint (or a run directory: its latest) that gives the model's starting
+    weights (fine-tuning; set by ``model: RUN_DIR``, pinned to that run's latest checkpoint).
+    A resumed run reads its own checkpoint."""
 
     @field_validator("device")
     @classmethod
@@ -928,11 +930,14 @@ def model_spec_from_data(data: LocDict, registry: Any, prefix: tuple = ()) -> Mo
 
 @_too_deep
 def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: Any = None,
-                  warn: bool = True, saved_run: bool = False) -> PipelineSpec:
+                  warn: bool = True, saved_run: bool = False, check_models: bool | None = None,
+                  relative_to: Path | None = None) -> PipelineSpec:
     """Read and validate a training pipeline; ``model:`` may be a path (relative to the
     pipeline file, errors point into that file) or an inline model spec. ``warn``: print
     warnings about the training settings; ``saved_run``: the spec.yaml of a run read to use
-    its model (generate), which needs no training data (a text task's files may be gone)."""
+    its model (generate), which needs no training data (a text task's files may be gone).
+    ``check_models``: check the objectives' model references (default: unless ``saved_run``);
+    ``relative_to``: the folder they are relative to (default: the file that wrote them)."""
     registry = _registry(registry)
     path = Path(path)
     data = resolve_extends(path)
@@ -953,7 +958,9 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: 
             if not isinstance(run.get("model"), dict):
                 raise SpecError([data.locs["model"].problem(f"run directory {model!r} has no model in its spec.yaml")])
             data["model"] = run["model"]
-            data["init_from"] = str(model_path.resolve())
+            # pinned to the checkpoint it names now: a resumed run starts from the same weights
+            pinned = checkpoint_at(model_path)
+            data["init_from"] = str((pinned or model_path).resolve())
         elif model_path.is_dir():
             raise SpecError([data.locs["model"].problem(f"model spec {model!r} is a directory without spec.yaml, "
                                                         "expected a YAML file or a run directory")])
@@ -981,7 +988,8 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: 
         loc, rest = _walk(data, ("data",))
         problems.append(loc.problem(f"the task uses {needed} token ids but model.vocab_size is "
                                     f"{spec.model.vocab_size}", rest))
-    objectives, found = objective_problems(spec, data, registry, check_models=not saved_run)
+    objectives, found = objective_problems(spec, data, registry, relative_to=relative_to,
+                                           check_models=not saved_run if check_models is None else check_models)
     problems += found
     if problems:
         raise SpecError(problems)
@@ -995,12 +1003,13 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: 
     return spec
 
 
-def objective_problems(spec: PipelineSpec, data: Any, registry: Any, *,
-                       check_models: bool = True) -> tuple[list, list[Problem]]:
+def objective_problems(spec: PipelineSpec, data: Any, registry: Any, *, check_models: bool = True,
+                       relative_to: Path | None = None) -> tuple[list, list[Problem]]:
     """The objectives' needs against the pipeline: unique names, batch fields the task
     yields, hidden layers the model has, model references that are trained runs (made
     absolute), then each config's own ``check_pipeline``. -> (the objectives with their
     references resolved, the problems)."""
+    from .checkpoint import run_of
     from .objectives import START, check_model_reference, objective_names, resolve_layer
 
     problems: list[Problem] = []
@@ -1015,6 +1024,8 @@ def objective_problems(spec: PipelineSpec, data: Any, registry: Any, *,
                                         "its metrics)"))
         try:
             needs = config.needs()
+            if not isinstance(needs, Needs):
+                raise TypeError(f"it returned {type(needs).__name__}, not hybridlab.core.config.Needs")
         except Exception as exc:  # noqa: BLE001 - a plugin's needs() crashing: reported at its entry
             problems.append(_problem_at(data, at, f"its needs() raised {type(exc).__name__}: {exc}"))
             resolved.append(config)
@@ -1033,11 +1044,12 @@ def objective_problems(spec: PipelineSpec, data: Any, registry: Any, *,
         for field in needs.models if check_models else ():
             ref = getattr(config, field)
             loc, _ = _walk(data, at + (field,))
-            base = Path(loc.file).parent if loc is not None and loc.file not in ("--set", "<spec>") else Path.cwd()
+            written = loc is not None and loc.file not in ("--set", "<spec>")
+            base = relative_to or (Path(loc.file).parent if written else Path.cwd())
             where, why = check_model_reference(str(ref), base)
             if why is None and where != START:
                 try:
-                    models[field] = load_pipeline(Path(where) / "spec.yaml", registry=registry, warn=False,
+                    models[field] = load_pipeline(run_of(Path(where)) / "spec.yaml", registry=registry, warn=False,
                                                   saved_run=True).model
                 except HybridlabError as exc:
                     why = f"the run's spec.yaml does not load: {exc}"
@@ -1058,8 +1070,10 @@ def objective_problems(spec: PipelineSpec, data: Any, registry: Any, *,
             inside = () if field is None else tuple(field) if isinstance(field, (tuple, list)) else (field,)
             problems.append(_problem_at(data, at + inside, message))
     causal = [name for name, config in zip(names, spec.objectives) if _needs(config).causal]
-    if causal:
-        for config, path in _components(spec.model, ("model",)):
+    if causal:  # the model's layers, and the objectives' own (an MTP block)
+        own = [(config, path) for i, objective in enumerate(spec.objectives) if _needs(objective).causal
+               for config, path in _components(objective, ("objectives", i)) if config is not objective]
+        for config, path in [*_components(spec.model, ("model",)), *own]:
             if config.reads_ahead():
                 problems.append(_problem_at(data, path, f"{config.kind} reads later positions (an encoder), but "
                                 f"objective {causal[0]!r} predicts each token from the ones before it: the model "
@@ -1069,12 +1083,11 @@ def objective_problems(spec: PipelineSpec, data: Any, registry: Any, *,
 
 def _needs(config: Any) -> Any:
     """``config.needs()``, or the default needs when it fails (already reported)."""
-    from .config import Needs
-
     try:
-        return config.needs()
+        needs = config.needs()
     except Exception:  # noqa: BLE001
         return Needs()
+    return needs if isinstance(needs, Needs) else Needs()
 
 
 def is_pipeline(path: str | Path) -> bool:

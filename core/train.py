@@ -27,7 +27,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_text, checkpoint_at, latest_checkpoint, load_checkpoint, save_checkpoint
 from .errors import HybridlabError
 from .model import Model, count_parameters
 from .spec import PipelineSpec, dump_spec, load_pipeline
@@ -118,7 +118,7 @@ class Trainer:
         """A copy of the model at its start: the seeded initialisation, or init_from's weights."""
         model = start_copy(self.model)
         if self.spec.init_from is not None:
-            path = latest_checkpoint(Path(self.spec.init_from))
+            path = checkpoint_at(Path(self.spec.init_from))
             if path is None:
                 raise HybridlabError(f"init_from {self.spec.init_from}: no checkpoint there")
             load_checkpoint(path, model, self.device)
@@ -137,7 +137,7 @@ class Trainer:
                                      f"{', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); give a new or "
                                      "empty --out")
         if self.spec.init_from is not None:  # fine-tuning: the weights of another run's latest checkpoint
-            path = latest_checkpoint(Path(self.spec.init_from))
+            path = checkpoint_at(Path(self.spec.init_from))
             if path is None:
                 raise HybridlabError(f"init_from {self.spec.init_from}: no checkpoint there")
             load_checkpoint(path, self.model, self.device)

@@ -484,7 +484,8 @@ def _pipeline_spec(pipeline: Any, overrides: Overrides, registry: Any, name: str
     overrides = _overrides(overrides)
     if isinstance(pipeline, (Mapping, _BaseModel())):
         with _as_file(pipeline, name) as path, _warnings_from_stderr(_rename_text({_display(path): name})):
-            return load_pipeline(path, overrides, registry=registry, warn=warn)
+            # a mapping's paths are relative to the working directory, its objectives' runs too
+            return load_pipeline(path, overrides, registry=registry, warn=warn, relative_to=Path.cwd())
     with _warnings_from_stderr(lambda text: text):
         return load_pipeline(_fspath(pipeline), overrides, registry=registry, warn=warn)
 

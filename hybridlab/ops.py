@@ -8,7 +8,11 @@ conventions so results can be checked against it:
 - ``doc_ids`` [B, T] marks packed documents: the state restarts where the id changes;
 - every op returns ``(o, final_state)``, the state in fp32 (fp64 for fp64 inputs);
   ``forgetting_attn`` (softmax attention, stateless like fla's) returns ``o`` alone, and
-  its k, v and g may be longer than q (a cached prefix: queries are the last positions).
+  its k, v and g may be longer than q (a cached prefix: queries are the last positions);
+  ``causal_conv1d`` (the short_conv mixer's) keeps fla's conv state, the last W inputs
+  [B, D, W] in x's dtype (copies of inputs, no rounding to avoid); ``stickbreaking_attn``
+  (stateless like forgetting_attn, with a cached prefix likewise) returns ``(o, rem)``, rem
+  the unallocated stick [B, Tq, HQ], as fla's ``sb_attn``.
 
 Arguments are checked before anything runs: tensors where tensors belong, one floating
 dtype for q, k, v, one device, shapes against each other, and g ≤ 0 (-inf, a hard reset,
@@ -34,6 +38,7 @@ from typing import Any, Callable
 import torch
 
 from hybridlab.core.dispatch import choose
+from hybridlab.plugins.mixer.comba import comba_reference
 from hybridlab.plugins.mixer.deltanet import delta_rule_reference
 from hybridlab.plugins.mixer.forgetting_attention import forgetting_attn_reference
 from hybridlab.plugins.mixer.gated_deltanet import gated_delta_rule_reference
@@ -44,9 +49,13 @@ from hybridlab.plugins.mixer.kda import kda_reference
 from hybridlab.plugins.mixer.linear_attention import linear_attn_reference
 from hybridlab.plugins.mixer.mamba2 import ssd_reference
 from hybridlab.plugins.mixer.retention import retention_reference
+from hybridlab.plugins.mixer.rwkv7 import rwkv7_reference
+from hybridlab.plugins.mixer.short_conv import causal_conv1d_reference
+from hybridlab.plugins.mixer.stickbreaking_attention import stickbreaking_attn_reference
 
 __all__ = ["linear_attn", "retention", "gla", "delta_rule", "gated_delta_rule", "gated_delta_product", "kda", "ssd",
-           "hgrn", "forgetting_attn", "op"]
+           "hgrn", "forgetting_attn", "causal_conv1d", "stickbreaking_attn",
+           "rwkv7", "comba", "op"]
 
 
 def op(name: str, kind: str, reference: Callable) -> Callable:
@@ -78,14 +87,15 @@ def op(name: str, kind: str, reference: Callable) -> Callable:
         if elsewhere:
             raise ValueError(f"{name}: every tensor must be on q's device ({q.device}); "
                              + ", ".join(f"{n} is on {bound.arguments[n].device}" for n in elsewhere))
-        g = bound.arguments.get("g")
+        gate = "gk" if "gk" in signature.parameters else "g"  # rwkv7 (fla's DPLR form) names it gk
+        g = bound.arguments.get(gate)
         # g is a log decay; a positive one (a growing state) is outside every op's contract
         # (the chunked forms cap decay ratios at 1), and so is NaN. One host sync; skipped
         # while compiling and for meta tensors (no values)
         if g is not None and not torch.compiler.is_compiling() and g.is_floating_point() and g.device.type != "meta" \
                 and not bool((g <= 0).all()):
             bad = g[~(g <= 0)]
-            raise ValueError(f"{name}: g is the log of the decay and must be ≤ 0 (or -inf), "
+            raise ValueError(f"{name}: {gate} is the log of the decay and must be ≤ 0 (or -inf), "
                              + ("got NaN" if bad.isnan().any() else f"got a largest value of {bad.max().item():g}"))
         first = tensors[0]
         training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -109,3 +119,7 @@ kda = op("kda", "kda", kda_reference)
 ssd = op("ssd", "mamba2", ssd_reference)
 hgrn = op("hgrn", "hgrn", hgrn_reference)  # x, g [B, T, D]; HGRN2 runs on gla
 forgetting_attn = op("forgetting_attn", "forgetting_attention", forgetting_attn_reference)
+causal_conv1d = op("causal_conv1d", "short_conv", causal_conv1d_reference)  # x [B, T, D], weight [D, W]
+stickbreaking_attn = op("stickbreaking_attn", "stickbreaking_attention", stickbreaking_attn_reference)
+rwkv7 = op("rwkv7", "rwkv7", rwkv7_reference)  # q, k, v, a, b, gk [B, T, H, K] (fla's DPLR form)
+comba = op("comba", "comba", comba_reference)  # q, k, v, p, g, beta (fla's chunk_comba order)

@@ -94,6 +94,7 @@ class Tensors:
                                  f"safetensors weights{why}")
         self.used: set[str] = set()
         self.dtypes: set[str] = set()  # of the tensors taken, as stored
+        self.notes: list[str] = []  # what a family skipped on purpose (e.g. MTP layers), for the import's notes
         self._open: dict[Path, Any] = {}
 
     @staticmethod
@@ -182,3 +183,78 @@ def staged(out: Path, what: str) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- shared by the families' option checks
+
+
+def unsupported(family: str, option: str, value: Any, why: str) -> HybridlabError:
+    """The one-line error for a config option we cannot represent."""
+    return HybridlabError(f"config.json: {option} = {value!r} cannot be imported ({family}): {why}")
+
+
+def check_quantization(family: str, config: Any) -> None:
+    if getattr(config, "quantization_config", None):
+        raise unsupported(family, "quantization_config", type(config.quantization_config).__name__,
+                          "quantized weights; import the unquantized checkpoint")
+
+
+def check_rope(family: str, config: Any, *, partial: bool = False) -> tuple[float, float]:
+    """(rope theta, rotary fraction) of a default RoPE; any scaling or other key is refused
+    by name. ``partial``: the family reads ``partial_rotary_factor`` (else it must be 1)."""
+    rope = dict(config.rope_parameters or {})
+    kind = rope.pop("rope_type", rope.pop("type", "default"))
+    if kind != "default":
+        raise unsupported(family, "rope_parameters.rope_type", kind,
+                          "the rope kind has no RoPE scaling (only rope_type 'default' imports)")
+    theta = rope.pop("rope_theta", None)
+    if not isinstance(theta, (int, float)) or theta <= 1:
+        raise unsupported(family, "rope_parameters.rope_theta", theta, "expected a number above 1")
+    fraction = rope.get("partial_rotary_factor", 1.0)
+    if fraction == 1.0 or (partial and isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+        rope.pop("partial_rotary_factor", None)
+    if rope:  # transformers' default RoPE of these families reads nothing else
+        key, value = next(iter(rope.items()))
+        raise unsupported(family, f"rope_parameters.{key}", value, "not an option of the default RoPE")
+    return float(theta), float(fraction)
+
+
+def check_known(family: str, config: Any, transformers: Any, known: set[str] | tuple[str, ...]) -> None:
+    """Every field of the config class that the family neither reads nor knows to be inert
+    must hold its default: an option newer than the importer is refused by name."""
+    import dataclasses
+
+    base = {f.name for f in dataclasses.fields(transformers.PreTrainedConfig)}
+    default = type(config)()
+    for field in dataclasses.fields(type(config)):
+        name = field.name
+        if name in base or name in known:
+            continue
+        if getattr(config, name, None) != getattr(default, name, None):
+            raise unsupported(family, name, getattr(config, name), "an option this importer does not know")
+
+
+def check_all_taken(tensors: Tensors, family: str, ignore: tuple[str, ...] = ("rotary_emb.inv_freq",)) -> None:
+    """No tensor of the checkpoint is left over (a layer or a bias the config does not declare)."""
+    left = [n for n in tensors.unused() if not n.endswith(ignore)]
+    if left:
+        more = f" and {len(left) - 3} more" if len(left) > 3 else ""
+        raise HybridlabError(f"{tensors.src}: tensor {', '.join(left[:3])}{more} is not part of the {family} "
+                             "model config.json describes (a bias or a layer the config does not declare?)")
+
+
+def plain_stack(spec: Any) -> str:
+    """"" when the spec is a token embedding (unscaled), prenorm residual, lm head without
+    softcap, affine rmsnorm final norm and top-level blocks only; else why not."""
+    if spec.embedding.kind != "token":
+        return f"embedding is {spec.embedding.kind}, not token"
+    if spec.residual.kind != "prenorm":
+        return f"residual is {spec.residual.kind}, not prenorm"
+    if spec.head.kind != "lm":
+        return f"head is {spec.head.kind}, not lm"
+    if spec.norm.kind != "rmsnorm" or not spec.norm.affine:
+        return "the final norm is not an rmsnorm with a learned scale"
+    for pos in spec.positions():
+        if len(pos.path) != 2 or pos.path[0] != "layers":
+            return f"block at depth {pos.index} is inside a loop or a shared group"
+    return ""

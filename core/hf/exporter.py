@@ -1,9 +1,9 @@
 """``hybridlab export-hf RUN_DIR --out DIR``: a run's latest checkpoint as a directory
 transformers loads.
 
-- A llama-, qwen3- or mamba2-shaped spec (``llama.export_family``, ``mamba2.export_family``)
-  is written natively: config.json and model.safetensors of that family, loaded by
-  ``AutoModelForCausalLM.from_pretrained(DIR)`` without remote code.
+- A spec shaped like llama, qwen3, mamba2, gemma2, diffllama or qwen3_next (each family
+  module's ``export_family``) is written natively: config.json and model.safetensors of
+  that family, loaded by ``AutoModelForCausalLM.from_pretrained(DIR)`` without remote code.
 - Any other spec (or ``--generic``) is written as a remote-code model: config.json with
   ``auto_map`` and the spec, configuration_hybridlab.py and modeling_hybridlab.py (which
   import hybridlab and wrap its Model; see that file), and model.safetensors holding our
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import llama, mamba2
+from . import diffllama, gemma2, llama, mamba2, qwen3_next
 from .common import check_new, read_json, require_transformers, staged
 
 REMOTE_FILES = ("configuration_hybridlab.py", "modeling_hybridlab.py")
@@ -33,7 +33,7 @@ REMOTE_FILES = ("configuration_hybridlab.py", "modeling_hybridlab.py")
 @dataclass
 class ExportResult:
     out: Path
-    family: str  # llama, qwen3, or hybridlab (the remote-code directory)
+    family: str  # a native family's model_type, or hybridlab (the remote-code directory)
     reason: str  # why the spec is not native ("" when it is, or when --generic asked)
 
 
@@ -65,10 +65,21 @@ def export_hf(run_dir: str | Path, out: str | Path, *, generic: bool = False, re
 
 
 def native_family(spec: Any, model: Any) -> tuple[Any, str]:
-    """(the native family, "") or (None, why not): a spec of mamba2 mixers only is judged
-    as mamba2, any other as llama/qwen3."""
-    if all(pos.block.mixer.kind == "mamba2" for pos in spec.positions()):
+    """(the native family, "") or (None, why not). The family a spec is judged as: mamba2
+    for mamba2 mixers only; qwen3_next for any gated_deltanet or gated shared expert;
+    diffllama for any differential_attention; gemma2 for sandwich norms, a scaled embedding
+    or soft-capped logits; else llama/qwen3."""
+    positions = spec.positions()
+    if all(pos.block.mixer.kind == "mamba2" for pos in positions):
         return mamba2.export_family(spec, model)
+    if any(pos.block.mixer.kind == "gated_deltanet" or getattr(pos.block.ffn, "shared_gate", False)
+           for pos in positions):
+        return qwen3_next.export_family(spec, model)
+    if any(pos.block.mixer.kind == "differential_attention" for pos in positions):
+        return diffllama.export_family(spec, model)
+    if (any(pos.block.placement.kind == "sandwich" for pos in positions)
+            or getattr(spec.embedding, "scale", 1.0) != 1.0 or getattr(spec.head, "softcap", None) is not None):
+        return gemma2.export_family(spec, model)
     return llama.export_family(spec, model)
 
 

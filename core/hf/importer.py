@@ -24,10 +24,11 @@ import torch
 
 from hybridlab.core.errors import HybridlabError
 
-from . import llama, mamba2
+from . import diffllama, gemma2, llama, mamba2, qwen3_next
 from .common import Tensors, read_json, require_transformers, staged
 
-FAMILIES = {**llama.FAMILIES, **mamba2.FAMILIES}
+FAMILIES = {**llama.FAMILIES, **mamba2.FAMILIES, **gemma2.FAMILIES, **diffllama.FAMILIES,
+            **qwen3_next.FAMILIES}
 """model_type -> the family that reads it (llama.Family's methods)."""
 
 
@@ -67,6 +68,7 @@ def import_hf(src: str | Path, out: str | Path, *, registry: Any = None) -> Impo
     model = _model(pipeline, state, registry)
     stored = sorted(tensors.dtypes - {"float32"})
     notes = [f"weights stored in {', '.join(stored)}, imported as float32"] if stored else []
+    notes += tensors.notes
     from hybridlab.core.checkpoint import atomic_write_text, save_checkpoint
     from hybridlab.core.model import count_parameters
     from hybridlab.core.spec import dump_spec

@@ -25,7 +25,6 @@ export), or must hold its default: a value we cannot represent is an error namin
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +33,7 @@ from torch import Tensor
 
 from hybridlab.core.errors import HybridlabError
 
+from . import common
 from .common import Tensors
 
 
@@ -80,14 +80,12 @@ any more); kept in hf_import.json and written back on export."""
 
 
 def unsupported(family: Family, option: str, value: Any, why: str) -> HybridlabError:
-    return HybridlabError(f"config.json: {option} = {value!r} cannot be imported ({family.name}): {why}")
+    return common.unsupported(family.name, option, value, why)
 
 
 def check_options(family: Family, config: Any, transformers: Any) -> None:
     """Every option of the config either maps onto our kinds or holds its default."""
-    if getattr(config, "quantization_config", None):
-        raise unsupported(family, "quantization_config", type(config.quantization_config).__name__,
-                          "quantized weights; import the unquantized checkpoint")
+    common.check_quantization(family.name, config)
     if config.hidden_act not in ("silu", "swish"):
         raise unsupported(family, "hidden_act", config.hidden_act, "the swiglu ffn gates with silu")
     if config.attention_dropout:
@@ -95,27 +93,8 @@ def check_options(family: Family, config: Any, transformers: Any) -> None:
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     if heads % kv_heads:
         raise unsupported(family, "num_key_value_heads", kv_heads, f"must divide num_attention_heads ({heads})")
-    rope = dict(config.rope_parameters or {})
-    kind = rope.pop("rope_type", rope.pop("type", "default"))
-    if kind != "default":
-        raise unsupported(family, "rope_parameters.rope_type", kind,
-                          "the rope kind has no RoPE scaling (only rope_type 'default' imports)")
-    theta = rope.pop("rope_theta", None)
-    if not isinstance(theta, (int, float)) or theta <= 1:
-        raise unsupported(family, "rope_parameters.rope_theta", theta, "expected a number above 1")
-    if rope.get("partial_rotary_factor", 1.0) == 1.0:
-        rope.pop("partial_rotary_factor", None)
-    if rope:  # transformers' default RoPE of these families reads nothing else
-        key, value = next(iter(rope.items()))
-        raise unsupported(family, f"rope_parameters.{key}", value, "not an option of the default RoPE")
-    base = {f.name for f in dataclasses.fields(transformers.PreTrainedConfig)}
-    default = type(config)()
-    for field in dataclasses.fields(type(config)):
-        name = field.name
-        if name in base or name in READ or name in INERT:
-            continue
-        if getattr(config, name, None) != getattr(default, name, None):  # an option newer than this importer
-            raise unsupported(family, name, getattr(config, name), "an option this importer does not know")
+    common.check_rope(family.name, config)
+    common.check_known(family.name, config, transformers, READ | set(INERT))
 
 
 def layer_windows(family: Family, config: Any) -> list[int | None]:
@@ -206,11 +185,7 @@ def import_weights(family: Family, config: Any, tensors: Tensors) -> dict[str, T
     else:
         state["head.weight"] = tensors.take("lm_head.weight", (vocab, d),
                                             "vocab_size × hidden_size (tie_word_embeddings is false)")
-    left = [n for n in tensors.unused() if not n.endswith("rotary_emb.inv_freq")]  # old checkpoints' buffers
-    if left:
-        more = f" and {len(left) - 3} more" if len(left) > 3 else ""
-        raise HybridlabError(f"{tensors.src}: tensor {', '.join(left[:3])}{more} is not part of the {family.name} "
-                             "model config.json describes (a bias or a layer the config does not declare?)")
+    common.check_all_taken(tensors, family.name)  # old checkpoints' rotary_emb.inv_freq buffers aside
     return state
 
 
@@ -220,18 +195,11 @@ def import_weights(family: Family, config: Any, tensors: Tensors) -> dict[str, T
 def export_family(spec: Any, model: Any) -> tuple[Family | None, str]:
     """(the family, "") when the spec is llama- or qwen3-shaped, else (None, the first
     reason it is not)."""
-    if spec.embedding.kind != "token":
-        return None, f"embedding is {spec.embedding.kind}, not token"
-    if spec.residual.kind != "prenorm":
-        return None, f"residual is {spec.residual.kind}, not prenorm"
-    if spec.head.kind != "lm":
-        return None, f"head is {spec.head.kind}, not lm"
-    if spec.norm.kind != "rmsnorm" or not spec.norm.affine:
-        return None, "the final norm is not an rmsnorm with a learned scale"
+    if why := common.plain_stack(spec):
+        return None, why
+    if spec.embedding.scale != 1.0 or spec.head.softcap is not None:
+        return None, "a scaled embedding or soft-capped logits (llama and qwen3 have neither; gemma2 has both)"
     positions = spec.positions()
-    for pos in positions:
-        if len(pos.path) != 2 or pos.path[0] != "layers":
-            return None, f"block at depth {pos.index} is inside a loop or a shared group"
     first = None
     for pos in positions:
         block, where = pos.block, f"layers[{pos.path[1]}]"
@@ -241,18 +209,24 @@ def export_family(spec: Any, model: Any) -> tuple[Family | None, str]:
             return None, f"{where}: norm placement {block.placement.kind}{wrapped} (llama and qwen3 are pre-norm)"
         if mixer.kind != "attention":
             return None, f"{where}.mixer is {mixer.kind}, not attention"
-        if ffn is None or ffn.kind != "swiglu":
-            return None, f"{where}.ffn is {'none' if ffn is None else ffn.kind}, not swiglu"
+        if ffn is None or ffn.kind != "swiglu" or ffn.activation != "silu":
+            what = "none" if ffn is None else ffn.kind if ffn.kind != "swiglu" else f"swiglu with {ffn.activation}"
+            return None, f"{where}.ffn is {what}, not swiglu with silu"
         if norm.kind != "rmsnorm" or not norm.affine or norm.eps != spec.norm.eps:
             return None, f"{where}.norm is not an rmsnorm with a learned scale and the final norm's eps"
         if not mixer.causal or mixer.position.kind != "rope" or mixer.position.fraction != 1.0:
             return None, f"{where}.mixer: not causal attention with full rope"
         extras = [name for name, on in (("softcap", mixer.softcap is not None), ("gate", mixer.gate != "none"),
                                         ("sinks", mixer.sinks), ("temperature", mixer.temperature != "none"),
-                                        ("kv_from", mixer.kv_from is not None)) if on]
+                                        ("kv_from", mixer.kv_from is not None),
+                                        ("scale", mixer.scale is not None
+                                         and mixer.scale != model.blocks[pos.key].mixer.head_dim ** -0.5)) if on]
         if extras:
             return None, f"{where}.mixer uses {', '.join(extras)}"
         module = model.blocks[pos.key]
+        if module.mixer.head_dim % 2:
+            return None, (f"{where}.mixer: head_dim {module.mixer.head_dim} is odd (transformers' RoPE rotates every "
+                          "dim of a head, in pairs)")
         shape = (module.mixer.heads, module.mixer.kv_heads, module.mixer.head_dim, mixer.bias, mixer.qk_norm,
                  mixer.qk_norm_eps if mixer.qk_norm else None, mixer.position.theta, module.ffn.down.in_features,
                  ffn.bias)

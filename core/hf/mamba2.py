@@ -187,6 +187,8 @@ def export_family(spec: Any, model: Any) -> tuple[Mamba2Family | None, str]:
     describes, else (None, the first reason it is not)."""
     if spec.embedding.kind != "token" or spec.residual.kind != "prenorm" or spec.head.kind != "lm":
         return None, "not a token embedding, prenorm residual and lm head"
+    if spec.embedding.scale != 1.0 or spec.head.softcap is not None:
+        return None, "a scaled embedding or soft-capped logits (Mamba2 has neither)"
     if spec.norm.kind != "rmsnorm" or not spec.norm.affine or spec.norm.eps != GATED_NORM_EPS:
         return None, (f"the final norm is not an rmsnorm with a learned scale and eps {GATED_NORM_EPS} "
                       "(Mamba2Config has one layer_norm_epsilon for every norm)")

@@ -55,9 +55,17 @@ class MoEConfig(Config):
     """Hidden width of each expert (default: swiglu's, 8/3 · d_model rounded up to a multiple of 8)."""
     shared_experts: int = Field(default=0, ge=0)
     """Always-on experts of width hidden that every token uses (DeepSeekMoE)."""
+    shared_gate: bool = False
+    """Scale the shared experts' output by a learned sigmoid gate of the FFN's input, one
+    scalar per token: y = routed + sigmoid(x·w) · shared(x) (Qwen2-MoE, Qwen3-Next).
+    Only with shared_experts."""
     router: Literal["softmax", "sigmoid"] = "softmax"
     """Expert scores: softmax over experts (weights are the top-k probabilities), or
     per-expert sigmoid (weights are the top-k scores normalised to sum to 1)."""
+    normalize: bool | None = None
+    """Rescale each token's top-k weights to sum to 1. Unset: as the router says above
+    (sigmoid yes, softmax no); true with softmax is Qwen3-MoE's and Qwen3-Next's
+    norm_topk_prob."""
     balance: Literal["aux_loss", "bias", "none"] = "aux_loss"
     """Load balancing: the Switch/GShard auxiliary loss, DeepSeek-V3's loss-free bias
     update (outside the gradient), or nothing."""
@@ -79,7 +87,13 @@ class MoEConfig(Config):
             raise ValueError(f"aux_weight applies to balance: aux_loss, not balance: {self.balance}")
         if self.bias_rate != defaults["bias_rate"].default and self.balance != "bias":
             raise ValueError(f"bias_rate applies to balance: bias, not balance: {self.balance}")
+        if self.shared_gate and not self.shared_experts:
+            raise ValueError("shared_gate gates the shared experts: set shared_experts (≥ 1) or drop shared_gate")
         return self
+
+    def normalizes(self) -> bool:
+        """Whether the top-k weights are rescaled to sum to 1."""
+        return self.router == "sigmoid" if self.normalize is None else self.normalize
 
 
 def expert_hidden(config: MoEConfig, d_model: int) -> int:
@@ -98,8 +112,9 @@ class MoEOutput(NamedTuple):
 
 
 def route(x: Tensor, router: Tensor, bias: Tensor | None, *, top_k: int,
-          score: str) -> tuple[Tensor, Tensor, Tensor]:
+          score: str, normalize: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """x [N, D], router [E, D], bias [E] or None -> experts [N, K], weights [N, K], logits [N, E].
+    ``normalize``: rescale the top-k weights to sum to 1 (None: for sigmoid scores only).
 
     Shared by every implementation, so their routing decisions are the same function of
     the same numbers. fp32 with autocast off: bf16 logits would tie and flip top-k. The
@@ -110,7 +125,7 @@ def route(x: Tensor, router: Tensor, bias: Tensor | None, *, top_k: int,
         choice = scores.detach() if bias is None else scores.detach() + bias.detach().to(scores.dtype)
         experts = choice.topk(top_k, dim=-1).indices  # [N, K]
         weights = scores.gather(-1, experts)  # [N, K]
-        if score == "sigmoid":
+        if (score == "sigmoid") if normalize is None else normalize:
             weights = weights / weights.sum(-1, keepdim=True)
     return experts, weights, logits
 
@@ -125,11 +140,11 @@ def _check(x: Tensor, router: Tensor, gate_up: Tensor, down: Tensor, top_k: int)
 
 
 def moe_reference(x: Tensor, router: Tensor, gate_up: Tensor, down: Tensor, bias: Tensor | None = None, *,
-                  top_k: int, score: str) -> MoEOutput:
+                  top_k: int, score: str, normalize: bool | None = None) -> MoEOutput:
     """x [N, D] -> MoEOutput. Readable: for each expert, the tokens that chose it (a mask)
     go through its SwiGLU in fp32 and are added back with their gate."""
     _check(x, router, gate_up, down, top_k)
-    experts, weights, logits = route(x, router, bias, top_k=top_k, score=score)
+    experts, weights, logits = route(x, router, bias, top_k=top_k, score=score, normalize=normalize)
     with torch.autocast(x.device.type, enabled=False):
         xf = upcast(x)
         out = torch.zeros_like(xf)  # [N, D]
@@ -156,13 +171,16 @@ def grouped_mm_runs(device: str, dtype: torch.dtype) -> bool:
     (probed once with a tiny aligned problem; CUDA needs a recent GPU, no dtype has fp64)."""
     if not hasattr(torch, "_grouped_mm") or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
-    a = torch.ones(8, 16, device=device, dtype=dtype, requires_grad=True)  # not randn: leave the RNG alone
-    b = torch.ones(2, 16, 8, device=device, dtype=dtype, requires_grad=True)
-    try:
-        out = torch._grouped_mm(a, b, offs=torch.tensor([3, 8], device=device, dtype=torch.int32))
-        out.backward(torch.ones_like(out))
-    except (RuntimeError, NotImplementedError):
-        return False
+    # with autograd on whatever the caller runs under: probed first inside no_grad (an eval
+    # forward, generation), the backward would raise and the answer, cached, be False for good
+    with torch.inference_mode(False), torch.enable_grad():
+        a = torch.ones(8, 16, device=device, dtype=dtype, requires_grad=True)  # not randn: leave the RNG alone
+        b = torch.ones(2, 16, 8, device=device, dtype=dtype, requires_grad=True)
+        try:
+            out = torch._grouped_mm(a, b, offs=torch.tensor([3, 8], device=device, dtype=torch.int32))
+            out.backward(torch.ones_like(out))
+        except (RuntimeError, NotImplementedError):
+            return False
     return True
 
 
@@ -192,11 +210,11 @@ def grouped_matmul(a: Tensor, b: Tensor, counts: Tensor) -> Tensor:
 
 
 def moe_grouped(x: Tensor, router: Tensor, gate_up: Tensor, down: Tensor, bias: Tensor | None = None, *,
-                top_k: int, score: str) -> MoEOutput:
+                top_k: int, score: str, normalize: bool | None = None) -> MoEOutput:
     """Same contract as moe_reference: sort the (token, choice) pairs by expert, two grouped
     matmuls in x's dtype, scatter back in fp32."""
     _check(x, router, gate_up, down, top_k)
-    experts, weights, logits = route(x, router, bias, top_k=top_k, score=score)
+    experts, weights, logits = route(x, router, bias, top_k=top_k, score=score, normalize=normalize)
     N, D = x.shape
     flat = experts.flatten()  # [N·K] expert of each (token, choice)
     order = flat.argsort(stable=True)  # pairs grouped by expert, tokens in order inside a group
@@ -227,8 +245,11 @@ def moe_cases(dtype: torch.dtype, device: str):
             inputs = {"x": torch.randn(B * T, D), "router": torch.randn(E, D) * D ** -0.5,
                       "gate_up": torch.randn(E, D, 2 * H) * D ** -0.5, "down": torch.randn(E, H, D) * H ** -0.5,
                       "bias": 0.3 * torch.randn(E) if with_bias else None}
-            yield Case(f"N{B * T} E{E} k{K} D{D} H{H} {score}{' bias' if with_bias else ''}", inputs,
-                       {"top_k": K, "score": score})
+            options = {"top_k": K, "score": score}
+            if score == "softmax" and K > 1 and i % 2:  # Qwen3-MoE's renormalised softmax weights
+                options["normalize"] = True
+            yield Case(f"N{B * T} E{E} k{K} D{D} H{H} {score}{' bias' if with_bias else ''}"
+                       f"{' normalize' if 'normalize' in options else ''}", inputs, options)
 
 
 # ---------------------------------------------------------------- the module
@@ -253,6 +274,8 @@ class MoE(Dispatched, nn.Module):
             self.shared = nn.ModuleDict({"gate_up": nn.Linear(D, 2 * width, bias=False),
                                          "down": nn.Linear(width, D, bias=False)})
             self.shared["down"].residual_out = True
+            if config.shared_gate:  # one logit per token
+                self.shared["gate"] = nn.Linear(D, 1, bias=False)
 
     def init_weights(self, std: float) -> None:
         """Experts like the dense layers: normal(0, std), output projections scaled by
@@ -272,12 +295,17 @@ class MoE(Dispatched, nn.Module):
         B, T, D = x.shape
         cfg = self.config
         bias = self.expert_bias if cfg.balance == "bias" else None
+        # passed only when set, so an implementation written before the option keeps working
+        extra = {} if cfg.normalize is None else {"normalize": cfg.normalize}
         routed = self.impl_for(cfg, x).fn(x.reshape(B * T, D), self.router.weight, self.gate_up, self.down, bias,
-                                         top_k=cfg.top_k, score=cfg.router)
+                                         top_k=cfg.top_k, score=cfg.router, **extra)
         y = routed.out.view(B, T, D)
         if self.shared is not None:
             gate, up = self.shared["gate_up"](x).chunk(2, dim=-1)  # [B, T, S·H] each
-            y = y + self.shared["down"](F.silu(gate) * up)
+            shared = self.shared["down"](F.silu(gate) * up)
+            if cfg.shared_gate:
+                shared = torch.sigmoid(self.shared["gate"](x)) * shared  # [B, T, 1] · [B, T, D]
+            y = y + shared
         if aux is not None:
             self.report(routed, aux.scope("moe"))
         if bias is not None and self.training and torch.is_grad_enabled():

@@ -3,6 +3,7 @@
 from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from hybridlab.core.config import Config, Dims
@@ -15,6 +16,8 @@ class LMHeadConfig(Config):
     kind: Literal["lm"] = "lm"
     tied: bool = True
     """Share the weight with the embedding (which must expose weight [V, D])."""
+    softcap: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    """Soft-cap the logits: softcap · tanh(logits / softcap) (Gemma 2 uses 30)."""
 
 
 class LMHead(nn.Module):
@@ -28,7 +31,10 @@ class LMHead(nn.Module):
         nn.init.normal_(self.weight, 0.0, std)
 
     def forward(self, h: Tensor) -> Tensor:
-        return h @ self.weight.t()  # [B, T, D] @ [D, V]
+        logits = h @ self.weight.t()  # [B, T, D] @ [D, V]
+        if self.config.softcap is not None:
+            logits = torch.tanh(logits / self.config.softcap) * self.config.softcap
+        return logits
 
 
 @hookimpl

@@ -67,10 +67,11 @@ class MTPConfig(LossConfig):
         dims = module_dims(spec)
         if self.block is not None:
             for path, message in _block_problems(self.block, (), dims):
-                yield "block", f"{format_path(path)}: {message}" if path else message
+                yield ("block", *path), message
             return
         last = spec.positions()[-1]  # what the model's own checks said of it is not repeated here
-        said = set(_block_problems(last.block, (), replace(dims, layer=last.index, loops=last.loops)))
+        said = set(_block_problems(last.block, (), replace(dims, layer=last.index, loops=last.loops),
+                                   references=False))
         for path, message in _block_problems(last.block, (), dims):
             if (path, message) not in said:
                 yield None, (f"the model's last block (the modules' block when block: is not given) cannot serve "
@@ -85,7 +86,7 @@ def module_dims(model_spec: Any, registry: Any = None) -> Dims:
     return Dims(model_spec.d_model, model_spec.vocab_size, n, n - 1, registry)
 
 
-def _block_problems(config: Any, path: tuple, dims: Dims) -> Iterator[tuple[tuple, str]]:
+def _block_problems(config: Any, path: tuple, dims: Dims, references: bool = True) -> Iterator[tuple[tuple, str]]:
     if isinstance(config, Config):
         try:
             found = list(config.check(dims))
@@ -93,14 +94,14 @@ def _block_problems(config: Any, path: tuple, dims: Dims) -> Iterator[tuple[tupl
             found = [(None, f"its check() raised {type(exc).__name__}: {exc}")]
         for name, message in found:
             yield path + ((name,) if name is not None else ()), message
-        for name, ref in config.layer_references():
+        for name, ref in config.layer_references() if references else ():
             yield path + (name,), (f"reads block {ref!r} of the model, which an MTP module does not run beside; "
                                    "an MTP block reads nothing from other blocks")
         for name in type(config).model_fields:
-            yield from _block_problems(getattr(config, name), path + (name,), dims)
+            yield from _block_problems(getattr(config, name), path + (name,), dims, references)
     elif isinstance(config, (list, tuple)):
         for i, item in enumerate(config):
-            yield from _block_problems(item, path + (i,), dims)
+            yield from _block_problems(item, path + (i,), dims, references)
 
 
 class MTPModule(nn.Module):
@@ -205,7 +206,7 @@ class MTP(Objective, Drafter):
         loss = torch.stack(losses).mean()
         if aux.losses:
             extra = sum(aux.losses.values())
-            metrics["aux"] = extra.detach()
+            metrics["block_aux"] = extra.detach()
             loss = loss + extra
         return loss, metrics
 

@@ -104,10 +104,16 @@ class AttentionConfig(Config):
     Only read with qk_norm: true."""
     softcap: float | None = Field(default=None, gt=0)
     """Soft-cap the scores: softcap · tanh(score / softcap) (Gemma 2 uses 50)."""
+    scale: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    """The factor on q·k before the softcap and the softmax (default: head_dim^-0.5;
+    Gemma 2 uses query_pre_attn_scalar^-0.5, which may differ from its head_dim)."""
     gate: Literal["none", "headwise", "elementwise"] = "none"
     """Sigmoid output gate from the block input, applied to the attention output before
     the output projection ("Gated Attention for LLMs", Qwen 2025): one gate per head
     (headwise) or per channel (elementwise)."""
+    gate_bias: bool = True
+    """A bias on the output gate's projection (Qwen3-Next's gate, a slice of its q_proj,
+    has none). Only read with a gate."""
     sinks: bool = False
     """A learned sink logit per head in the softmax denominator (attention may go nowhere)."""
     temperature: Literal["none", "length"] = "none"
@@ -465,7 +471,7 @@ class Attention(Dispatched, ReadsContext, SequenceMixer):
             if config.kv_from is None:
                 self.k_norm = nn.RMSNorm(self.head_dim, eps=config.qk_norm_eps)
         gate_width = {"none": 0, "headwise": self.heads, "elementwise": self.heads * self.head_dim}[config.gate]
-        self.gate = nn.Linear(dims.d_model, gate_width, bias=True) if gate_width else None
+        self.gate = nn.Linear(dims.d_model, gate_width, bias=config.gate_bias) if gate_width else None
         self.sinks = nn.Parameter(torch.zeros(self.heads)) if config.sinks else None
         # s_h of Scalable-Softmax; s_h · log n is 1 at temperature_length visible keys
         self.temperature_scale = (nn.Parameter(torch.full((self.heads,), 1 / math.log(config.temperature_length)))
@@ -504,7 +510,8 @@ class Attention(Dispatched, ReadsContext, SequenceMixer):
         options = {"window": self.config.window, "softcap": self.config.softcap, "alibi": self.alibi,
                    "sinks": self.sinks, "doc_ids": doc_ids}
         # only options in use are passed: an implementation written for plain attention keeps working
-        o = impl.fn(q, k, v, causal=self.config.causal, scale=self.head_dim ** -0.5,
+        scale = self.head_dim ** -0.5 if self.config.scale is None else self.config.scale
+        o = impl.fn(q, k, v, causal=self.config.causal, scale=scale,
                     **{name: value for name, value in options.items() if value is not None})  # [B, H, T, D]
         if self.gate is not None:  # [B, T, H or H·D] -> [B, H, T, 1 or D]
             o = o * torch.sigmoid(self.gate(x)).view(B, T, self.heads, -1).transpose(1, 2)
@@ -555,7 +562,9 @@ def hybridlab_register(register):
                             {"heads": 4, "kv_heads": 2, "window": 5, "temperature": "length",
                              "temperature_length": 16},
                             {"heads": 3, "kv_heads": 1, "temperature": "length", "qk_norm": True, "qk_norm_eps": 1e-5,
-                             "sinks": True}])
+                             "sinks": True},
+                            {"heads": 4, "kv_heads": 2, "head_dim": 6, "scale": 0.2, "softcap": 5.0, "window": 7,
+                             "gate": "elementwise", "gate_bias": False}])
     register.impl("mixer", "attention", "reference", fn=attention_reference,
                   doc="explicit scores, masks and softmax in fp32")
     # tolerance 4 (default 2): the reference accumulates in fp32 and rounds once at the end,

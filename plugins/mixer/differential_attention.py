@@ -50,6 +50,8 @@ class DifferentialAttentionConfig(Config):
     """λ's constant part (default: 0.8 − 0.6 · exp(−0.3 · layer index), as in the paper)."""
     position: Component("position") = Field(default_factory=lambda: {"kind": "rope"}, validate_default=True)
     """Positional scheme applied to queries and keys (rope or none)."""
+    head_norm_eps: float = Field(default=1e-5, gt=0)
+    """The eps of the per-head RMSNorm (DiffLlama uses its rms_norm_eps)."""
 
     _kv_heads_divide = field_validator("kv_heads")(kv_heads_divide_heads)
 
@@ -148,7 +150,7 @@ class DifferentialAttention(Dispatched, SequenceMixer):
                             else 0.8 - 0.6 * math.exp(-0.3 * dims.layer))
         self.lambda_q = nn.Parameter(torch.zeros(2, D))  # λq1, λq2 (initialised in init_weights)
         self.lambda_k = nn.Parameter(torch.zeros(2, D))  # λk1, λk2
-        self.head_norm = nn.RMSNorm(2 * D, eps=1e-5)  # per-head normalisation, shared scale
+        self.head_norm = nn.RMSNorm(2 * D, eps=config.head_norm_eps)  # per-head normalisation, shared scale
 
     @torch.no_grad()
     def init_weights(self, std: float) -> None:
@@ -199,7 +201,8 @@ def hybridlab_register(register):
     register.kind("mixer", "differential_attention", config=DifferentialAttentionConfig,
                   module=DifferentialAttention, cases=differential_cases,
                   examples=[{"heads": 3}, {"heads": 4, "kv_heads": 2, "position": {"kind": "none"}},
-                            {"heads": 2, "kv_heads": 1, "head_dim": 10, "lambda_init": 0.5}])
+                            {"heads": 2, "kv_heads": 1, "head_dim": 10, "lambda_init": 0.5},
+                            {"heads": 3, "head_dim": 6, "head_norm_eps": 1e-6}])
     register.impl("mixer", "differential_attention", "reference", fn=differential_reference,
                   doc="both softmax maps explicit in fp32")
     # tolerance 8 (default 2): this path cancels after the maps meet v (A1·v − λ·A2·v), the

@@ -34,11 +34,20 @@ class GatedDeltaNetConfig(DeltaRuleConfig):
     """Smallest initial step size dt (the decay's time scale, as in Mamba2)."""
     dt_max: float = Field(default=0.1, gt=0, le=1)
     """Largest initial step size dt; must exceed dt_min."""
+    v_heads: int | None = Field(default=None, ge=1)
+    """Number of value heads (default: heads), a multiple of heads: each query/key head
+    serves v_heads / heads consecutive value heads (grouped value attention, as fla's
+    num_v_heads; Qwen3-Next has twice as many value heads as key heads). The state, the
+    decay and beta, the output norm and the gate are per value head."""
+    output_norm_eps: float = Field(default=1e-5, gt=0)
+    """The eps of the output norm's RMSNorm (Qwen3-Next uses its rms_norm_eps)."""
 
     def check(self, dims):
         yield from super().check(dims)
         if self.dt_max <= self.dt_min:
             yield "dt_max", f"must exceed dt_min ({self.dt_min}), got {self.dt_max}"
+        if self.v_heads is not None and self.v_heads % self.heads:
+            yield "v_heads", f"must be a multiple of heads ({self.heads}), got {self.v_heads}"
 
 
 # ---------------------------------------------------------------- the op
@@ -92,7 +101,9 @@ class GatedDeltaNet(DeltaRuleMixer):
 
     def __init__(self, config: GatedDeltaNetConfig, dims: Dims) -> None:
         super().__init__(config, dims)
-        H = config.heads
+        H = self.v_heads
+        if self.norm is not None:
+            self.norm.eps = config.output_norm_eps
         self.a = nn.Linear(dims.d_model, H, bias=False)
         self.A_log = nn.Parameter(torch.empty(H).uniform_(0, 16).log())
         dt = log_uniform_(torch.empty(H), config.dt_min, config.dt_max).clamp(min=1e-4)
@@ -100,7 +111,7 @@ class GatedDeltaNet(DeltaRuleMixer):
 
     def gates(self, x):
         dtype = compute_dtype(x.dtype)
-        dt = F.softplus(self.a(x).to(dtype) + self.dt_bias.to(dtype))  # [B, T, H]
+        dt = F.softplus(self.a(x).to(dtype) + self.dt_bias.to(dtype))  # [B, T, Hv]
         return {"g": -self.A_log.to(dtype).exp() * dt, "beta": self.beta_of(x)}
 
 
@@ -109,7 +120,9 @@ def hybridlab_register(register):
     register.kind("mixer", "gated_deltanet", config=GatedDeltaNetConfig, module=GatedDeltaNet,
                   cases=gated_delta_rule_cases,
                   examples=[{"heads": 2}, {"heads": 3, "head_dim": 6, "expand_v": 1.5, "allow_neg_eigval": True},
-                            {"heads": 4, "conv_size": 0, "gate": False, "output_norm": False}])
+                            {"heads": 4, "conv_size": 0, "gate": False, "output_norm": False},
+                            {"heads": 2, "v_heads": 4, "head_dim": 6, "expand_v": 1.5, "output_norm_eps": 1e-6},
+                            {"heads": 1, "v_heads": 3, "conv_size": 0, "gate": False}])
     register.impl("mixer", "gated_deltanet", "reference", fn=gated_delta_rule_reference,
                   doc="token by token in fp32")
     register.impl("mixer", "gated_deltanet", "chunk", fn=gated_delta_rule_chunk, priority=10,

@@ -44,6 +44,11 @@ class GatedDeltaProductConfig(GatedDeltaNetConfig):
     """beta in (0, 2) instead of (0, 1), so each Householder factor may reflect (as in the
     paper's state-tracking results and fla's layer)."""
 
+    def check(self, dims):
+        yield from super().check(dims)
+        if self.v_heads is not None and self.v_heads != self.heads:
+            yield "v_heads", "gated_deltaproduct has one value head per key head; leave v_heads unset"
+
 
 # ---------------------------------------------------------------- the op
 

@@ -412,7 +412,7 @@ def _suffix_sums(x: Tensor) -> Tensor:
 def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None, beta: Tensor | None = None,
                      scale: float | None = None, initial_state: Tensor | None = None,
                      doc_ids: Tensor | None = None, chunk_size: int | None = None,
-                     read_every: int = 1) -> tuple[Tensor, Tensor]:
+                     read_every: int = 1, p: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The chunked parallel form of :func:`recurrent_reference` (same arguments and
     results). The backward is autograd's through batched matmuls and elementwise steps,
     with written ones where autograd's cost the most on CPU (the decays, the per-channel
@@ -426,7 +426,11 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
     if any, is per head.
 
     ``chunk_size``: tokens per chunk, by default :func:`default_chunk` of q's device (a
-    power of two for per-channel decays)."""
+    power of two for per-channel decays).
+
+    ``p`` [B, T, H, K] (with ``beta``): the delta rule's removal key, read in place of k,
+    u_t = β_t (v_t - (Diag(a_t) S_{t-1})ᵀ p_t), while k still writes (Comba): A_kk becomes
+    A_pk[t, j] = p_t · k_j Γ_t / Γ_j and Γ ⊙ K in the solve Γ ⊙ P."""
     B, T, H, K = q.shape
     if chunk_size is None:
         chunk_size = default_chunk(q.device) // read_every * read_every
@@ -439,7 +443,7 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
                          "and no per-channel decay")
     if T > SPAN * chunk_size:  # long inputs: spans of SPAN chunks, the state carried between them
         return _spans(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state, doc_ids=doc_ids,
-                      chunk_size=chunk_size, read_every=read_every)
+                      chunk_size=chunk_size, read_every=read_every, p=p)
     V = v.shape[-1]
     dtype = compute_dtype(q.dtype)
     scale = K ** -0.5 if scale is None else scale
@@ -462,6 +466,8 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
         return _chunks(F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) if pad else x, C).contiguous()
 
     Q, Kc, Vc = prep(q, scale), prep(k), prep(v)  # [B, H, N, C, K or V]
+    Pc = prep(p) if p is not None else None  # Comba's removal key
+    R = Kc if Pc is None else Pc  # the key the delta rule reads with
     rows = slice(read_every - 1, None, read_every)  # the rows read (all of them by default)
     if read_every > 1:
         Q = Q[..., rows, :].contiguous()  # [B, H, N, C / r, K]
@@ -483,13 +489,13 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
             A_qk = A_qk.tril_()
         else:  # row i is token i·r + r - 1
             A_qk = A_qk.masked_fill(~torch.ones(C, C, dtype=torch.bool, device=q.device).tril()[rows], 0.0)
-        A_kk = _Gram.apply(Kc) if beta is not None else None
+        A_kk = _removal_scores(Kc, Pc) if beta is not None else None
     elif not per_channel:
         ratio = segment_decay(gc)  # [B, H, N, C, C]: decay from j to t
         A_qk = (Q @ Kc.transpose(-1, -2)) * ratio[..., rows, :]
-        A_kk = _Gram.apply(Kc) * ratio if beta is not None else None
+        A_kk = _removal_scores(Kc, Pc) * ratio if beta is not None else None
     else:
-        A_qk, *rest = _channel_scores(Kc, gc, [Q, Kc] if beta is not None else [Q])
+        A_qk, *rest = _channel_scores(Kc, gc, [Q, R] if beta is not None else [Q])
         A_kk = rest[0] if rest else None
     if same is not None:
         A_qk = A_qk * same[..., rows, :]
@@ -497,9 +503,9 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
 
     # how S_0 reaches each token (Γ ⊙ Q, Γ ⊙ K) and each token the next chunk ((Γ_C / Γ) ⊙ K)
     if gc is None:
-        Q0, K0, K_last, chunk_decay = Q, Kc, Kc, None
+        Q0, K0, K_last, chunk_decay = Q, R, Kc, None
         if carry is not None:
-            Q0, K0 = Q * carry[..., rows, None], Kc * carry[..., None]
+            Q0, K0 = Q * carry[..., rows, None], R * carry[..., None]
             K_last, chunk_decay = Kc * last[..., None], carry_last.to(dtype)  # [B, 1, N]
     else:
         # [B, H, N, C(, K)]: decay from the chunk start to t, from t to the chunk end; [B, H, N(, K)]
@@ -508,7 +514,7 @@ def chunk_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None
             gamma, to_last = gamma * _bcast(carry, gamma), to_last * _bcast(last, to_last)
             chunk_decay = chunk_decay * _bcast(carry_last, chunk_decay)
         gamma, to_last = _col(gamma, per_channel), _col(to_last, per_channel)
-        Q0, K0, K_last = Q * gamma[..., rows, :], Kc * gamma, Kc * to_last
+        Q0, K0, K_last = Q * gamma[..., rows, :], R * gamma, Kc * to_last
 
     if beta is not None:
         bt = prep(beta)[..., None]  # [B, H, N, C, 1]
@@ -628,7 +634,7 @@ def _per_chunk(decay: Tensor | None, B: int, H: int) -> tuple[Tensor, ...] | Non
 
 def _spans(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None, beta: Tensor | None, scale: float | None,
            initial_state: Tensor | None, doc_ids: Tensor | None, chunk_size: int,
-           read_every: int = 1) -> tuple[Tensor, Tensor]:
+           read_every: int = 1, p: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """chunk_recurrence over spans of SPAN chunks, carrying the state. The same arithmetic,
     but each step's tensors stay cache-sized: on CPU, one pass over T=4096 took 8x the time
     of T=1024 instead of 4x."""
@@ -642,12 +648,12 @@ def _spans(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None, beta: Tensor | 
 
     starts = range(0, T, span)
     state, outs = initial_state, []
-    for i, (qs, ks, vs, gs, bs, ds) in enumerate(zip(*map(parts, (q, k, v, g, beta, doc_ids)))):
+    for i, (qs, ks, vs, gs, bs, ds, ps) in enumerate(zip(*map(parts, (q, k, v, g, beta, doc_ids, p)))):
         if doc_ids is not None and i > 0:  # a document that starts on the span's first token
             start = starts[i]
             state = state * (doc_ids[:, start] == doc_ids[:, start - 1]).to(state.dtype)[:, None, None, None]
         o, state = chunk_recurrence(qs, ks, vs, g=gs, beta=bs, scale=scale, initial_state=state, doc_ids=ds,
-                                    chunk_size=chunk_size, read_every=read_every)
+                                    chunk_size=chunk_size, read_every=read_every, p=ps)
         outs.append(o)
     return torch.cat(outs, dim=1), state
 
@@ -774,6 +780,12 @@ def unit_lower_inverse(M: Tensor, base: int = 16) -> Tensor:
         inv, s = merged, 2 * s
     inv = inv.view(*lead, size, size)
     return inv[..., :C, :C] if size != C else inv
+
+
+def _removal_scores(Kc: Tensor, Pc: Tensor | None) -> Tensor:
+    """[.., C, C]: K Kᵀ (the delta rule reads with the key it writes), or P Kᵀ (Comba's
+    removal key p, [t, j] = p_t · k_j; only the strictly lower part is read)."""
+    return _Gram.apply(Kc) if Pc is None else Pc @ Kc.transpose(-1, -2)
 
 
 def _bcast(mask: Tensor, like: Tensor) -> Tensor:

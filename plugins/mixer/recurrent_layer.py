@@ -172,15 +172,18 @@ class RecurrentMixer(Dispatched, SequenceMixer):
         super().__init__()
         self.config = config
         self.heads = H = config.heads
+        # value heads (a kind with v_heads: grouped values, each q/k head serving v_heads / heads
+        # of them); the op, the state, the gates and the output run per value head
+        self.v_heads = Hv = getattr(config, "v_heads", None) or H
         self.head_dim = K = config.head_dim or dims.d_model // H
         self.value_dim = V = value_width(K, config.expand_v)
         if V is None:  # config.check reports this for specs; a config built by hand can still hold it
             raise ValueError(f"head_dim × expand_v must be a whole number, got {K} × {config.expand_v}")
-        self.qkv = nn.Linear(dims.d_model, H * (2 * K + V), bias=False)
-        self.conv = ShortConv(H * (2 * K + V), config.conv_size) if config.conv_size else None
+        self.qkv = nn.Linear(dims.d_model, 2 * H * K + Hv * V, bias=False)
+        self.conv = ShortConv(2 * H * K + Hv * V, config.conv_size) if config.conv_size else None
         self.norm = OutputNorm(V) if config.output_norm else None
-        self.gate = nn.Linear(dims.d_model, H * V, bias=False) if config.gate else None
-        self.out = nn.Linear(H * V, dims.d_model, bias=False)
+        self.gate = nn.Linear(dims.d_model, Hv * V, bias=False) if config.gate else None
+        self.out = nn.Linear(Hv * V, dims.d_model, bias=False)
         self.out.residual_out = True
 
     # ---- what a kind changes
@@ -201,23 +204,25 @@ class RecurrentMixer(Dispatched, SequenceMixer):
     # ---- SequenceMixer
     def forward(self, x, state=None, *, doc_ids=None, aux=None):
         B, T, _ = x.shape
-        H, K, V = self.heads, self.head_dim, self.value_dim
-        qkv = self.qkv(x)  # [B, T, H·(2K+V)]
+        H, Hv, K, V = self.heads, self.v_heads, self.head_dim, self.value_dim
+        qkv = self.qkv(x)  # [B, T, 2·H·K + Hv·V]
         tail = None
         if self.conv is not None:
             qkv, tail = self.conv(qkv, None if state is None else state.conv, doc_ids)
-        q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
-        q, k, v = self.features(q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V))  # [B, T, H, K|V]
+        q, k, v = qkv.split([H * K, H * K, Hv * V], dim=-1)
+        q, k, v = self.features(q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, Hv, V))  # [B, T, H|Hv, K|V]
+        if Hv != H:  # each q/k head serves Hv / H consecutive value heads
+            q, k = q.repeat_interleave(Hv // H, dim=2), k.repeat_interleave(Hv // H, dim=2)
         impl = self.impl_for(self.config, x, decoding=state is not None)
-        o, S = self.recur(impl, x, q, k, v, None if state is None else state.recurrent, doc_ids)  # [B, T, H, V]
+        o, S = self.recur(impl, x, q, k, v, None if state is None else state.recurrent, doc_ids)  # [B, T, Hv, V]
         if self.norm is not None or self.gate is not None:
-            gate = None if self.gate is None else self.gate(x).view(B, T, H, V)
+            gate = None if self.gate is None else self.gate(x).view(B, T, Hv, V)
             o = self.norm(o, gate) if self.norm is not None else o * F.silu(gate)
-        y = self.out(o.reshape(B, T, H * V))  # [B, T, D]
+        y = self.out(o.reshape(B, T, Hv * V))  # [B, T, D]
         return y, None if state is None else RecurrentState(S, tail)
 
     def init_state(self, batch, device, dtype):
-        H, K, V = self.heads, self.head_dim, self.value_dim + self.value_extra
+        H, K, V = self.v_heads, self.head_dim, self.value_dim + self.value_extra
         recurrent = torch.zeros(batch, H, K, V, device=device, dtype=compute_dtype(dtype))
         conv = None
         if self.conv is not None:
@@ -226,7 +231,7 @@ class RecurrentMixer(Dispatched, SequenceMixer):
 
     def state_bytes(self, seq_len, dtype=torch.bfloat16):
         """Independent of seq_len: the state matrix (compute dtype) and the conv tail."""
-        matrix = self.heads * self.head_dim * (self.value_dim + self.value_extra) * compute_dtype(dtype).itemsize
+        matrix = self.v_heads * self.head_dim * (self.value_dim + self.value_extra) * compute_dtype(dtype).itemsize
         conv = 0 if self.conv is None else (self.conv.size - 1) * self.conv.weight.shape[0] * dtype.itemsize
         return matrix + conv
 
@@ -238,7 +243,7 @@ class DeltaRuleMixer(RecurrentMixer):
 
     def __init__(self, config: DeltaRuleConfig, dims: Dims) -> None:
         super().__init__(config, dims)
-        self.beta = nn.Linear(dims.d_model, config.heads, bias=False)
+        self.beta = nn.Linear(dims.d_model, self.v_heads, bias=False)
 
     def features(self, q, k, v):
         if self.conv is None:
@@ -246,7 +251,7 @@ class DeltaRuleMixer(RecurrentMixer):
         return super().features(q, k, v)
 
     def beta_of(self, x: Tensor) -> Tensor:
-        """x [B, T, D] -> beta [B, T, H] in (0, 1), or (0, 2) with allow_neg_eigval."""
+        """x [B, T, D] -> beta [B, T, Hv] in (0, 1), or (0, 2) with allow_neg_eigval."""
         beta = torch.sigmoid(self.beta(x).to(compute_dtype(x.dtype)))
         return 2 * beta if self.config.allow_neg_eigval else beta
 

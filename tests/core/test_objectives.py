@@ -143,7 +143,27 @@ steps: 1
 device: cpu
 """)
     loaded = load_pipeline(path, registry=reg)
-    assert loaded.objectives[0].reference == str((tmp_path / "teacher").resolve())
+    pinned = tmp_path.resolve() / "teacher" / "checkpoints" / "step-000002"
+    assert loaded.objectives[0].reference == str(pinned)  # pinned to the checkpoint it names now
+
+
+def test_a_resumed_run_reads_the_pinned_reference_even_when_that_run_trained_on(reg, tmp_path):
+    """Found by an outside-in probe: a reference stored as a run directory read that run's
+    newest weights on resume, so the resumed run was not the uninterrupted one."""
+    Trainer(spec(reg, steps=2), tmp_path / "teacher", registry=reg, progress=False).run()
+    pipeline = spec(reg, steps=4, objectives=[{"kind": "probe", "reference": str(tmp_path / "teacher")}])
+    path = write(tmp_path, json.dumps(pipeline.model_dump(mode="json")))
+    first = load_pipeline(path, registry=reg)
+    Trainer(first, tmp_path / "r", registry=reg, progress=False).run(stop_at=2)
+    train_more = Trainer(spec(reg, steps=4), tmp_path / "teacher", registry=reg, resume=True, progress=False)
+    train_more.run()
+    resumed = Trainer(load_pipeline(tmp_path / "r" / "spec.yaml", registry=reg), tmp_path / "r", registry=reg,
+                      resume=True, progress=False)
+    frozen = resumed.objectives.models[0]["reference"]
+    again = Trainer(spec(reg, steps=2), tmp_path / "again", registry=reg, progress=False)
+    again.run()
+    assert all(torch.equal(a, b) for a, b in zip(frozen.parameters(), again.model.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(frozen.parameters(), train_more.model.parameters()))
 
 
 def test_needs_are_located_errors_at_validate(reg, tmp_path):
@@ -243,3 +263,92 @@ data: {kind: mqar, vocab: 32, pairs: 4}
     assert found == ["p.yaml:6: model.layers[0].mixer: attention reads later positions (an encoder), but objective "
                      "'cross_entropy' predicts each token from the ones before it: the model would see the answer "
                      "(make it causal, or train it with an embedding objective)"], found
+
+
+class BadConfig(LossConfig):
+    kind: Literal["bad"] = "bad"
+    returns: str = "vector"
+
+    def needs(self) -> Needs:
+        return Needs(hidden=(0,))
+
+
+class Bad(Objective):
+    def __init__(self, config, setup):
+        super().__init__()
+        self.returns = config.returns
+
+    def forward(self, run):
+        h = run.hidden(0)
+        if self.returns == "vector":
+            return h.mean((0, 2)), {}
+        if self.returns == "loss-metric":
+            return h.mean(), {"loss": h.mean()}
+        if self.returns == "string-metric":
+            return h.mean(), {"note": "hi"}
+        return h.mean() + run.hidden("final").mean(), {}  # a layer it did not declare
+
+
+@hookimpl
+def register_bad(register):
+    register.kind("loss", "bad", config=BadConfig, module=Bad)
+
+
+@pytest.mark.parametrize("returns, message", [
+    ("vector", "objective 'bad' returned a tensor of shape [16] as its loss; it must be a scalar tensor"),
+    ("loss-metric", "objective 'bad': its metrics ['loss'] have names the trainer logs itself"),
+    ("string-metric", "objective 'bad': metric 'note' is 'hi'"),
+    ("undeclared", "the objective read the output of layer 'final', which its needs().hidden does not declare"),
+])
+def test_an_objective_breaking_its_contract_is_named(tmp_path, returns, message):
+    """Found by an outside-in probe: each of these was a traceback (or, for a metric named
+    'loss', silently replaced the evaluation's loss)."""
+    from hybridlab.core.errors import HybridlabError
+
+    reg = load_registry([("bad", types.SimpleNamespace(hybridlab_register=register_bad))])
+    trainer = Trainer(PipelineSpec.model_validate({**PIPELINE, "objectives": [{"kind": "bad", "returns": returns}]},
+                                                  context={"registry": reg}),
+                      tmp_path / "r", registry=reg, progress=False)
+    with pytest.raises(HybridlabError) as info:
+        trainer._loss(trainer._batch("train", 0))
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_an_evaluate_set_on_a_reference_is_checked(reg, tmp_path):
+    """Found by an outside-in probe: `evaluate --set objectives[0].reference=...` skipped the
+    reference checks (another vocabulary evaluated silently)."""
+    from hybridlab.core.generate import evaluate_run
+
+    Trainer(spec(reg, steps=1), tmp_path / "ok", registry=reg, progress=False).run()
+    Trainer(spec(reg, steps=1, model={**MODEL, "d_model": 8}), tmp_path / "narrow", registry=reg,
+            progress=False).run()
+    Trainer(spec(reg, steps=1, objectives=[{"kind": "probe", "reference": str(tmp_path / "ok")}]),
+            tmp_path / "r", registry=reg, progress=False).run()
+    with pytest.raises(SpecError, match=r"objectives\[0\]\.reference: the reference has another width"):
+        evaluate_run(tmp_path / "r", registry=reg, overrides=[f"objectives[0].reference={tmp_path / 'narrow'}"])
+
+
+def test_a_mappings_reference_is_relative_to_the_working_directory(reg, tmp_path, monkeypatch):
+    """Found by an outside-in probe: the Python API read a relative reference against its
+    temporary file's folder."""
+    import hybridlab
+
+    Trainer(spec(reg, steps=1), tmp_path / "runs" / "ok", registry=reg, progress=False).run()
+    monkeypatch.chdir(tmp_path)
+    result = hybridlab.train({**PIPELINE, "steps": 1, "objectives": [{"kind": "probe", "reference": "runs/ok"}]},
+                             out=tmp_path / "r", progress=False, registry=reg)
+    assert (result.run_dir / "spec.yaml").read_text().count(str((tmp_path / "runs" / "ok").resolve())) == 1
+
+
+def test_prune_refuses_to_drop_a_layer_an_objective_reads_before_writing(reg, tmp_path):
+    """Found by an outside-in probe: prune wrote a run whose objective read a dropped layer,
+    then failed on it."""
+    from hybridlab.core.errors import HybridlabError
+    from hybridlab.core.prune import prune_run
+
+    model = {**MODEL, "layers": [{**MODEL["layers"][0]}, {**MODEL["layers"][1], "name": "second"}]}
+    Trainer(spec(reg, steps=1, model=model, objectives=[{"kind": "probe", "layers": ["first", "second"]}]),
+            tmp_path / "r", registry=reg, progress=False).run()
+    with pytest.raises(HybridlabError, match="reads the output of layer"):
+        prune_run(tmp_path / "r", 1, tmp_path / "pruned", batches=1, registry=reg)
+    assert not (tmp_path / "pruned").exists()

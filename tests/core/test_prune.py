@@ -51,7 +51,8 @@ def test_prune_drops_the_closest_span_and_the_new_run_equals_the_old_without_it(
     (tmp_path / "heal.yaml").write_text("model: pruned\ndata: {kind: mqar, vocab: 32, pairs: 2}\nsteps: 1\n"
                                         "batch_size: 4\neval_batches: 1\ndevice: cpu\n")
     heal = load_pipeline(tmp_path / "heal.yaml", registry=registry)
-    assert heal.init_from == str((tmp_path / "pruned").resolve()) and len(heal.model.layers) == 2
+    assert heal.init_from == str((tmp_path / "pruned" / "checkpoints" / "step-000000").resolve())  # pinned
+    assert len(heal.model.layers) == 2
     healed, _ = train(heal, out=tmp_path / "healed", progress=False, registry=registry)
     assert (healed / "checkpoints").is_dir()
 

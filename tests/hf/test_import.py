@@ -141,7 +141,7 @@ def test_the_imported_run_generates_from_the_cli_and_fine_tunes_as_model_run_dir
                         "steps: 1\nbatch_size: 2\neval_batches: 1\ndevice: cpu\n")
     result = hybridlab.train(pipeline, out=tmp_path / "ft", progress=False)
     assert load_pipeline(tmp_path / "ft" / "spec.yaml", saved_run=True, warn=False).init_from == str(
-        (tmp_path / "run").resolve())
+        (tmp_path / "run" / "checkpoints" / "step-000000").resolve())  # pinned to the imported checkpoint
     assert result.metrics["eval/loss"] == result.metrics["eval/loss"]  # finite
 
 

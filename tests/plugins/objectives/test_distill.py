@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hybridlab.core.checkpoint import latest_checkpoint
 from hybridlab.core.errors import SpecError
 from hybridlab.core.interfaces import ModelOutput
 from hybridlab.core.objectives import ObjectiveRun
@@ -217,7 +218,7 @@ def problems(path):
 
 def test_a_teacher_path_is_read_from_the_pipeline_file_and_made_absolute(teachers):
     spec = load_pipeline(pipeline_file(teachers, "{kind: distill, teacher: teacher}", "ok.yaml"))
-    assert spec.objectives[1].teacher == str((teachers / "teacher").resolve())
+    assert spec.objectives[1].teacher == str(latest_checkpoint(teachers / "teacher").resolve())  # pinned to the checkpoint it names now
 
 
 def test_a_missing_teacher_is_a_located_error(tmp_path):

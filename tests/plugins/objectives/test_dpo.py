@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hybridlab.core.checkpoint import latest_checkpoint
 from hybridlab.core.errors import SpecError
 from hybridlab.core.model import Model
 from hybridlab.core.objectives import ObjectiveRun, Objectives, start_copy
@@ -138,7 +139,7 @@ def test_dpo_reference_from_a_run_directory_and_its_located_errors(tmp_path, mon
 
     write(tmp_path, "p.yaml", pipeline(16, ["{kind: dpo, reference: base, beta: 0.3}"], model="model: base"))
     spec = load_pipeline("p.yaml")
-    assert spec.objectives[0].reference == str((tmp_path / "base").resolve())
+    assert spec.objectives[0].reference == str(latest_checkpoint(tmp_path / "base").resolve())  # pinned to the checkpoint it names now
     trainer = Trainer(spec, run_dir=tmp_path / "dpo", registry=registry, progress=False)
     with torch.no_grad():
         _, metrics = trainer._loss(trainer._batch("train", 0))

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hybridlab.core.checkpoint import latest_checkpoint
 from hybridlab.core.errors import SpecError
 from hybridlab.core.spec import PipelineSpec, load_pipeline
 from hybridlab.core.train import Trainer
@@ -184,7 +185,7 @@ def problems(path):
 def test_a_valid_pipeline_reads_the_teacher_from_the_pipeline_file(teachers):
     spec = load_pipeline(pipeline_file(teachers, "{kind: let, teacher: teacher, layer: second, teacher_layer: last, "
                                                  "decay_steps: 1}", "ok.yaml"))
-    assert spec.objectives[1].teacher == str((teachers / "teacher").resolve())
+    assert spec.objectives[1].teacher == str(latest_checkpoint(teachers / "teacher").resolve())  # pinned to the checkpoint it names now
 
 
 @pytest.mark.parametrize("objective,where,message", [

@@ -206,7 +206,7 @@ objectives:
 @pytest.mark.parametrize("body, line, path, fragment", [
     ("    depth: 0\n", 10, "objectives[1].depth", "greater than or equal to 1"),
     ("    depth: true\n", 10, "objectives[1].depth", "valid integer"),
-    ("    block: {mixer: {kind: attention, heads: 3}}\n", 10, "objectives[1].block", "mixer.heads"),
+    ("    block: {mixer: {kind: attention, heads: 3}}\n", 10, "objectives[1].block.mixer.heads", "must divide"),
     ("    block: {mixer: {kind: nope}}\n", 10, "objectives[1].block.mixer", "unknown"),
     ("    block: {mixer: {kind: attention, heads: 2}, loop: 2}\n", 10, "objectives[1].block.loop", "unknown field"),
 ], ids=["depth-0", "depth-bool", "block-check", "block-kind", "block-field"])
@@ -266,8 +266,8 @@ def test_a_block_reading_another_layers_kv_is_an_error(tmp_path):
     with pytest.raises(SpecError) as info:
         load_pipeline(spec)
     [problem] = info.value.problems
-    assert (problem.line, problem.path) == (9, "objectives[0].block")
-    assert "mixer.kv_from: reads block 'a'" in problem.message
+    assert (problem.line, problem.path) == (9, "objectives[0].block.mixer.kv_from")
+    assert problem.message.startswith("reads block 'a'")
 
 
 # ---------------------------------------------------------------- speculative decoding
@@ -372,7 +372,7 @@ def test_modules_in_a_hyper_connection_stream_with_an_moe_block(registry):
     batch = {"inputs": torch.randint(0, 32, (2, 9)), "targets": torch.randint(0, 32, (2, 9))}
     _, results, _ = objectives.compute(batch, model=model, task=None)
     _, loss, metrics = results[1]
-    assert float(metrics["aux"]) > 0
+    assert float(metrics["block_aux"]) > 0
     assert float(loss.detach()) > float(metrics["loss_1"][0] / metrics["loss_1"][1] +
                                         metrics["loss_2"][0] / metrics["loss_2"][1]) / 2
     model.eval(), objectives.eval()
@@ -450,6 +450,25 @@ def test_generate_speculative_refuses_sampling_and_runs_without_a_drafter(runs, 
     assert "needs a drafter" in err and "cross_entropy" in err and "mtp" in err and "Traceback" not in err
     with pytest.raises(HybridlabError, match="needs a drafter"):
         generate(runs / "plain", "1 2", speculative=True)
+    # a run made before encoder MTP blocks were refused at validate: its spec no longer loads
     assert main(["generate", str(runs / "encoder"), "--prompt", "1 2", "--speculative"]) == 2
     err = capsys.readouterr().err
-    assert "the drafter (MTP) cannot decode step by step" in err and "causal: false" in err
+    assert "objectives[1].block.mixer: attention reads later positions" in err and "Traceback" not in err
+
+
+def test_an_mtp_block_that_reads_ahead_or_another_blocks_kv_is_refused_at_validate(tmp_path):
+    """Found by an outside-in probe: a `causal: false` MTP block validated and trained on
+    the tokens it predicts; a default block with kv_from validated and died at step 1."""
+    (tmp_path / "y").mkdir()
+    encoder = write(tmp_path, PIPE + "    block: {mixer: {kind: attention, heads: 2, causal: false}}\n")
+    with pytest.raises(SpecError) as info:
+        load_pipeline(encoder)
+    assert [p.path for p in info.value.problems] == ["objectives[1].block.mixer"], info.value.problems
+    assert "reads later positions" in info.value.problems[0].message
+    yoco = write(tmp_path / "y", PIPE.replace("    - mixer: {kind: attention, heads: 2}\n",
+                                        "    - {mixer: {kind: attention, heads: 2}, name: g}\n"
+                                        "    - mixer: {kind: attention, heads: 2, kv_from: g}\n"))
+    with pytest.raises(SpecError) as info:
+        load_pipeline(yoco)
+    assert any("objectives[1]" in p.path and "reads block 'g'" in p.message for p in info.value.problems), \
+        info.value.problems
