@@ -135,7 +135,10 @@ class ShortConv(nn.Module):
             y = y + term
         if self.bias is not None:
             y = y + self.bias
-        return F.silu(y), xp[:, xp.shape[1] - (W - 1):]
+        tail = xp[:, xp.shape[1] - (W - 1):]
+        if doc_ids is not None:  # the state after the last token is the last document's alone
+            tail = tail * (seg[:, seg.shape[1] - (W - 1):] == seg[:, -1:])[..., None]
+        return F.silu(y), tail
 
 
 class OutputNorm(nn.Module):

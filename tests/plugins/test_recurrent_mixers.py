@@ -367,3 +367,20 @@ def test_a_gradient_of_a_chunk_gradient_raises_instead_of_being_wrong(op):
     torch.autograd.grad(sum(g.pow(2).sum() for g in grads["reference"]), inputs["q"])  # fine
     with pytest.raises(RuntimeError, match="first-order only.*impl='reference'"):
         torch.autograd.grad(sum(g.pow(2).sum() for g in grads["chunk"]), inputs["q"])
+
+
+def test_the_conv_tail_after_packed_documents_is_the_last_documents_alone():
+    """Found while adding short_conv: the conv's state after a call with doc_ids kept the
+    inputs of the document before the last one, which the next call then read (the
+    recurrent ops' final states already restart per document)."""
+    from hybridlab.plugins.mixer.recurrent_layer import ShortConv
+
+    torch.manual_seed(0)
+    conv = ShortConv(3, 4)
+    x, more = torch.randn(1, 6, 3), torch.randn(1, 2, 3)
+    doc_ids = torch.tensor([[0, 0, 0, 0, 1, 1]])
+    _, tail = conv(x, doc_ids=doc_ids)
+    y, _ = conv(more, tail)
+    alone, _ = conv(torch.cat([x[:, 4:], more], 1))  # the last document from its start
+    assert torch.allclose(y, alone[:, 2:], atol=1e-6)
+    assert torch.equal(tail[:, 0], torch.zeros(1, 3))
