@@ -183,18 +183,107 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.pipeline is not None and not args.pipeline.strip():
         raise HybridlabError("the pipeline path is empty (leave it out for the default job)")
     pipeline = args.pipeline or (None if args.resume else default_pipeline())
+    if args.nproc is not None:  # the same command in N processes under torchrun
+        from .distributed import launch
+        from .train import check_launch
+
+        check_launch(pipeline, args.set, args.out, args.resume, args.nproc)
+        again = ([args.pipeline] if args.pipeline else []) + [f for kv in args.set for f in ("--set", kv)]
+        for flag, value in (("--out", args.out), ("--resume", args.resume), ("--device", args.device)):
+            again += [flag, value] if value else []
+        return launch(args.nproc, ["train", *again, *(["--quiet"] if args.quiet else [])])
     run_dir, result = train(pipeline, overrides=args.set, out=args.out, resume=args.resume, device=args.device,
                             progress=not args.quiet)
     parts = [f"{key.split('/')[0]} accuracy: {value:.4f}" for key, value in result.items()
              if key.endswith("/accuracy")]  # one per evaluation split (eval, or len32, len64...)
     parts += [f"{key.split('/')[0]} loss: {value:.4f}" for key, value in result.items() if key.endswith("/loss")][:1]
     parts += [f"in {result['seconds']:.1f} s", f"run directory: {run_dir}"]
-    print("; ".join(p for p in parts if p))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: one summary, from rank 0
+        print("; ".join(p for p in parts if p))
     return 0
 
 
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    from .train import consolidate
+
+    out = args.out or f"{str(args.run_dir).rstrip('/')}-consolidated"
+    path = consolidate(args.run_dir, out)
+    print(f"wrote {path} (an ordinary checkpoint: train --resume {out}, generate, evaluate)")
+    return 0
+
+
+def cmd_lipschitz(args: argparse.Namespace) -> int:
+    from .lipschitz import lipschitz_report
+
+    if os.path.isdir(args.spec):  # a run: its latest checkpoint's weights
+        model = hybridlab.load(args.spec, overrides=args.set)
+    else:
+        from .spec import PipelineSpec
+
+        spec = _load_any(args.spec, args.set)
+        model = hybridlab.build(spec.model if isinstance(spec, PipelineSpec) else spec)
+    rows = lipschitz_report(model, seq_len=args.seq_len, iterations=args.iterations)
+
+    def bound(row: Any, name: str) -> str:
+        if name not in row.parts:
+            return "-"
+        value = row.parts[name]
+        return f"{value:.4g}" if value is not None else f"none ({row.reasons[name]})"
+
+    def verdict(row: Any) -> str:
+        if not row.checked:
+            return "- (no declared bound to check)"
+        return "PASS" if row.passed else "FAIL: " + "; ".join(row.violations())
+
+    _table(("position", "block", "mixer bound", "ffn bound", "block bound", "measured: block (sub-layers)", "verdict"),
+           [(str(r.position), r.kinds, bound(r, "mixer"), bound(r, "ffn"),
+             "none" if r.declared is None else f"{r.declared:.4g}",
+             f"{r.measured:.4g}" + (" (" + ", ".join(f"{k} {v:.4g}" for k, v in r.measured_parts.items()) + ")"
+                                    if r.measured_parts else ""),
+             verdict(r)) for r in rows])
+    declared = [r.declared for r in rows]
+    total = math.prod(declared) if all(d is not None for d in declared) else None
+    print(f"model (blocks composed): declared bound {'none' if total is None else f'{total:.4g}'}; "
+          f"product of the measured {math.prod(r.measured for r in rows):.4g}")
+    return 0 if all(r.passed for r in rows) else 1
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from . import shards
+
+    if not 0 < args.eval_fraction < 1:
+        raise HybridlabError(f"--eval-fraction must be between 0 and 1, got {args.eval_fraction}")
+    shards.refuse_existing(Path(args.out))
+    files = [f for pattern in args.files for f in _matching(pattern)]
+    encode, vocab = shards.encoder(args.tokenizer)
+    texts = shards.documents(tqdm(files, desc="tokenize", unit="file", disable=args.quiet or len(files) < 2),
+                             args.jsonl_key)
+    docs, empty = shards.tokenize_documents(texts, encode)
+    meta = shards.write_shards(Path(args.out), shards.split_documents(docs, args.eval_fraction), vocab_size=vocab,
+                               tokenizer=args.tokenizer, shard_tokens=args.shard_tokens)
+    counts = {split: (sum(e["tokens"] for e in entries), sum(e["documents"] for e in entries), len(entries))
+              for split, entries in meta["splits"].items()}
+    print("; ".join(f"{split}: {n} tokens in {d} documents, {k} shard(s)" for split, (n, d, k) in counts.items())
+          + (f"; {empty} empty document(s) skipped" if empty else "")
+          + f"; vocab {vocab} ({meta['dtype']}); written to {args.out}")
+    return 0
+
+
+def _matching(pattern: str) -> list[str]:
+    """A path or glob pattern's files, sorted; none is an error naming the pattern."""
+    import glob
+
+    found = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+    if not found:
+        raise HybridlabError(f"no file matches {pattern!r}")
+    return found
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import parse_lrs, parse_sweep, run_compare
+    from .compare import parse_grid, parse_lrs, parse_sweep, run_compare
+    from .iso import parse_match
 
     if args.pipeline is None:
         raise HybridlabError("compare needs --pipeline P: the pipeline every model spec is trained with")
@@ -203,7 +292,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except ValueError:
         raise HybridlabError(f"--seeds: expected a number of seeds, got {args.seeds!r}") from None
     run_compare(args.specs, args.pipeline, seeds=seeds, lrs=parse_lrs(args.lr), out=args.out, overrides=args.set,
-                select=args.select, device=args.device, progress=not args.quiet, sweep=parse_sweep(args.sweep))
+                select=args.select, device=args.device, progress=not args.quiet, sweep=parse_sweep(args.sweep),
+                match=parse_match(args.match), grid=parse_grid(args.grid))
     return 0
 
 
@@ -250,6 +340,51 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+def cmd_mup_check(args: argparse.Namespace) -> int:
+    import json
+
+    from .mup import coord_check, format_coord_check
+    from .spec import PipelineSpec
+
+    def model_spec(overrides: list[str]) -> Any:
+        spec = _load_any(args.spec, args.set + overrides)
+        return spec.model if isinstance(spec, PipelineSpec) else spec
+
+    pipeline = isinstance(_load_any(args.spec, args.set), PipelineSpec)
+    widths = args.widths or [model_spec([]).d_model * k for k in (1, 2, 4)]
+    if len(set(widths)) < 2:
+        raise HybridlabError(f"--widths: a coordinate check needs at least two different widths, got {widths}")
+    # each width validated like --set d_model=W (a width the heads do not divide is a located error)
+    specs = {w: model_spec([f"{'model.' if pipeline else ''}d_model={w}"]) for w in set(widths)}
+    chosen = ("standard", "mup") if args.parametrization == "both" else (args.parametrization,)
+    check = coord_check(specs, steps=args.steps, lr=args.lr, parametrizations=chosen, registry=_registry())
+    print(format_coord_check(check))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(check.to_json(), indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _widths(text: str) -> list[int]:
+    """argparse type: comma-separated positive widths, e.g. 32,64,128."""
+    try:
+        return [_positive_int(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive widths such as 32,64,128, got {text!r}")
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a number > 0 (a learning rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -406,7 +541,34 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     s.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the pipeline)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--nproc", type=_positive_int, metavar="N",
+                   help="run N processes on this host under torchrun (the pipeline's parallel: ddp or fsdp)")
     s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("consolidate", help="a run's latest checkpoint (an FSDP run's is sharded) as an ordinary "
+                       "one-process checkpoint in a new run directory")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
+    s.add_argument("--out", metavar="NEW_RUN", help="the new run directory (default RUN_DIR-consolidated)")
+    s.set_defaults(fn=cmd_consolidate)
+
+    s = sub.add_parser("lipschitz", help="each block's Lipschitz bound: declared by its parts, and measured")
+    s.add_argument("spec", metavar="SPEC_OR_RUN", help="a model spec, a pipeline, or a run directory (its weights)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    s.add_argument("--seq-len", type=_positive_int, default=16, help="tokens per measured sequence (default 16)")
+    s.add_argument("--iterations", type=_positive_int, default=20, help="power-iteration steps (default 20)")
+    s.set_defaults(fn=cmd_lipschitz)
+
+    s = sub.add_parser("tokenize", help="tokenize text files once into memory-mapped shards for the text task")
+    s.add_argument("files", nargs="+", metavar="FILE", help="text files or glob patterns; each file is a document")
+    s.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    s.add_argument("--tokenizer", metavar="TOKENIZER_JSON", help="a local tokenizer.json (default: UTF-8 bytes)")
+    s.add_argument("--jsonl-key", metavar="KEY", help="the files are JSON lines; each line's KEY is a document")
+    s.add_argument("--eval-fraction", type=float, default=0.1,
+                   help="the last fraction of the documents held out (at least one; default 0.1)")
+    s.add_argument("--shard-tokens", type=_positive_int, default=2**28,
+                   help="about this many tokens per shard file (default 2**28)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_tokenize)
 
     s = sub.add_parser("compare", help="train every (model spec, seed, lr) cell of a pipeline; tables and plots")
     s.add_argument("specs", nargs="+", metavar="SPEC", help="model specs to compare")
@@ -419,6 +581,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a pipeline field")
     s.add_argument("--sweep", metavar="KEY=V1,V2",
                    help="train each spec once per value of a pipeline field, e.g. model.layers[1].loop=1,2,4")
+    s.add_argument("--match", metavar="MEASURE=N", help="first scale every spec's d_model to params=N or "
+                   "state_bytes=N (decoding state at the longest eval length); see docs/research-loop.md")
+    s.add_argument("--grid", action="append", default=[], metavar="data.FIELD=V1,V2",
+                   help="a difficulty-grid axis (repeat for a cross product), e.g. data.pairs=4,8,16; "
+                   "one aggregate score per spec")
     s.add_argument("--select", metavar="METRIC", help="metric that picks each spec's best lr "
                    "(default: the first eval split's accuracy)")
     s.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the pipeline)")
@@ -441,6 +608,18 @@ def parser() -> argparse.ArgumentParser:
                    help="evaluation batches to measure distances on (default: the pipeline's eval_batches)")
     s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     s.set_defaults(fn=cmd_prune)
+
+    s = sub.add_parser("mup-check", help="μP coordinate check: activation RMS per layer vs width over a few steps")
+    s.add_argument("spec", metavar="SPEC", help="a model spec or a pipeline (its model)")
+    s.add_argument("--widths", type=_widths, metavar="W,W,...",
+                   help="d_model values (default: 1, 2 and 4 times the spec's); μP's base is the smallest")
+    s.add_argument("--steps", type=_positive_int, default=3, metavar="N", help="AdamW steps (default 3)")
+    s.add_argument("--lr", type=_positive_float, default=1e-2, help="AdamW's constant lr (default 0.01)")
+    s.add_argument("--parametrization", choices=("both", "mup", "standard"), default="both",
+                   help="which to check (default both, to compare)")
+    s.add_argument("--json", metavar="PATH", help="also write every RMS as JSON")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field of the spec")
+    s.set_defaults(fn=cmd_mup_check)
 
     s = sub.add_parser("generate", help="continue a prompt with a trained run (step-wise decoding from state)")
     s.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (hybridlab train --out, or a compare cell)")

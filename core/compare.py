@@ -8,6 +8,10 @@ pipeline, then tabulate and plot.
                                        best lr, then every (spec, lr)
     OUT/accuracy_vs_length.png         accuracy against eval length (``len{N}`` splits), per spec
     OUT/loss_curves.png                training loss against step, per spec
+    OUT/accuracy_vs_state.png          the selected metric against decoding-state bytes, per spec
+    OUT/matched/<spec>.yaml            with ``match``: each spec at the width that hits the target
+    OUT/cells/<spec>/<point>/seed<S>-lr<LR>/   with ``grid``: a run directory per grid point
+    OUT/grid.json                      with ``grid``: per spec, each point's primary metric and their mean
 
 Resuming: run the same command again. A finished cell (result.json) is skipped; a cell
 with a checkpoint resumes from it, exactly (core/train.py); the others start. A cell
@@ -25,18 +29,20 @@ included. Runs made before this rule have auxiliary terms inside ``<split>/loss`
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
 import math
 import shlex
 import shutil
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .checkpoint import atomic_write_text, latest_checkpoint
 from .errors import HybridlabError, SpecError
+from .iso import measure, scale_to
 from .model import count_parameters
 from .spec import PipelineSpec, dump_spec, load_model_spec, load_pipeline
 from .tasks import split_length
@@ -50,10 +56,12 @@ class Cell:
     lr: float | None  # None only for an optimizer without an ``lr``
     spec: PipelineSpec
     dir: Path
+    grid: dict[str, str] = field(default_factory=dict)  # the difficulty-grid point: {"data.pairs": "8", ...}
 
     @property
     def name(self) -> str:
-        return f"{self.label} seed {self.seed}" + (f" lr {self.lr:g}" if self.lr is not None else "")
+        point = "".join(f" {key.removeprefix('data.')}={value}" for key, value in self.grid.items())
+        return f"{self.label}{point} seed {self.seed}" + (f" lr {self.lr:g}" if self.lr is not None else "")
 
     def done(self) -> bool:
         return (self.dir / "result.json").exists()
@@ -102,27 +110,71 @@ def parse_sweep(text: str | None) -> tuple[str, list[str]] | None:
     return key.strip(), items
 
 
+def parse_grid(texts: Sequence[str] | None) -> list[tuple[str, list[str]]]:
+    """['data.pairs=4,8', 'data.seq_len=32,64'] -> [('data.pairs', ['4', '8']), ('data.seq_len', ['32', '64'])]:
+    task fields only (``data.``), each key once, each value once."""
+    axes: list[tuple[str, list[str]]] = []
+    for text in texts or ():
+        key, sep, values = text.partition("=")
+        key, items = key.strip(), [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key or not items:
+            raise HybridlabError(f"--grid: expected data.FIELD=V1,V2,..., got {text!r}")
+        if not key.startswith("data.") or key == "data.kind":
+            raise HybridlabError(f"--grid {text!r}: a grid axis is a task field (data.FIELD, not data.kind), "
+                                 f"got {key!r}")
+        if key in (k for k, _ in axes):
+            raise HybridlabError(f"--grid: {key} is given twice; list all its values in one --grid")
+        if len(set(items)) != len(items):
+            raise HybridlabError(f"--grid: {text!r} lists a value twice")
+        axes.append((key, items))
+    return axes
+
+
+def grid_points(axes: Sequence[tuple[str, list[str]]]) -> list[tuple[dict[str, str], str]]:
+    """The cross product of the axes: (point, directory tag); [({}, '')] without a grid."""
+    points = []
+    for values in itertools.product(*(items for _, items in axes)):
+        point = {key: value for (key, _), value in zip(axes, values)}
+        tag = "-".join(f"{k.removeprefix('data.')}={v}" for k, v in point.items())
+        points.append((point, safe_name(tag) if tag else ""))  # no grid: cells/<spec>/seed<S>-lr<LR>/ as before
+    tags = [tag for _, tag in points]
+    if len(set(tags)) != len(tags):
+        raise HybridlabError("--grid: two grid points name the same cell directory "
+                             f"({', '.join(t for t in tags if tags.count(t) > 1)}); give values that differ "
+                             "in letters or digits")
+    return points
+
+
 def plan(model_specs: Sequence[str | Path], pipeline: str | Path, *, seeds: int = 1,
          lrs: Sequence[float] | None = None, overrides: Sequence[str] = (), out: Path,
-         registry: Any = None, sweep: tuple[str, list[str]] | None = None) -> list[Cell]:
+         registry: Any = None, sweep: tuple[str, list[str]] | None = None,
+         grid: Sequence[tuple[str, list[str]]] = ()) -> list[Cell]:
     """Every cell, its resolved pipeline validated up front (a bad spec fails before any
     training). ``sweep`` (key, values): each spec once per value, labelled
-    ``<spec>-<field>=<value>`` (e.g. a loop count: ``model.layers[1].loop``)."""
-    if sweep is None:
-        return _plan(model_specs, pipeline, seeds=seeds, lrs=lrs, overrides=overrides, out=out, registry=registry)
-    key, values = sweep
-    field = key.rpartition(".")[2]
+    ``<spec>-<field>=<value>`` (e.g. a loop count: ``model.layers[1].loop``). ``grid``
+    (:func:`parse_grid`): every cell once per point of the axes' cross product, in
+    ``cells/<spec>/<point>/``."""
     cells = []
-    for value in values:
-        for cell in _plan(model_specs, pipeline, seeds=seeds, lrs=lrs, overrides=[*overrides, f"{key}={value}"],
-                          out=out, registry=registry, suffix=safe_name(f"-{field}={value}")):
-            cells.append(cell)
+    for point, tag in grid_points(grid):
+        sets = [*overrides, *(f"{key}={value}" for key, value in point.items())]
+        if sweep is None:
+            part = _plan(model_specs, pipeline, seeds=seeds, lrs=lrs, overrides=sets, out=out, registry=registry,
+                         point=tag)
+        else:
+            key, values = sweep
+            name = key.rpartition(".")[2]
+            part = [cell for value in values
+                    for cell in _plan(model_specs, pipeline, seeds=seeds, lrs=lrs, overrides=[*sets, f"{key}={value}"],
+                                      out=out, registry=registry, suffix=safe_name(f"-{name}={value}"), point=tag)]
+        for cell in part:
+            cell.grid = point
+        cells += part
     return cells
 
 
 def _plan(model_specs: Sequence[str | Path], pipeline: str | Path, *, seeds: int = 1,
           lrs: Sequence[float] | None = None, overrides: Sequence[str] = (), out: Path,
-          registry: Any = None, suffix: str = "") -> list[Cell]:
+          registry: Any = None, suffix: str = "", point: str = "") -> list[Cell]:
     if not model_specs:
         raise HybridlabError("give at least one model spec to compare")
     if seeds < 1:
@@ -155,12 +207,56 @@ def _plan(model_specs: Sequence[str | Path], pipeline: str | Path, *, seeds: int
             for lr in lrs:
                 tag = f"seed{seed}" + (f"-lr{lr:g}" if lr is not None else "")
                 # the path as a quoted YAML string: ' #' or ': ' in it would be read as YAML
-                sets = [*overrides, f"model={json.dumps(str(path))}", f"seed={seed}", f"name={label}-{tag}"]
+                run_name = f"{label}-{point}-{tag}" if point else f"{label}-{tag}"
+                sets = [*overrides, f"model={json.dumps(str(path))}", f"seed={seed}", f"name={run_name}"]
                 if given:  # the whole optimizer mapping: the pipeline may leave it to the default
                     sets.append(f"optimizer={json.dumps({**base.optimizer.model_dump(mode='json'), 'lr': lr})}")
                 spec = load_pipeline(pipeline, sets, registry=registry, warn=False)  # the base load warned once
-                cells.append(Cell(label, seed, lr, spec, out / "cells" / label / tag))
+                cells.append(Cell(label, seed, lr, spec, out / "cells" / label / point / tag))
     return cells
+
+
+def state_length(spec: PipelineSpec, *, registry: Any = None) -> int | None:
+    """The length at which the tables give each spec's decoding-state bytes: the task's
+    longest ``len{N}`` evaluation split, else the data's ``seq_len``, else None."""
+    if registry is None:
+        from hybridlab.registry import default_registry
+
+        registry = default_registry()
+    splits = registry.kind("data", spec.data.kind).module(spec.data, seed=spec.seed).splits()
+    lengths = [n for n in map(split_length, splits) if n is not None]
+    if lengths:
+        return max(lengths)
+    seq_len = spec.data.model_dump().get("seq_len")
+    return seq_len if isinstance(seq_len, int) else None
+
+
+def match_specs(model_specs: Sequence[str | Path], pipeline: str | Path, match: tuple[str, int], *,
+                overrides: Sequence[str] = (), out: Path, registry: Any = None,
+                echo: Callable[[str], None] = print) -> list[Path]:
+    """Each spec scaled (its d_model, core/iso.py) to ``match`` = (params|state_bytes, N),
+    written to OUT/matched/<file stem>.yaml; returns those paths."""
+    which, target = match
+    base = load_pipeline(pipeline, overrides, registry=registry, warn=False)
+    length = state_length(base, registry=registry)
+    if which == "state_bytes" and length is None:
+        raise HybridlabError(f"--match state_bytes: the {base.data.kind} task has no len{{N}} split or seq_len "
+                             "to measure the state at")
+    scaled = [scale_to(path, **{which: target}, seq_len=length or 1, registry=registry)  # params: any length
+              for path in model_specs]
+    make_dir(out / "matched", "--out")
+    paths, used = [], set()
+    for path, result in zip(model_specs, scaled):
+        stem = safe_name(Path(path).stem)
+        stem = stem if stem not in used else f"{stem}-{len(used)}"
+        used.add(stem)
+        target_path = (out / "matched" / f"{stem}.yaml").resolve()
+        text = dump_spec(result.spec)
+        if not target_path.exists() or target_path.read_text() != text:
+            atomic_write_text(target_path, text)
+        echo(f"--match {which}={target}: {result.describe()}")
+        paths.append(target_path)
+    return paths
 
 
 def check_selection(select: str, cells: Sequence[Cell], *, registry: Any = None) -> None:
@@ -217,22 +313,33 @@ def run_compare(model_specs: Sequence[str | Path], pipeline: str | Path, *, seed
                 lrs: Sequence[float] | None = None, out: str | Path | None = None, overrides: Sequence[str] = (),
                 select: str | None = None, device: str | None = None, progress: bool = True,
                 registry: Any = None, echo: Callable[[str], None] = print,
-                sweep: tuple[str, list[str]] | None = None) -> Path:
-    """Train every cell not yet finished, then write the tables and plots. Returns OUT."""
+                sweep: tuple[str, list[str]] | None = None, match: tuple[str, int] | None = None,
+                grid: Sequence[tuple[str, list[str]]] = ()) -> Path:
+    """Train every cell not yet finished, then write the tables and plots. Returns OUT.
+    ``match`` (``("params", N)`` or ``("state_bytes", N)``, see :func:`match_specs`):
+    every spec is first scaled to that size. ``grid`` (:func:`parse_grid`): a difficulty
+    grid, one aggregate score per spec (:func:`grid_scores`)."""
     from .train import Trainer
 
     if out is None:
         out = Path("runs") / f"compare-{load_pipeline(pipeline, overrides, registry=registry).name}"
     out = Path(out)
+    given_specs = model_specs
+    if match is not None:
+        model_specs = match_specs(model_specs, pipeline, match, overrides=overrides, out=out, registry=registry,
+                                  echo=echo)
     cells = plan(model_specs, pipeline, seeds=seeds, lrs=lrs, overrides=overrides, out=out, registry=registry,
-                 sweep=sweep)
+                 sweep=sweep, grid=grid)
     if select is not None:
         check_selection(select, cells, registry=registry)
     # shell-quoted, so results.md's line runs as written (paths with spaces or '#' included)
-    command = shlex.join(["hybridlab", "compare", *map(str, model_specs), "--pipeline", str(pipeline), "--seeds",
+    command = shlex.join(["hybridlab", "compare", *map(str, given_specs), "--pipeline", str(pipeline), "--seeds",
                           str(seeds), *(["--lr", ",".join(f"{lr:g}" for lr in lrs)] if lrs else []),
                           *(x for o in overrides for x in ("--set", o)),
-                          *(["--sweep", f"{sweep[0]}={','.join(sweep[1])}"] if sweep else []), "--out", str(out),
+                          *(["--sweep", f"{sweep[0]}={','.join(sweep[1])}"] if sweep else []),
+                          *(["--match", f"{match[0]}={match[1]}"] if match else []),
+                          *(x for key, values in grid for x in ("--grid", f"{key}={','.join(values)}")),
+                          "--out", str(out),
                           *(["--select", select] if select is not None else [])])  # the best-lr table depends on it
 
     def report() -> dict[str, Any]:
@@ -270,9 +377,12 @@ def run_compare(model_specs: Sequence[str | Path], pipeline: str | Path, *, seed
         rate[0] += trainer.step - start
         rate[1] += seconds
         result.pop("seconds")
+        length = state_length(cell.spec, registry=registry)
         row = {"spec": cell.label, "model": cell.spec.model.name, "seed": cell.seed, "lr": cell.lr,
                "steps": cell.spec.steps, "params": count_parameters(trainer.model), "seconds": spent + seconds,
-               "resumed": start > 0, "run_dir": str(cell.dir.relative_to(out)), "metrics": result}
+               "resumed": start > 0, "run_dir": str(cell.dir.relative_to(out)), "metrics": result,
+               "grid": cell.grid, "state_len": length,
+               "state_bytes": measure(cell.spec.model, length, registry=registry).state_bytes if length else None}
         atomic_write_text(cell.dir / "result.json", json.dumps(row) + "\n")
         report()
     notes = report()
@@ -316,7 +426,9 @@ def summarize(rows: Sequence[dict[str, Any]], select: str | None) -> dict[str, A
     groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["spec"], row["lr"]), []).append(row)
+    given = select
     select = select or default_selection(rows)
+    gridded = any(r.get("grid") for r in rows)
     if rows and select not in {m for r in rows for m in r["metrics"]}:
         raise HybridlabError(f"--select {select!r}: no such metric; the runs report {', '.join(rows[0]['metrics'])}")
     best: dict[str, Any] = {}
@@ -324,6 +436,9 @@ def summarize(rows: Sequence[dict[str, Any]], select: str | None) -> dict[str, A
     tie_break = select.rsplit("/", 1)[0] + "/loss" if select and "/" in select else None  # equal accuracy: lower loss
 
     def score(members: list[dict[str, Any]]) -> tuple[float, float]:
+        if gridded:  # the aggregate: the mean over grid points of each point's primary metric
+            primary = _mean([sign * v for v in _per_point(members, given).values()])
+            return (math.inf if math.isnan(primary) else primary, 0.0)
         values = [(sign * r["metrics"].get(select, math.nan), r["metrics"].get(tie_break, 0.0)) for r in members]
         primary, secondary = _mean([v[0] for v in values]), _mean([v[1] for v in values])
         return (math.inf if math.isnan(primary) else primary, secondary)
@@ -331,7 +446,33 @@ def summarize(rows: Sequence[dict[str, Any]], select: str | None) -> dict[str, A
     for (spec, lr), members in groups.items():
         if spec not in best or score(members) < best[spec][1]:
             best[spec] = (lr, score(members))
-    return {"columns": columns, "groups": groups, "select": select, "best": {s: v[0] for s, v in best.items()}}
+    chosen = {s: v[0] for s, v in best.items()}
+    return {"columns": columns, "groups": groups, "select": select, "best": chosen,
+            "grid": grid_scores(rows, chosen, given) if gridded else {}, "given": given}
+
+
+def _point_key(row: dict[str, Any]) -> str:
+    return ", ".join(f"{k.removeprefix('data.')}={v}" for k, v in (row.get("grid") or {}).items())
+
+
+def _per_point(members: Sequence[dict[str, Any]], select: str | None) -> dict[str, float]:
+    """Grid point -> the mean over seeds of its primary metric: ``select`` where given,
+    else the point's own default (its first eval split's accuracy: the split names may
+    differ between points, e.g. with data.seq_len on the grid)."""
+    points: dict[str, list[dict[str, Any]]] = {}
+    for row in members:
+        points.setdefault(_point_key(row), []).append(row)
+    return {point: _mean([r["metrics"].get(select or default_selection(rs), math.nan) for r in rs])
+            for point, rs in points.items()}
+
+
+def grid_scores(rows: Sequence[dict[str, Any]], best: dict[str, Any], select: str | None) -> dict[str, Any]:
+    """Per spec at its best lr: {"lr", "cells": {point: primary metric}, "aggregate": their mean}."""
+    out = {}
+    for spec, lr in best.items():
+        cells = _per_point([r for r in rows if r["spec"] == spec and r["lr"] == lr], select)
+        out[spec] = {"lr": lr, "cells": cells, "aggregate": _mean(list(cells.values()))}
+    return out
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -353,12 +494,16 @@ def _cell_text(members: Sequence[dict[str, Any]], metric: str) -> str:
 def markdown(rows: Sequence[dict[str, Any]], summary: dict[str, Any], *, title: str, command: str,
              total: int, plots: Sequence[str], note: str) -> str:
     columns, groups, best, select = summary["columns"], summary["groups"], summary["best"], summary["select"]
-    header = ["spec", "params", "lr", "seeds", *columns, "s/cell"]
+    lengths = {r.get("state_len") for r in rows if r.get("state_bytes") is not None}
+    state = f"state bytes@{lengths.pop()}" if len(lengths) == 1 else None  # rows from before the column: none
+    header = ["spec", "params", "lr", "seeds", *columns, "s/cell", *([state] if state else [])]
     lines = [f"# compare: {title}", "", f"`{command}`", "",
              f"{len(rows)} of {total} cells finished. Each value is the mean ± sample standard deviation "
              f"over seeds; the best lr per spec is chosen by the mean `{select}` "
              f"({'lower' if select and _lower_is_better(select) else 'higher'} is better); s/cell is the "
-             "wall time per cell, with any interrupted sessions.", ""]
+             "wall time per cell, with any interrupted sessions"
+             + (f"; {state} is the decoding state one sequence holds after that many tokens (float32)"
+                if state else "") + ".", ""]
 
     def table(keys: Sequence[tuple[str, Any]]) -> list[str]:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -367,10 +512,13 @@ def markdown(rows: Sequence[dict[str, Any]], summary: dict[str, Any], *, title: 
             out.append("| " + " | ".join([
                 key[0], f"{members[0]['params']:,}", f"{key[1]:g}" if key[1] is not None else "-",
                 str(len(members)), *(_cell_text(members, c) for c in columns),
-                f"{_mean([r['seconds'] for r in members]):.3g}"]) + " |")
+                f"{_mean([r['seconds'] for r in members]):.3g}",
+                *([f"{members[0]['state_bytes']:,}"] if state else [])]) + " |")
         return out
 
     lines += ["## Best learning rate per spec", "", *table([(s, lr) for s, lr in best.items()]), ""]
+    if summary["grid"]:
+        lines += _grid_table(summary["grid"], select=summary["given"])
     if len(groups) > len(best):
         lines += ["## Every learning rate", "", *table(sorted(groups, key=lambda k: (k[0], k[1] or 0))), ""]
     if plots:
@@ -380,12 +528,32 @@ def markdown(rows: Sequence[dict[str, Any]], summary: dict[str, Any], *, title: 
     return "\n".join(lines)
 
 
+def _grid_table(grid: dict[str, Any], *, select: str | None) -> list[str]:
+    points = list(dict.fromkeys(p for g in grid.values() for p in g["cells"]))
+    what = f"`{select}`" if select else "its first eval split's accuracy (else loss)"
+    lines = ["## Difficulty grid", "",
+             (f"Per grid point, at each spec's best lr: the mean over seeds of {what}; aggregate is the mean "
+              f"over the {len(points)} grid points (points not finished yet are left out of it)."), "",
+             "| spec | lr | aggregate | " + " | ".join(points) + " |", "|" + "---|" * (len(points) + 3)]
+    for spec, g in grid.items():
+        values = [g["cells"].get(p, math.nan) for p in points]
+        lines.append("| " + " | ".join([spec, f"{g['lr']:g}" if g["lr"] is not None else "-", _number(g["aggregate"]),
+                                        *map(_number, values)]) + " |")
+    return [*lines, ""]
+
+
+def _number(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.3f}"
+
+
 def write_reports(out: Path, cells: Sequence[Cell], *, select: str | None, command: str,
                   title: str) -> dict[str, Any]:
     """results.jsonl, results.md and the plots, from every finished cell."""
     rows = finished_rows(cells)
     atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     summary = summarize(rows, select)
+    if summary["grid"]:
+        atomic_write_text(out / "grid.json", json.dumps(summary["grid"], indent=1) + "\n")
     plots, note = write_plots(out, rows, cells, summary) if rows else ([], "")
     text = markdown(rows, summary, title=f"{title} ({cells[0].spec.data.kind})", command=command, total=len(cells),
                     plots=plots, note=note)
@@ -452,6 +620,29 @@ def write_plots(out: Path, rows: Sequence[dict[str, Any]], cells: Sequence[Cell]
         written.append("accuracy_vs_length.png")
     else:
         notes.append("no len{N} eval splits, so no accuracy-vs-length plot")
+
+    # iso-state view: the selected metric against decoding-state bytes (as zoology plots it)
+    select = summary["select"]
+    points: dict[str, tuple[int, list[float]]] = {}  # spec -> (state bytes, the metric per seed)
+    for row in chosen:
+        if row.get("state_bytes"):  # None in rows from before the column; 0 has no place on a log axis
+            points.setdefault(row["spec"], (row["state_bytes"], []))[1].append(row["metrics"].get(select, math.nan))
+    if points and select:
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        for spec, (state_bytes, values) in points.items():
+            ax.errorbar([state_bytes], [_mean(values)], yerr=[_std(values)], marker="o", capsize=3, label=spec)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"decoding-state bytes per sequence at {chosen[0].get('state_len')} tokens (float32)")
+        ax.set_ylabel(select)
+        ax.set_title("mean ± std over seeds, at each spec's best lr", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "accuracy_vs_state.png", dpi=120)
+        plt.close(fig)
+        written.append("accuracy_vs_state.png")
+    else:
+        notes.append("no state bytes recorded (runs from before they were), so no accuracy-vs-state plot")
 
     # training loss: mean over the seeds at each spec's best lr
     fig, ax = plt.subplots(figsize=(6, 3.8))

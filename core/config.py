@@ -231,6 +231,15 @@ class LossConfig(Config):
         return ()
 
 
+class OptimizerConfig(Config):
+    """Base class an optimizer kind's config may derive from to declare what it needs."""
+
+    def shardable(self) -> bool:
+        """Whether each process may update only its shard of a weight (``parallel: fsdp``).
+        False for an update that needs whole matrices (Muon's orthogonalisation)."""
+        return True
+
+
 class DataConfig(Config):
     """Base of data configs. A task config that does not derive from it yields
     ``inputs`` and ``targets`` only, and says nothing about its vocabulary."""

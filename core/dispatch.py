@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -40,8 +41,9 @@ def current_pins() -> dict[str, str]:
     (``forced("reference")``) overrides the environment's per-kind pins too: verify runs
     its reference passes that way, and an environment pin such as attention=sdpa must not
     turn them into the fast path compared with itself."""
-    forced = dict(_FORCED.get())
-    env = {} if "*" in forced else pins_from_env()
+    raw, forced_pins = _pins_when_compiled() if torch.compiler.is_compiling() else _pins_key()
+    forced = dict(forced_pins)
+    env = {} if "*" in forced else pins_from_env(raw)
     return {**env, **forced}
 
 
@@ -71,11 +73,16 @@ def pins_from_env(value: str | None = None) -> dict[str, str]:
 
 
 def choose(category: str, kind: str, config: Any, device: str | torch.device, dtype: torch.dtype, *,
-           training: bool, decoding: bool = False, registry: Any = None, pin: str | None = None) -> Choice:
+           training: bool, decoding: bool = False, registry: Any = None, pin: str | None = None,
+           step: str | None = None) -> Choice:
     """The implementation to run ``kind`` with, and why each other one was passed over.
 
     ``pin`` (or the environment) names an implementation to use; it must be able to
-    serve, or this raises with the reason."""
+    serve, or this raises with the reason. ``step`` names the implementation a one-token
+    decode step from a state prefers (the module's per-token form, see
+    ``Dispatched.step_impl``): when it can serve it wins over higher priorities, since a
+    chunked or parallel form pays its set-up for nothing at one token; a pin still wins
+    over it."""
     if registry is None:
         from hybridlab.registry import default_registry
 
@@ -96,6 +103,12 @@ def choose(category: str, kind: str, config: Any, device: str | torch.device, dt
         if reason is not None:
             raise HybridlabError(f"implementation {pin!r} of {kind!r} cannot serve this layer: {reason}")
         return Choice(impl, tuple((i.name, f"pinned to {pin}") for i, _ in reasons if i is not impl))
+    if step is not None:
+        preferred = [i for i, r in reasons if i.name == step and r is None]
+        if preferred:
+            impl = preferred[0]
+            return Choice(impl, tuple((i.name, r or f"a one-token step runs {step}, the per-token form")
+                                      for i, r in reasons if i is not impl))
     for impl, reason in reasons:
         if reason is None:
             # one after the chosen one could have served too: it was simply not preferred
@@ -127,6 +140,37 @@ def pin_applies(pins: dict[str, str], category: str, kind: str, registry: Any) -
     return _pin_for(pins, category, kind, registry.impls(category, kind), registry) if pins else None
 
 
+@contextlib.contextmanager
+def call_scope() -> Iterator[None]:
+    """Read the pins (environment and ``forced`` blocks) once for a whole model call: the
+    modules' ``impl_for`` inside it key their cached choice on this snapshot instead of
+    looking the environment up per module and call. Outside a scope they read it each call."""
+    if torch.compiler.is_compiling():  # a graph holds its choices (see _pins_key)
+        yield
+        return
+    token = _CALL_PINS.set(_pins_key())
+    try:
+        yield
+    finally:
+        _CALL_PINS.reset(token)
+
+
+def _pins_key() -> tuple[str, tuple[tuple[str, str], ...]]:
+    """What the pins in force depend on: the environment's raw value and the forced pins."""
+    return os.environ.get(ENV, ""), _FORCED.get()
+
+
+@torch._dynamo.assume_constant_result
+def _pins_when_compiled() -> tuple[str, tuple[tuple[str, str], ...]]:
+    """_pins_key for torch.compile, read once while tracing (Dynamo cannot trace
+    ContextVar.get): a compiled graph keeps the implementations chosen when it was traced,
+    without a guard on the environment."""
+    return _pins_key()
+
+
+_CALL_PINS: ContextVar[tuple | None] = ContextVar("hybridlab_call_pins", default=None)
+
+
 class Dispatched:
     """Mixin for modules whose core op has implementations. The model builder sets
     ``registry``; ``impl_for`` caches the choice per (device, dtype, mode, pins)."""
@@ -135,6 +179,9 @@ class Dispatched:
     kind: str = ""
     registry: Any = None
     spec_pin: str | None = None  # from the block's ``impl:`` in the spec; the environment wins
+    step_impl: str | None = None
+    """The implementation that runs a one-token decode step from a state (the per-token
+    form), preferred there over higher priorities; None: steps dispatch like any call."""
 
     def block_pin(self) -> str | None:
         """The spec's ``impl:`` pin for this module, unless a pin from the environment or a
@@ -152,12 +199,18 @@ class Dispatched:
         return self.spec_pin
 
     def impl_for(self, config: Any, x: torch.Tensor, *, decoding: bool = False, pin: str | None = None) -> Any:
-        training = torch.is_grad_enabled()
-        if pin is None:
-            pin = self.block_pin()
-        key = (x.device.type, x.dtype, training, decoding, pin, os.environ.get(ENV, ""), _FORCED.get())
-        cache = self.__dict__.setdefault("_impl_cache", {})
-        if key not in cache:
-            cache[key] = choose(self.category, self.kind, config, x.device, x.dtype, training=training,
-                                decoding=decoding, registry=self.registry, pin=pin).impl
-        return cache[key]
+        """The implementation for this call: chosen once per (device, dtype, training,
+        decoding, one-token step, pins) and cached on the module. A call of one token with
+        a state is a step: it prefers ``step_impl``."""
+        step = self.step_impl if decoding and x.shape[1] == 1 else None
+        pins = _pins_when_compiled() if torch.compiler.is_compiling() else _CALL_PINS.get() or _pins_key()
+        key = (x.device, x.dtype, torch.is_grad_enabled(), decoding, step, pin, pins)
+        cache = self.__dict__.get("_impl_cache")
+        if cache is None:
+            cache = self.__dict__["_impl_cache"] = {}
+        impl = cache.get(key)
+        if impl is None:
+            impl = cache[key] = choose(self.category, self.kind, config, x.device, x.dtype,
+                                       training=key[2], decoding=decoding, registry=self.registry,
+                                       pin=self.block_pin() if pin is None else pin, step=step).impl
+        return impl

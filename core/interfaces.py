@@ -126,6 +126,16 @@ class ActiveParameters(Protocol):
 
 
 @runtime_checkable
+class Lipschitz(Protocol):
+    """A module that declares an upper bound on its Lipschitz constant (ℓ2 over the whole
+    [B, T, D] input), read by ``hybridlab lipschitz``. ``inner`` is the bound of the map it
+    wraps: a norm placement's sub-layer, a residual's branch; modules that wrap nothing
+    ignore it. None: no bound for this configuration."""
+
+    def lipschitz(self, inner: float) -> float | None: ...
+
+
+@runtime_checkable
 class TiedHead(Protocol):
     """A head that may share its weight [V, D] with the embedding's (``tied``)."""
 

@@ -12,9 +12,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from . import mup
 from .config import Dims
-from .dispatch import Dispatched, pin_applies
+from .dispatch import Dispatched, call_scope, pin_applies
 from .errors import HybridlabError
 from .interfaces import (ActiveParameters, Aux, BlockWrapper, InitWeights, ModelOutput, NormPlacement, ReadsContext,
                          RunContext, State, StreamTaps, TiedHead)
@@ -203,9 +205,17 @@ class Model(nn.Module):
                 self.blocks[pos.key] = Block(pos.block, replace(dims, layer=pos.index, loops=pos.loops), spec.residual)
         self.norm = dims.build("normalization", spec.norm, spec.d_model)
         self.head = dims.build("head", spec.head)
+        self.mup = mup.plan(self, spec, registry) if spec.parametrization == "mup" else None
         self.init_weights()
         if isinstance(self.head, TiedHead) and self.head.tied:
             self.head.weight = self.embedding.weight  # [V, D], shared
+        self.checkpointed: frozenset[int] = frozenset()  # positions whose activations are recomputed
+
+    def checkpoint_activations(self, every: int) -> None:
+        """Activation checkpointing: in training, recompute the activations of every
+        ``every``-th position of the order (0, every, 2·every...) in the backward instead of
+        keeping them; 0 keeps all. Same gradients, less memory, one more block forward."""
+        self.checkpointed = frozenset(range(0, len(self.order), every)) if every else frozenset()
 
     def uses(self) -> list[tuple[Position, Block]]:
         """Each position of the order with the block (weights) it runs."""
@@ -228,20 +238,24 @@ class Model(nn.Module):
         for module in self.modules():
             if module is not self and isinstance(module, InitWeights):
                 module.init_weights(std)
+        if self.mup is not None:  # μP rescales what the standard init drew (core/mup.py)
+            mup.scale_init(self, self.mup)
 
     def forward(self, tokens: Tensor, state: list[State] | None = None, *,
-                doc_ids: Tensor | None = None, hidden: tuple = ()) -> ModelOutput:
+                doc_ids: Tensor | None = None, hidden: tuple = (), logits: bool = True) -> ModelOutput:
         """tokens [B, T] -> ModelOutput(logits [B, T, V], state, aux_losses, metrics).
         ``hidden``: positions in the order (ints) whose output to keep in ``output.hidden``
         ([B, T, D], the stream reduced), and ``"final"`` for the input of the head (after the
-        final norm); a plain tuple, so a compiled model sees no hooks.
+        final norm); a plain tuple, so a compiled model sees no hooks. ``logits=False`` skips
+        the head (``output.logits`` is None): a loss that applies it itself reads ``"final"``.
         T = 0 reads nothing: empty logits, and the state passes through unchanged (every
         kind alike; the attention kinds' reshapes cannot infer a size from no tokens)."""
         if tokens.dim() == 2 and tokens.shape[1] == 0:
             logits = next(self.parameters()).new_zeros(tokens.shape[0], 0, self.spec.vocab_size)
             empty = logits.new_zeros(tokens.shape[0], 0, self.spec.d_model)
             return ModelOutput(logits, state, {}, {}, {key: empty for key in hidden})
-        return self._run(tokens, state, doc_ids=doc_ids, step=False, hidden=hidden)
+        with call_scope():  # the pins are read once per call, not per module
+            return self._run(tokens, state, doc_ids=doc_ids, step=False, hidden=hidden, with_logits=logits)
 
     def step(self, tokens: Tensor, state: list[State]) -> ModelOutput:
         """One token per sequence: tokens [B] or [B, 1] -> logits [B, 1, V] and the new state."""
@@ -249,10 +263,11 @@ class Model(nn.Module):
             tokens = tokens[:, None]
         if tokens.shape[1] != 1:
             raise ValueError(f"step takes one token per sequence, got tokens of shape {tuple(tokens.shape)}")
-        return self._run(tokens, state, doc_ids=None, step=True)
+        with call_scope():
+            return self._run(tokens, state, doc_ids=None, step=True)
 
     def _run(self, tokens: Tensor, state: list[State] | None, *, doc_ids: Tensor | None, step: bool,
-             hidden: tuple = ()) -> ModelOutput:
+             hidden: tuple = (), with_logits: bool = True) -> ModelOutput:
         aux = Aux()
         ctx = RunContext(aux=aux, doc_ids=doc_ids, step=step, stream=self.stream, n_layers=len(self.order))
         h = self.stream.expand(self.embedding(tokens))
@@ -268,7 +283,10 @@ class Model(nn.Module):
         for pos, block in self.uses():
             if taps:
                 h = self.embedding.inject(pos.index, h, context, self.stream)
-            h, s = block(h, None if state is None else state[pos.index], ctx.at(pos.index, pos.iterations, pos.loops, pos.block.name))
+            run = block
+            if pos.index in self.checkpointed and torch.is_grad_enabled() and not step:  # recomputed in backward
+                run = lambda *args, block=block: checkpoint(block, *args, use_reentrant=False)  # noqa: E731
+            h, s = run(h, None if state is None else state[pos.index], ctx.at(pos.index, pos.iterations, pos.loops, pos.block.name))
             states.append(s)
             if pos.index in hidden:
                 kept[pos.index] = self.stream.reduce(h)
@@ -277,8 +295,16 @@ class Model(nn.Module):
         final = self.norm(self.stream.reduce(h))
         if "final" in hidden:
             kept["final"] = final
-        logits = self.head(final)
+        logits = None
+        if with_logits:
+            logits = self.readout(final)
         return ModelOutput(logits, None if state is None else states, aux.losses, aux.metrics, kept)
+
+    def readout(self, final: Tensor) -> Tensor:
+        """The head on the final norm's output [.., D] -> logits [.., V], with μP's logits
+        multiplier (base_width / d_model) on its input; a loss or objective that applies the
+        head itself calls this (or multiplies by ``self.mup.output_mult``)."""
+        return self.head(final if self.mup is None else final * self.mup.output_mult)
 
     def init_state(self, batch: int, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> list[State]:
@@ -328,7 +354,8 @@ class Model(nn.Module):
             else:
                 nxt = logits.argmax(-1, keepdim=True)
             tokens.append(nxt)
-            out = self.step(nxt, out.state)
+            if len(tokens) <= max_new_tokens:  # no step for the last token: its logits are not read
+                out = self.step(nxt, out.state)
         return torch.cat(tokens, dim=1)
 
 

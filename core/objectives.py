@@ -27,9 +27,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .config import Dims, LossConfig, Needs
+from .config import Dims, LossConfig
 from .errors import HybridlabError
 from .interfaces import ModelOutput
+from .tasks import TaskMetrics
 
 START = "start"  # a model reference meaning the trained model's own starting weights
 
@@ -39,7 +40,13 @@ class Objective(nn.Module):
     ``forward(run: ObjectiveRun) -> (loss, metrics)`` with the unweighted scalar loss and
     ``{name: tensor or (numerator, denominator)}``. Parameters it registers train with
     the model and are checkpointed with it; other models come through ``run.models``
-    (never keep them as attributes: they would be trained and saved)."""
+    (never keep them as attributes: they would be trained and saved).
+
+    ``reads_logits``: False for an objective that applies the head itself to
+    ``hidden['final']`` (a fused head and loss, ``cross_entropy`` with an ``lm`` head);
+    when no objective reads them, the model's forward on ``inputs`` skips the logits."""
+
+    reads_logits: bool = True
 
     def forward(self, run: "ObjectiveRun") -> tuple[Tensor, dict[str, Any]]:
         raise NotImplementedError
@@ -245,6 +252,7 @@ class Objectives(nn.Module):
             else:
                 module = LossAdapter(kind(config))
             self.items.append(module)
+        self.reads_logits = any(item.reads_logits for item in self.items)
 
     def has_weights(self) -> bool:
         return any(True for _ in self.parameters())
@@ -260,14 +268,25 @@ class Objectives(nn.Module):
         autocast = autocast or contextlib.nullcontext
         aux: dict[str, list[Tensor]] = {}
 
-        def run_forward(tokens: Tensor, hidden: tuple = ()) -> ModelOutput:
-            with autocast():  # hidden only when asked: a plain forward(tokens) callable serves the rest
-                out = forward(tokens, hidden=hidden) if hidden else forward(tokens)
+        def run_forward(tokens: Tensor, hidden: tuple = (), doc_ids: Tensor | None = None, *,
+                        logits: bool = True) -> ModelOutput:
+            # hidden and doc_ids only when there are some: a plain forward(tokens) callable serves the rest
+            extra = {"hidden": hidden} if hidden else {}
+            if doc_ids is not None:
+                extra["doc_ids"] = doc_ids
+            if not logits:
+                extra["logits"] = False
+            with autocast():
+                out = forward(tokens, **extra)
             for name, value in out.aux_losses.items():
                 aux.setdefault(name, []).append(value)
             return out
 
-        output = run_forward(batch["inputs"], self.hidden) if self.reads_output else None
+        # a task's packed documents (``doc_ids``) reach the main forward
+        # the logits only when someone reads them: an objective, or a task's own metrics
+        logits = self.reads_logits or isinstance(task, TaskMetrics)
+        output = run_forward(batch["inputs"], self.hidden, batch.get("doc_ids"), logits=logits) \
+            if self.reads_output else None
 
         results = []
         for i, (config, module) in enumerate(zip(self.configs, self.items)):

@@ -28,7 +28,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, ValidationInfo, WrapValidator, field_validator
 
 from .checkpoint import checkpoint_at
-from .config import Component, Config, DataConfig, Dims, Needs, component_category
+from .config import Component, Config, DataConfig, Dims, Needs, OptimizerConfig, component_category
 from .errors import HybridlabError, Problem, SpecError, format_path
 from .yamlio import Loc, LocDict, LocList, display_name, read_yaml, to_plain
 
@@ -161,6 +161,13 @@ class ModelSpec(Config):
     """Hidden -> logits."""
     init_std: float = Field(default=0.02, gt=0)
     """Standard deviation of the normal init of linear and embedding weights."""
+    parametrization: Literal["standard", "mup"] = "standard"
+    """standard, or mup: μP against the same spec at ``d_model = base_width`` (hidden
+    linear weights' init and Adam lr scaled by the width ratio, the logits multiplied by
+    base_width / d_model; docs/optimization.md)."""
+    base_width: int | None = Field(default=None, ge=1)
+    """μP's base width: the d_model at which mup equals standard (default: d_model; only
+    with ``parametrization: mup``)."""
 
     @field_validator("shared", mode="before")
     @classmethod
@@ -175,6 +182,13 @@ class ModelSpec(Config):
                 entry = entry["blocks"]
             out[name] = [entry] if isinstance(entry, dict) else entry
         return out
+
+    @field_validator("base_width")
+    @classmethod
+    def _base_width_needs_mup(cls, base_width: int | None, info: ValidationInfo) -> int | None:
+        if base_width is not None and info.data.get("parametrization") != "mup":
+            raise ValueError("applies only with parametrization: mup")
+        return base_width
 
     @field_validator("shared")
     @classmethod
@@ -205,6 +219,27 @@ class ModelSpec(Config):
 
     def dims(self, layer: int = 0, registry: Any = None) -> Dims:
         return Dims(self.d_model, self.vocab_size, len(self.positions()), layer, registry)
+
+
+class WandbSpec(Config):
+    """Weights & Biases logging (the ``wandb`` extra: ``pip install hybridlab[wandb]``)."""
+
+    project: str
+    """The W&B project the run is logged to."""
+    entity: str | None = None
+    """The W&B team or user (null: your default entity)."""
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """online sends as it trains; offline writes under the run directory (``wandb sync`` later)."""
+
+
+class LogSpec(Config):
+    """Extra metric writers beside metrics.jsonl, which stays the record ``--resume`` and
+    ``compare`` read; each writer gets the same records, from rank 0 only."""
+
+    tensorboard: bool = False
+    """Write TensorBoard event files to RUN_DIR/tensorboard (the ``tensorboard`` extra)."""
+    wandb: WandbSpec | None = None
+    """Log to Weights & Biases (the ``wandb`` extra); null: no W&B."""
 
 
 class PipelineSpec(Config):
@@ -251,6 +286,25 @@ class PipelineSpec(Config):
     """A checkpoint (or a run directory: its latest) that gives the model's starting
     weights (fine-tuning; set by ``model: RUN_DIR``, pinned to that run's latest checkpoint).
     A resumed run reads its own checkpoint."""
+    parallel: Literal["none", "ddp", "fsdp"] = "none"
+    """How the processes of a torchrun launch share the work (docs/scaling.md): none (one
+    process), ddp (DistributedDataParallel: every process holds the model, gradients are
+    averaged), fsdp (FSDP2 ``fully_shard`` per block then the model: weights, gradients and
+    optimizer state sharded; bf16 ``precision`` gathers weights in bf16, reduces in fp32)."""
+    micro_batch_size: int | None = Field(default=None, ge=1)
+    """Rows per forward on each process; a step accumulates gradients over batch_size /
+    (processes x micro_batch_size) forwards (null: one forward of batch_size / processes rows)."""
+    activation_checkpointing: bool | Annotated[int, Field(ge=1)] = False
+    """Recompute blocks' activations in the backward instead of keeping them: true for every
+    block, N for every N-th position of the order (0, N, 2N...), false (or 0) for none."""
+    dist_timeout_s: float = Field(default=300.0, gt=0)
+    """Seconds a process waits for the others (start-up, any collective) before it stops
+    with an error naming the lost rank, instead of hanging."""
+    peak_flops: float | None = Field(default=None, gt=0)
+    """Peak FLOP/s of one device, for the logged ``mfu``; null: the table in
+    docs/scaling.md for known GPUs, else no ``mfu`` is logged."""
+    log: LogSpec = Field(default_factory=LogSpec)
+    """Metric writers beside metrics.jsonl: ``{tensorboard: true, wandb: {project: NAME}}``."""
 
     @field_validator("device")
     @classmethod
@@ -730,6 +784,11 @@ def check_problems(model_spec: ModelSpec, data: Any, prefix: tuple = (), registr
     problems += structure_problems(model_spec, positions, data, prefix)
     for name in ("embedding", "residual", "norm", "head"):
         problems += _checked(getattr(model_spec, name), (name,), model_spec.dims(), data, prefix)
+    base_width = model_spec.base_width
+    if base_width not in (None, model_spec.d_model):  # μP's base must be a model too (core/mup.py builds it)
+        base = model_spec.model_copy(update={"d_model": base_width, "parametrization": "standard", "base_width": None})
+        problems += [_problem_at(data, prefix + ("base_width",), f"the base model (d_model = {base_width}) is not "
+                                 f"valid: {p.path}: {p.message}") for p in check_problems(base, data, prefix)]
     return problems
 
 
@@ -988,6 +1047,10 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: 
         loc, rest = _walk(data, ("data",))
         problems.append(loc.problem(f"the task uses {needed} token ids but model.vocab_size is "
                                     f"{spec.model.vocab_size}", rest))
+    if spec.parallel == "fsdp" and isinstance(spec.optimizer, OptimizerConfig) and not spec.optimizer.shardable():
+        loc, rest = _walk(data, ("parallel",))  # Muon: each process would orthogonalise its shard of a matrix
+        problems.append(loc.problem(f"fsdp shards every weight, and the {spec.optimizer.kind} optimizer updates "
+                                    "whole matrices only; use parallel: ddp", rest))
     objectives, found = objective_problems(spec, data, registry, relative_to=relative_to,
                                            check_models=not saved_run if check_models is None else check_models)
     problems += found

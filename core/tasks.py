@@ -5,7 +5,8 @@ A data kind's module is built as ``Task(config, seed=...)`` and offers
 
     batch(split, index, batch_size) -> {'inputs': [B, T] long, 'targets': [B, T] long, ...}
         a pure function of (seed, split, index); targets are -100 where nothing is scored;
-        extra tensors may ride along (the trainer moves every value to the device)
+        extra tensors may ride along (the trainer moves every value to the device);
+        'doc_ids' [B, T] (packed documents) is handed to the model's forward
     splits() -> list of evaluation split names ('train' is always accepted by batch)
 
 and optionally

@@ -329,7 +329,11 @@ def verify_kind(name: str, *, category: str | None = None, impl: str | None = No
                 report.extend(verify_impl(kind, candidate, reference, device=device, dtypes=dtypes))
             if kind.category == "mixer" and candidate.decode:
                 report.extend(verify_decoding(kind, registry, device=device, impl=candidate.name))
-        if kind.category == "mixer" and not impls:
+        steps_apart = isinstance(kind.module, type) and issubclass(kind.module, Dispatched) and \
+            kind.module.step_impl is not None
+        if kind.category == "mixer" and (not impls or (impl is None and steps_apart)):
+            # as dispatched (impl "module"): a one-token step runs the module's step_impl (the
+            # per-token form), another implementation than the parallel forward it must equal
             report.extend(verify_decoding(kind, registry, device=device))
     nothing = all(not registry.impls(k.category, k.name) and k.category != "mixer" for k in kinds)
     if nothing:  # e.g. swiglu, rope: one module, no implementations to compare

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .dispatch import Dispatched, forced
 from .errors import CannotDecode, format_path
+from .invariance import verify_invariance
 from .verify import EXACT, Check, Report, dtype_name, rel_rms, sampling_spread
 
 DRAWS = 4  # rounding draws per model-level quantity (see the module docstring)
@@ -139,7 +140,8 @@ def verify_model(spec: Any, *, device: str = "cpu", dtype: torch.dtype = torch.f
                  batch: int = 2, seq_len: int = 131, decode_tokens: int | None = None) -> Report:
     """Fast implementations vs references on one model, same weights and batch: logits,
     loss and every parameter's gradient under the oracle rule; names the first block that
-    diverges. Then greedy decoding from state vs the parallel forward (float64).
+    diverges. Then greedy decoding from state vs the parallel forward (float64), and the
+    invariance checks (core/invariance.py: padding, batch, packing, chunked prefill, rollback).
 
     ``seq_len`` 131 runs past two 64-token chunks (the GPU chunk of the recurrences and a
     common one in plugins) with an odd tail: at 45, a state not carried from one 64-token
@@ -149,10 +151,25 @@ def verify_model(spec: Any, *, device: str = "cpu", dtype: torch.dtype = torch.f
 
         registry = default_registry()
     start = time.perf_counter()
-    report = Report()
-    name, label = f"model {spec.name}", f"B{batch} T{seq_len}"
     tokens = torch.randint(0, spec.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     runner = ModelRunner(spec, registry, device, tokens)
+    report, weights = fast_vs_reference(runner, dtype, f"B{batch} T{seq_len}")
+    if weights is not None:  # the model built and ran: decoding and the invariances on its weights
+        report.extend(verify_model_decoding(spec, device=device, registry=registry, decode_tokens=decode_tokens,
+                                            weights=weights))
+        report.extend(verify_invariance(spec, device=device, registry=registry, weights=weights,
+                                        reach=_reach([pos.block for pos in spec.positions()])))
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def fast_vs_reference(runner: ModelRunner, dtype: torch.dtype, label: str) -> tuple[Report, dict | None]:
+    """The dispatched run against the references, DRAWS times each (logits, loss, every
+    gradient; each kind's fast path alone where tolerances differ; the first diverging
+    block on a failure), and the float32 weights the draws came from (None when a stage
+    raised: that is a failed check naming the stage)."""
+    spec, report = runner.spec, Report()
+    name = f"model {spec.name}"
     # a plugin that raises (a third-party FFN returning the wrong shape...) is a failed
     # check naming the stage and the exception, not a traceback; the other specs still run
     stage, impl = "building the model", "dispatched"
@@ -168,8 +185,7 @@ def verify_model(spec: Any, *, device: str = "cpu", dtype: torch.dtype = torch.f
     except Exception as exc:  # noqa: BLE001 - a plugin's crash is a failed check
         report.checks.append(Check(name, impl, dtype_name(dtype), label, f"{stage} raised {type(exc).__name__}: {exc}",
                                    math.inf, 0, 0, False))
-        report.seconds = time.perf_counter() - start
-        return report
+        return report, None
     # the model's error is judged with the loosest tolerance among the implementations the
     # fast run chose (not among every registered one)
     by_module, by_kind = chosen_implementations(runner.last)
@@ -192,10 +208,7 @@ def verify_model(spec: Any, *, device: str = "cpu", dtype: torch.dtype = torch.f
     report.checks += kinds_alone(runner, judge, draws, dtype, by_kind, grad_tolerance)
     if not all(c.passed for c in report.checks):
         first_diverging_block(spec, judge, fast, tolerance, report)
-    report.extend(verify_model_decoding(spec, device=device, registry=registry, decode_tokens=decode_tokens,
-                                        weights=weights))
-    report.seconds = time.perf_counter() - start
-    return report
+    return report, weights
 
 
 def kinds_alone(runner: ModelRunner, judge: Judge, draws: list, dtype: torch.dtype, by_kind: dict,
@@ -279,7 +292,7 @@ def verify_model_decoding(spec: Any, *, device: str = "cpu", registry: Any = Non
     prompt = torch.randint(0, spec.vocab_size, (2, prompt_len), generator=torch.Generator().manual_seed(1)).to(device)
     label = f"B2 prompt {prompt_len} + {decode_tokens}"
     try:
-        with torch.no_grad():
+        with torch.no_grad(), BlockTap(model) as tap:
             state = model.init_state(2)
             out = model(prompt, state)
             logits, tokens = [out.logits], [prompt]
@@ -291,6 +304,7 @@ def verify_model_decoding(spec: Any, *, device: str = "cpu", registry: Any = Non
             stepped = torch.cat(logits, 1)
             sequence = torch.cat(tokens, 1)
             parallel = model(sequence).logits
+        with torch.no_grad():
             # a prefill in two pieces carrying the state (a chunked prefill), split inside the decode span
             split = prompt_len + decode_tokens // 2
             first = model(sequence[:, :split], model.init_state(2))
@@ -309,4 +323,56 @@ def verify_model_decoding(spec: Any, *, device: str = "cpu", registry: Any = Non
         error = rel_rms(got, parallel)
         report.checks.append(Check(f"model {spec.name}", "dispatched", "float64", label, quantity, error, 0.0, EXACT,
                                    error <= EXACT))
+    if rel_rms(stepped, parallel) > EXACT:  # the greedy check failed: which block first?
+        first_diverging_decode_block(model, tap.calls(), label, report)
     return report
+
+
+class BlockTap:
+    """Records each block's output stream, grouped per model call (prefill, each step,
+    the parallel forward): every position of the order runs its block exactly once per
+    call, so the outputs come in groups of ``len(model.order)``."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.outputs, self.hooks = model, [], []
+
+    def __enter__(self) -> "BlockTap":
+        self.hooks = [b.register_forward_hook(lambda mod, args, out: self.outputs.append(out[0].detach()))
+                      for b in self.model.blocks.values()]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.hooks:
+            h.remove()
+
+    def calls(self) -> list[list[Tensor]]:
+        n = len(self.model.order)
+        return [self.outputs[i:i + n] for i in range(0, len(self.outputs), n)]
+
+
+def block_implementations(block: Any) -> str:
+    """What a block's dispatched modules ran in this model's calls, e.g. ``gated_deltanet: chunk, reference``."""
+    ran: dict[str, set[str]] = {}  # by kind, in the block's order (a block has two norms of one kind)
+    for m in block.modules():
+        if isinstance(m, Dispatched):
+            ran.setdefault(m.kind, set()).update(i.name for i in m.__dict__.get("_impl_cache", {}).values())
+    return "; ".join(f"{kind}: {', '.join(sorted(names))}" for kind, names in ran.items()) or "none dispatched"
+
+
+def first_diverging_decode_block(model: Any, calls: list[list[Tensor]], label: str, report: Report) -> None:
+    """Step decoding diverged from the parallel forward: name the first position of the
+    order whose block output (prefill and steps joined along time) differs from the
+    parallel forward's, with the implementations its block ran."""
+    *decoded, parallel = calls
+    for i, (pos, block) in enumerate(model.uses()):
+        stepped = torch.cat([call[i] for call in decoded], 1)  # [B, T, ...]
+        error = rel_rms(stepped, parallel[i])
+        if error > EXACT:
+            where = format_path(pos.path) + ("" if pos.path == ("layers", i) else f" at depth {i}")
+            report.problems.append(
+                f"model {model.spec.name}: greedy decode == parallel: the first block whose output diverges is "
+                f"{where} (mixer {pos.block.mixer.kind}; implementations {block_implementations(block)}): "
+                f"error {error:.3g} > {EXACT:g}")
+            report.checks.append(Check(f"model {model.spec.name}", "dispatched", "float64", label,
+                                       f"block {i} output (decode)", error, 0.0, EXACT, False))
+            return

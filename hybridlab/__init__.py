@@ -10,8 +10,8 @@ though the root's ``hybridlab/`` shadows the installed package.
 
 The Python API (docs/python.md) is loaded on first use, so ``import hybridlab`` (which the
 CLI does) stays cheap: ``hybridlab.build``, ``load``, ``train``, ``evaluate``,
-``generate``, ``verify``, ``compare``, their result types, and the errors they raise
-(``SpecError``, a ``HybridlabError``).
+``generate``, ``verify``, ``compare``, ``import_hf``, ``export_hf`` (docs/hf.md), their
+result types, and the errors they raise (``SpecError``, a ``HybridlabError``).
 """
 
 import os as _os
@@ -22,10 +22,11 @@ _here = _os.path.dirname(_os.path.abspath(__file__))
 if not _os.path.isdir(_os.path.join(_here, "core")):
     __path__.append(_os.path.dirname(_here))  # type: ignore[name-defined]  # noqa: F821
 
-_API = ("build", "load", "train", "evaluate", "generate", "verify", "compare",
+_API = ("build", "load", "train", "evaluate", "generate", "verify", "compare", "import_hf", "export_hf",
         "TrainResult", "CompareResult", "Generation")
 _ERRORS = ("SpecError", "HybridlabError")
 __all__ = ["build", "load", "train", "evaluate", "generate", "verify", "compare",  # noqa: RUF022 (by topic)
+           "import_hf", "export_hf",
            "TrainResult", "CompareResult", "Generation", "SpecError", "HybridlabError", "__version__"]
 
 

@@ -55,7 +55,9 @@ __all__ = [
     "build",
     "compare",
     "evaluate",
+    "export_hf",
     "generate",
+    "import_hf",
     "load",
     "train",
     "verify",
@@ -95,7 +97,10 @@ class CompareResult:
     """The comparison directory (cells/, results.jsonl, results.md, plots)."""
     rows: list[dict[str, Any]]
     """One per finished cell, as in results.jsonl: spec, model, seed, lr, steps, params,
-    seconds, resumed, run_dir (relative to ``out``) and metrics (the final evaluation)."""
+    seconds, resumed, run_dir (relative to ``out``), metrics (the final evaluation),
+    state_len and state_bytes (decoding state per sequence after state_len tokens, float32;
+    the longest ``len{N}`` eval split, else the task's seq_len) and grid (the cell's grid
+    point, ``{"data.pairs": "8"}``; empty without a grid)."""
     select: str | None
     """The metric that chose each spec's best lr."""
     best: dict[str, float | None]
@@ -104,6 +109,9 @@ class CompareResult:
     """Per spec, at its best lr: the mean over seeds of each metric in the tables."""
     plots: list[Path] = field(default_factory=list)
     """The plots written (none without matplotlib)."""
+    grid: dict[str, Any] = field(default_factory=dict)
+    """With a difficulty grid, per spec: ``lr``, ``cells`` (grid point -> the mean over seeds
+    of its primary metric) and ``aggregate`` (their mean); else empty."""
 
     @property
     def report(self) -> Path:
@@ -286,7 +294,8 @@ def compare(specs: SpecLike | Sequence[SpecLike], pipeline: SpecLike, *, seeds: 
             lrs: Sequence[float] | str | None = None, out: str | os.PathLike[str] | None = None,
             overrides: Overrides = (), sweep: str | tuple[str, Sequence[Any]] | None = None,
             select: str | None = None, device: str | None = None, progress: bool = True,
-            registry: Any = None) -> CompareResult:
+            registry: Any = None, match: str | None = None,
+            grid: Sequence[str] | Mapping[str, Sequence[Any]] = ()) -> CompareResult:
     """``hybridlab compare``: train every (model spec, seed, lr) cell of ``pipeline`` (its
     ``model:`` replaced by each spec), then write the tables and plots under ``out``
     (default runs/compare-<pipeline name>). Calling it again with the same arguments
@@ -299,11 +308,15 @@ def compare(specs: SpecLike | Sequence[SpecLike], pipeline: SpecLike, *, seeds: 
     pipeline's); ``sweep``: ``"model.layers[1].loop=1,2,4"`` or ``("model.layers[1].loop",
     [1, 2, 4])``, each spec once per value; ``select``: the metric that picks each spec's
     best lr (default the first eval split's accuracy). ``progress``: the progress bars and
-    the line per cell.
+    the line per cell. ``match``: ``"params=N"`` or ``"state_bytes=N"``, every spec's
+    d_model first scaled to that size (core/iso.py; the chosen specs are written to
+    ``out/matched/``). ``grid``: a difficulty grid, ``["data.pairs=4,8"]`` or
+    ``{"data.pairs": [4, 8]}``, every cell once per point of the cross product.
 
     Raises SpecError (every bad spec at once) or HybridlabError (bad seeds, lrs, sweep or
     select; a cell directory trained with another pipeline) before any training."""
-    from hybridlab.core.compare import parse_lrs, run_compare, summarize
+    from hybridlab.core.compare import parse_grid, parse_lrs, run_compare, summarize
+    from hybridlab.core.iso import parse_match
     from hybridlab.core.train import safe_name
 
     registry = _registry(registry)
@@ -320,6 +333,12 @@ def compare(specs: SpecLike | Sequence[SpecLike], pipeline: SpecLike, *, seeds: 
             raise HybridlabError(f"lrs: expected learning rates (numbers), got {lrs!r}") from None
     lrs = parse_lrs(lrs)
     sweep = _sweep(sweep)
+    match = parse_match(match)
+    if isinstance(grid, str):
+        grid = [grid]
+    elif isinstance(grid, Mapping):
+        grid = [f"{key}={','.join(_overrides({'x': v})[0][2:] for v in values)}" for key, values in grid.items()]
+    grid = parse_grid(list(grid))
 
     # mappings: checked first (named <specs[i]> / <pipeline>), then written where the run keeps them
     problems, written, checked = [], {}, {}
@@ -366,7 +385,7 @@ def compare(specs: SpecLike | Sequence[SpecLike], pipeline: SpecLike, *, seeds: 
     with _renamed(written), quiet:
         run_compare(paths, pipeline, seeds=seeds, lrs=lrs, out=out, overrides=overrides, select=select,
                     device=device, progress=progress, registry=registry,
-                    echo=print if progress else (lambda line: None), sweep=sweep)
+                    echo=print if progress else (lambda line: None), sweep=sweep, match=match, grid=grid)
     results = out / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines() if line.strip()]
     summary = summarize(rows, select)
@@ -375,8 +394,41 @@ def compare(specs: SpecLike | Sequence[SpecLike], pipeline: SpecLike, *, seeds: 
         members = summary["groups"][(spec_label, lr)]
         means[spec_label] = {metric: _mean([r["metrics"].get(metric) for r in members])
                              for metric in summary["columns"]}
-    plots = [out / name for name in ("accuracy_vs_length.png", "loss_curves.png") if (out / name).exists()]
-    return CompareResult(out, rows, summary["select"], dict(summary["best"]), means, plots)
+    plots = [out / name for name in ("accuracy_vs_length.png", "accuracy_vs_state.png", "loss_curves.png")
+             if (out / name).exists()]
+    return CompareResult(out, rows, summary["select"], dict(summary["best"]), means, plots, summary["grid"])
+
+
+def import_hf(src: str | os.PathLike[str], out: str | os.PathLike[str], *, registry: Any = None) -> Any:
+    """``hybridlab import-hf``: the Hugging Face model saved in ``src`` (a
+    ``save_pretrained`` directory: config.json and safetensors weights; llama, qwen3,
+    mamba2, gemma2, diffllama, qwen3_next, deepseek_v3, kimi_linear) becomes a new run
+    directory ``out`` (new or empty), which :func:`load` reads. Returns an ImportResult
+    with ``run_dir``, ``family`` (the model_type), ``parameters`` and ``notes`` (what was
+    skipped or ignored on purpose, as the CLI prints them).
+
+    Raises HybridlabError, one line, with nothing written: an unknown model_type, a config
+    option we cannot represent (named), a missing or misshapen tensor, transformers not
+    installed (the ``hf`` extra). See docs/hf.md."""
+    from hybridlab.core.hf.importer import import_hf as run
+
+    return run(src, out, registry=_registry(registry))
+
+
+def export_hf(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, generic: bool = False,
+              registry: Any = None) -> Any:
+    """``hybridlab export-hf``: the latest checkpoint of ``run_dir`` as a directory ``out``
+    (new or empty) that ``transformers.AutoModelForCausalLM.from_pretrained`` loads: natively
+    when the spec is shaped like a supported family, else (or with ``generic``) as remote
+    code wrapping our model (load it with ``trust_remote_code=True``). Returns an
+    ExportResult with ``out``, ``family`` (a model_type, or ``hybridlab`` for remote code)
+    and ``reason`` (why the spec is not native; "" when it is).
+
+    Raises HybridlabError (not a run directory, ``out`` not new or empty, transformers not
+    installed for a native family). See docs/hf.md."""
+    from hybridlab.core.hf.exporter import export_hf as run
+
+    return run(run_dir, out, generic=generic, registry=_registry(registry))
 
 
 # ---------------------------------------------------------------- specs: paths and mappings

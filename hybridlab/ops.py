@@ -12,12 +12,20 @@ conventions so results can be checked against it:
   ``causal_conv1d`` (the short_conv mixer's) keeps fla's conv state, the last W inputs
   [B, D, W] in x's dtype (copies of inputs, no rounding to avoid); ``stickbreaking_attn``
   (stateless like forgetting_attn, with a cached prefix likewise) returns ``(o, rem)``, rem
-  the unallocated stick [B, Tq, HQ], as fla's ``sb_attn``.
+  the unallocated stick [B, Tq, HQ], as fla's ``sb_attn``; ``mesa_net`` returns fla's
+  three results ``(o, h_kk, h_kv)`` (its two states, taken as ``h_kk_init``/``h_kv_init``);
+  ``path_attn`` and ``deltaformer_attn`` (with a cached prefix likewise) return ``(o,
+  cache)``, the cache (PaTH's transformed keys, DeltaFormer's first-stage values u, fp32)
+  only with ``use_cache=True``, else None; ``gsa`` takes and returns fla's state pair
+  ``(hk [B, H, K, M], hv [B, H, M, V])``; ``log_linear_attn`` (fla's op, plus ``beta=``
+  for the gated delta rule; ``scale`` defaults to 1 as fla's has none) takes and returns
+  ``(levels [B, H, L, K, V], positions [B] int64)``.
 
 Arguments are checked before anything runs: tensors where tensors belong, one floating
 dtype for q, k, v, one device, shapes against each other, and g ≤ 0 (-inf, a hard reset,
 is allowed; NaN is not; this value check costs one host sync on a GPU and is skipped
-under torch.compile). The ``chunk`` implementations have written backwards: one gradient;
+under torch.compile), and no NaN in the further gates an op names (gdn2's b and w, gsa's
+s, log_linear_attn's level_scales and beta). The ``chunk`` implementations have written backwards: one gradient;
 differentiating that gradient (create_graph=True) raises, and ``reference`` (autograd's
 throughout) serves it.
 
@@ -39,15 +47,21 @@ import torch
 
 from hybridlab.core.dispatch import choose
 from hybridlab.plugins.mixer.comba import comba_reference
+from hybridlab.plugins.mixer.deltaformer import deltaformer_attn_reference
 from hybridlab.plugins.mixer.deltanet import delta_rule_reference
 from hybridlab.plugins.mixer.forgetting_attention import forgetting_attn_reference
 from hybridlab.plugins.mixer.gated_deltanet import gated_delta_rule_reference
 from hybridlab.plugins.mixer.gated_deltaproduct import gated_delta_product_reference
+from hybridlab.plugins.mixer.gdn2 import gdn2_reference
 from hybridlab.plugins.mixer.gla import gla_reference
+from hybridlab.plugins.mixer.gsa import gsa_reference
 from hybridlab.plugins.mixer.hgrn import hgrn_reference
 from hybridlab.plugins.mixer.kda import kda_reference
 from hybridlab.plugins.mixer.linear_attention import linear_attn_reference
+from hybridlab.plugins.mixer.log_linear_gdn import log_linear_attn_reference
 from hybridlab.plugins.mixer.mamba2 import ssd_reference
+from hybridlab.plugins.mixer.mesa_net import mesa_net_reference
+from hybridlab.plugins.mixer.path_attention import path_attn_reference
 from hybridlab.plugins.mixer.retention import retention_reference
 from hybridlab.plugins.mixer.rwkv7 import rwkv7_reference
 from hybridlab.plugins.mixer.short_conv import causal_conv1d_reference
@@ -55,13 +69,15 @@ from hybridlab.plugins.mixer.stickbreaking_attention import stickbreaking_attn_r
 
 __all__ = ["linear_attn", "retention", "gla", "delta_rule", "gated_delta_rule", "gated_delta_product", "kda", "ssd",
            "hgrn", "forgetting_attn", "causal_conv1d", "stickbreaking_attn",
-           "rwkv7", "comba", "op"]
+           "rwkv7", "comba", "mesa_net", "path_attn", "deltaformer_attn", "gdn2", "gsa", "log_linear_attn", "op"]
 
 
-def op(name: str, kind: str, reference: Callable) -> Callable:
+def op(name: str, kind: str, reference: Callable, *, gates: tuple[str, ...] = ()) -> Callable:
     """The public op ``name``: the signature and docstring of ``reference`` (the mixer
     kind's reference implementation) plus ``impl=``; runs the implementation of ``kind``
-    that ``impl`` names, or the dispatcher's choice."""
+    that ``impl`` names, or the dispatcher's choice. ``gates``: further gate arguments
+    (beside the log decay g) that must not hold NaN. A tensor argument may be a tuple of
+    tensors (gsa's initial_state, fla's (hk, hv))."""
 
     signature = inspect.signature(reference)
     tensor_args = [p for p, param in signature.parameters.items() if "Tensor" in str(param.annotation)]
@@ -74,7 +90,8 @@ def op(name: str, kind: str, reference: Callable) -> Callable:
             raise TypeError(f"{name}{signature}: {exc}") from None
         for arg in tensor_args:
             value = bound.arguments.get(arg)
-            if value is not None and not isinstance(value, torch.Tensor):
+            parts = value if isinstance(value, tuple) and value else (value,)
+            if value is not None and not all(isinstance(x, torch.Tensor) for x in parts):
                 raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(value).__name__}")
         if "q" in signature.parameters:
             q, k, v = (bound.arguments[x] for x in ("q", "k", "v"))
@@ -83,10 +100,11 @@ def op(name: str, kind: str, reference: Callable) -> Callable:
         else:  # ops without q, k, v (hgrn's x, g): the first tensor argument sets the device
             q = bound.arguments[tensor_args[0]]
         tensors = [a for a in bound.arguments.values() if isinstance(a, torch.Tensor)]
-        elsewhere = [n for n, a in bound.arguments.items() if isinstance(a, torch.Tensor) and a.device != q.device]
-        if elsewhere:
+        devices = {n: x.device for n, a in bound.arguments.items() for x in (a if isinstance(a, tuple) else (a,))
+                   if isinstance(x, torch.Tensor) and x.device != q.device}
+        if devices:
             raise ValueError(f"{name}: every tensor must be on q's device ({q.device}); "
-                             + ", ".join(f"{n} is on {bound.arguments[n].device}" for n in elsewhere))
+                             + ", ".join(f"{n} is on {d}" for n, d in devices.items()))
         gate = "gk" if "gk" in signature.parameters else "g"  # rwkv7 (fla's DPLR form) names it gk
         g = bound.arguments.get(gate)
         # g is a log decay; a positive one (a growing state) is outside every op's contract
@@ -97,6 +115,11 @@ def op(name: str, kind: str, reference: Callable) -> Callable:
             bad = g[~(g <= 0)]
             raise ValueError(f"{name}: {gate} is the log of the decay and must be ≤ 0 (or -inf), "
                              + ("got NaN" if bad.isnan().any() else f"got a largest value of {bad.max().item():g}"))
+        for extra in gates:  # one host sync each, as for g
+            value = bound.arguments.get(extra)
+            if value is not None and not torch.compiler.is_compiling() and value.device.type != "meta" \
+                    and bool(value.isnan().any()):
+                raise ValueError(f"{name}: {extra} holds NaN")
         first = tensors[0]
         training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         chosen = choose("mixer", kind, None, first.device, first.dtype, training=training, pin=impl).impl
@@ -123,3 +146,10 @@ causal_conv1d = op("causal_conv1d", "short_conv", causal_conv1d_reference)  # x 
 stickbreaking_attn = op("stickbreaking_attn", "stickbreaking_attention", stickbreaking_attn_reference)
 rwkv7 = op("rwkv7", "rwkv7", rwkv7_reference)  # q, k, v, a, b, gk [B, T, H, K] (fla's DPLR form)
 comba = op("comba", "comba", comba_reference)  # q, k, v, p, g, beta (fla's chunk_comba order)
+mesa_net = op("mesa_net", "mesa_net", mesa_net_reference, gates=("beta", "lamb"))  # fla's chunk_mesa_net
+path_attn = op("path_attn", "path_attention", path_attn_reference, gates=("w", "beta"))  # fla's parallel_path_attn
+deltaformer_attn = op("deltaformer_attn", "deltaformer", deltaformer_attn_reference, gates=("beta",))
+gdn2 = op("gdn2", "gdn2", gdn2_reference, gates=("b", "w"))  # q, k, v, g, b, w (fla's chunk_gdn2 order)
+gsa = op("gsa", "gsa", gsa_reference, gates=("s",))  # q, k, v, s, g; state (hk, hv) (fla's chunk_gsa)
+# q, k, v, g, level_scales (fla's chunk_log_linear_attn), beta= for the gated delta rule; state (levels, positions)
+log_linear_attn = op("log_linear_attn", "log_linear_gdn", log_linear_attn_reference, gates=("level_scales", "beta"))

@@ -1,14 +1,15 @@
 """Hugging Face interop: ``hybridlab import-hf`` and ``hybridlab export-hf`` (docs/hf.md).
 
 - ``importer.import_hf(src, out)``: a ``save_pretrained`` directory of a supported family
-  (llama, qwen3, mamba2, gemma2, diffllama, qwen3_next) -> a run directory (spec in our
-  kinds, weights as checkpoint step 0);
+  (llama, qwen3, mamba2, gemma2, diffllama, qwen3_next, deepseek_v3, kimi_linear,
+  falcon_h1) -> a run directory (spec in our kinds, weights as checkpoint step 0);
 - ``exporter.export_hf(run_dir, out)``: a run -> a directory transformers loads, natively
   for specs shaped like one of those families, else as remote code wrapping our Model
   (``configuration_hybridlab.py`` and ``modeling_hybridlab.py``, copied into it);
-- ``llama`` (llama, qwen3), ``mamba2``, ``gemma2``, ``diffllama``, ``qwen3_next``: the
-  families' mappings, both ways; ``common``: reading checkpoints, the shared option checks,
-  and writing directories all at once.
+- ``llama`` (llama, qwen3), ``mamba2``, ``gemma2``, ``diffllama``, ``qwen3_next``,
+  ``deepseek_v3``, ``kimi_linear``, ``falcon_h1``: the families' mappings, both ways;
+  ``common``: reading checkpoints, the shared option checks, and writing directories all
+  at once.
 
 transformers is the optional extra ``hf`` and is imported only when a command needs it;
 this module imports neither it nor torch, so the CLI pays nothing for it.
@@ -50,7 +51,7 @@ def add_commands(sub: Any) -> None:
     """Add ``import-hf`` and ``export-hf`` to the CLI's subcommands."""
     s = sub.add_parser("import-hf",
                        help="a Hugging Face save_pretrained directory (llama, qwen3, mamba2, gemma2, diffllama, "
-                            "qwen3_next) -> a run directory")
+                            "qwen3_next, deepseek_v3, kimi_linear, falcon_h1) -> a run directory")
     s.add_argument("src", metavar="SRC", help="a local directory with config.json and model.safetensors")
     s.add_argument("--out", required=True, metavar="RUN_DIR", help="the new run directory (new or empty)")
     s.set_defaults(fn=cmd_import_hf)

@@ -258,3 +258,72 @@ def plain_stack(spec: Any) -> str:
         if len(pos.path) != 2 or pos.path[0] != "layers":
             return f"block at depth {pos.index} is inside a loop or a shared group"
     return ""
+
+
+def take_experts(tensors: Tensors, take: Any, full: str, experts: int, width: int, d: int, why: str,
+                 names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routed experts under ``full`` (``...experts.``, ``take`` adding the model
+    prefix) as our moe's gate_up [E, d, 2I] and down [E, I, d]: from the fused tensors
+    transformers holds in memory ([E, 2I, d], [E, d, I]) or one tensor per expert, as
+    checkpoints store them (``names``: its gate, up and down projections; Mixtral-style
+    checkpoints call them w1, w3, w2)."""
+    if any(n.endswith(full + "gate_up_proj") for n in tensors.files):
+        gate_up = take(full + "gate_up_proj", (experts, 2 * width, d), why).transpose(1, 2)
+        down = take(full + "down_proj", (experts, d, width), why).transpose(1, 2)
+        return gate_up.contiguous(), down.contiguous()
+    gate, up, down = names
+    gate_up = torch.stack([torch.cat([take(full + f"{e}.{gate}.weight", (width, d), why),
+                                      take(full + f"{e}.{up}.weight", (width, d), why)]).t()
+                           for e in range(experts)])
+    down = torch.stack([take(full + f"{e}.{down}.weight", (d, width), why).t() for e in range(experts)])
+    return gate_up.contiguous(), down.contiguous()
+
+
+def put_experts(out: dict, full: str, gate_up: torch.Tensor, down: torch.Tensor,
+                names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> None:
+    """The inverse of take_experts: one tensor per expert under ``full``."""
+    width = down.shape[1]
+    for e in range(gate_up.shape[0]):
+        out[full + f"{e}.{names[0]}.weight"], out[full + f"{e}.{names[1]}.weight"] = gate_up[e].t().split(width)
+        out[full + f"{e}.{names[2]}.weight"] = down[e].t()
+
+
+def skip_extra_layers(tensors: Tensors, prefix: str, layers: int, what: str) -> None:
+    """Tensors of layers numbered ``layers`` and up (``{prefix}layers.N.``: DeepSeek's MTP
+    modules, stored after the decoder layers) are skipped with a note."""
+    import re
+
+    pattern = re.compile(re.escape(prefix) + r"layers\.(\d+)\.")
+    extra = [n for n in tensors.unused() if (m := pattern.match(n)) and int(m.group(1)) >= layers]
+    if extra:
+        tensors.used.update(extra)
+        tensors.notes.append(f"skipped the {len(extra)} tensors of {prefix}layers.{layers} and up ({what})")
+
+
+LEGACY_KEYS = frozenset({"model_type", "transformers_version", "torch_dtype", "rope_theta", "rope_scaling",
+                         "partial_rotary_factor", "_name_or_path"})
+"""config.json keys no config class declares but transformers reads: the type and version
+it writes, and older spellings it folds into ``dtype`` and ``rope_parameters`` (whose
+values check_rope then judges)."""
+LEGACY_KEYS_OF = {"kimi_linear": frozenset({"linear_attn_config", "first_k_dense_replace"}),
+                  "falcon_h1": frozenset({"head_dim"})}
+"""Per model_type, keys of the original checkpoints that its config class reads into its
+own fields (Kimi Linear: layer types and linear attention sizes, the dense MLP layers),
+or its model reads (Falcon-H1's attention: head_dim)."""
+
+
+def unknown_keys(raw: dict, config_class: Any, transformers: Any) -> list[str]:
+    """The keys of config.json that transformers' ``config_class`` neither declares (a
+    field of it or of PreTrainedConfig, an ``attribute_map`` name, a key its own
+    ``to_dict`` writes) nor reads as a legacy
+    spelling: keys transformers' model ignores, typically left by the checkpoint's
+    original remote code (DeepSeek-V3's ``scoring_func``, ``topk_method``, ``ep_size``)."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(config_class)}
+    known |= {f.name for f in dataclasses.fields(transformers.PreTrainedConfig)}
+    known |= set(config_class.attribute_map) | set(config_class.attribute_map.values())
+    known |= set(config_class().to_dict())  # what it writes itself, derived attributes included (head_dim)
+    known |= LEGACY_KEYS | LEGACY_KEYS_OF.get(raw.get("model_type"), frozenset())
+    return sorted(key for key in raw if key not in known)

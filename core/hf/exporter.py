@@ -1,8 +1,8 @@
 """``hybridlab export-hf RUN_DIR --out DIR``: a run's latest checkpoint as a directory
 transformers loads.
 
-- A spec shaped like llama, qwen3, mamba2, gemma2, diffllama or qwen3_next (each family
-  module's ``export_family``) is written natively: config.json and model.safetensors of
+- A spec shaped like llama, qwen3, mamba2, gemma2, diffllama, qwen3_next, deepseek_v3,
+  kimi_linear or falcon_h1 (each family module's ``export_family``) is written natively: config.json and model.safetensors of
   that family, loaded by ``AutoModelForCausalLM.from_pretrained(DIR)`` without remote code.
 - Any other spec (or ``--generic``) is written as a remote-code model: config.json with
   ``auto_map`` and the spec, configuration_hybridlab.py and modeling_hybridlab.py (which
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import diffllama, gemma2, llama, mamba2, qwen3_next
+from . import deepseek_v3, diffllama, falcon_h1, gemma2, kimi_linear, llama, mamba2, qwen3_next
 from .common import check_new, read_json, require_transformers, staged
 
 REMOTE_FILES = ("configuration_hybridlab.py", "modeling_hybridlab.py")
@@ -67,14 +67,23 @@ def export_hf(run_dir: str | Path, out: str | Path, *, generic: bool = False, re
 def native_family(spec: Any, model: Any) -> tuple[Any, str]:
     """(the native family, "") or (None, why not). The family a spec is judged as: mamba2
     for mamba2 mixers only; qwen3_next for any gated_deltanet or gated shared expert;
-    diffllama for any differential_attention; gemma2 for sandwich norms, a scaled embedding
-    or soft-capped logits; else llama/qwen3."""
+    falcon_h1 for any parallel mixer; kimi_linear for any kda; deepseek_v3 for any other
+    mla; diffllama for any differential_attention; gemma2 for sandwich norms, a scaled
+    embedding or soft-capped logits; else llama/qwen3."""
+    if spec.parametrization == "mup":  # the head reads final · base_width / d_model: no family has the field
+        return None, "parametrization: mup (the logits multiplier base_width / d_model has no native config field)"
     positions = spec.positions()
     if all(pos.block.mixer.kind == "mamba2" for pos in positions):
         return mamba2.export_family(spec, model)
     if any(pos.block.mixer.kind == "gated_deltanet" or getattr(pos.block.ffn, "shared_gate", False)
            for pos in positions):
         return qwen3_next.export_family(spec, model)
+    if any(pos.block.mixer.kind == "parallel" for pos in positions):
+        return falcon_h1.export_family(spec, model)
+    if any(pos.block.mixer.kind == "kda" for pos in positions):
+        return kimi_linear.export_family(spec, model)
+    if any(pos.block.mixer.kind == "mla" for pos in positions):
+        return deepseek_v3.export_family(spec, model)
     if any(pos.block.mixer.kind == "differential_attention" for pos in positions):
         return diffllama.export_family(spec, model)
     if (any(pos.block.placement.kind == "sandwich" for pos in positions)

@@ -24,11 +24,12 @@ import torch
 
 from hybridlab.core.errors import HybridlabError
 
-from . import diffllama, gemma2, llama, mamba2, qwen3_next
-from .common import Tensors, read_json, require_transformers, staged
+from . import deepseek_v3, diffllama, falcon_h1, gemma2, kimi_linear, llama, mamba2, qwen3_next
+from .common import Tensors, read_json, require_transformers, staged, unknown_keys
 
 FAMILIES = {**llama.FAMILIES, **mamba2.FAMILIES, **gemma2.FAMILIES, **diffllama.FAMILIES,
-            **qwen3_next.FAMILIES}
+            **qwen3_next.FAMILIES, **deepseek_v3.FAMILIES, **kimi_linear.FAMILIES,
+            **falcon_h1.FAMILIES}
 """model_type -> the family that reads it (llama.Family's methods)."""
 
 
@@ -55,6 +56,7 @@ def import_hf(src: str | Path, out: str | Path, *, registry: Any = None) -> Impo
     transformers = require_transformers("import-hf")
     config = _config(family, src, transformers)
     family.check_options(config, transformers)
+    ignored = unknown_keys(raw, type(config), transformers)  # after the family refused those it knows matter
     if registry is None:
         from hybridlab.registry import default_registry
 
@@ -69,6 +71,9 @@ def import_hf(src: str | Path, out: str | Path, *, registry: Any = None) -> Impo
     stored = sorted(tensors.dtypes - {"float32"})
     notes = [f"weights stored in {', '.join(stored)}, imported as float32"] if stored else []
     notes += tensors.notes
+    if ignored:
+        notes.append(f"config.json keys that transformers' {family.config_class} does not know, ignored as its "
+                     f"model ignores them: {', '.join(ignored)}")
     from hybridlab.core.checkpoint import atomic_write_text, save_checkpoint
     from hybridlab.core.model import count_parameters
     from hybridlab.core.spec import dump_spec

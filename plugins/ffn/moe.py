@@ -75,6 +75,16 @@ class MoEConfig(Config):
     """Step of the bias update per training forward (balance: bias)."""
     z_loss: float = Field(default=0.0, ge=0)
     """Weight of the router z-loss, mean(logsumexp(logits)^2) (ST-MoE); 0 turns it off."""
+    groups: int = Field(default=1, ge=1)
+    """Group-limited routing (DeepSeek-V3's n_group): the experts form this many equal
+    groups, in order; each token first keeps its top_groups groups, ranked by the sum of
+    their two best selection scores (the scores plus the balance bias), then picks its
+    top_k experts inside them. 1: no groups. Must divide experts, two experts or more per group."""
+    top_groups: int | None = Field(default=None, ge=1)
+    """Groups each token keeps (DeepSeek-V3's topk_group; default: all groups). Only with groups > 1."""
+    scale: float = Field(default=1.0, gt=0)
+    """Multiplies the routed experts' output, after normalize (DeepSeek-V3's
+    routed_scaling_factor); the shared experts are not scaled."""
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -89,6 +99,15 @@ class MoEConfig(Config):
             raise ValueError(f"bias_rate applies to balance: bias, not balance: {self.balance}")
         if self.shared_gate and not self.shared_experts:
             raise ValueError("shared_gate gates the shared experts: set shared_experts (≥ 1) or drop shared_gate")
+        if self.experts % self.groups or (self.groups > 1 and self.experts // self.groups < 2):
+            raise ValueError(f"groups ({self.groups}) must divide experts ({self.experts}) into groups of two "
+                             "experts or more (a group's score is the sum of its two best)")
+        if self.top_groups is not None and (self.groups == 1 or self.top_groups > self.groups):
+            raise ValueError(f"top_groups ({self.top_groups}) applies to groups > 1 and must be at most groups "
+                             f"({self.groups})")
+        if self.groups > 1 and self.top_k > (self.top_groups or self.groups) * (self.experts // self.groups):
+            raise ValueError(f"top_k ({self.top_k}) must be at most the experts of the top_groups kept "
+                             f"({self.top_groups} × {self.experts // self.groups})")
         return self
 
     def normalizes(self) -> bool:
@@ -111,10 +130,13 @@ class MoEOutput(NamedTuple):
     load: Tensor  # [E] int64: tokens sent to each expert (what the bias update reads)
 
 
-def route(x: Tensor, router: Tensor, bias: Tensor | None, *, top_k: int,
-          score: str, normalize: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def route(x: Tensor, router: Tensor, bias: Tensor | None, *, top_k: int, score: str,
+          normalize: bool | None = None, groups: int = 1, top_groups: int | None = None
+          ) -> tuple[Tensor, Tensor, Tensor]:
     """x [N, D], router [E, D], bias [E] or None -> experts [N, K], weights [N, K], logits [N, E].
     ``normalize``: rescale the top-k weights to sum to 1 (None: for sigmoid scores only).
+    ``groups``, ``top_groups``: choose only among the experts of each token's top_groups
+    groups, a group ranked by the sum of its two best selection scores (DeepSeek-V3).
 
     Shared by every implementation, so their routing decisions are the same function of
     the same numbers. fp32 with autocast off: bf16 logits would tie and flip top-k. The
@@ -123,6 +145,12 @@ def route(x: Tensor, router: Tensor, bias: Tensor | None, *, top_k: int,
         logits = upcast(x) @ upcast(router).t()  # [N, E]
         scores = logits.softmax(-1) if score == "softmax" else logits.sigmoid()
         choice = scores.detach() if bias is None else scores.detach() + bias.detach().to(scores.dtype)
+        if groups > 1:
+            N, E = choice.shape
+            grouped = choice.view(N, groups, E // groups)  # [N, G, E/G]
+            best = grouped.topk(2, dim=-1).values.sum(-1).topk(top_groups or groups, dim=-1).indices  # [N, G']
+            kept = torch.zeros(N, groups, dtype=torch.bool, device=choice.device).scatter(1, best, True)
+            choice = grouped.masked_fill(~kept[..., None], float("-inf")).view(N, E)
         experts = choice.topk(top_k, dim=-1).indices  # [N, K]
         weights = scores.gather(-1, experts)  # [N, K]
         if (score == "sigmoid") if normalize is None else normalize:
@@ -140,11 +168,13 @@ def _check(x: Tensor, router: Tensor, gate_up: Tensor, down: Tensor, top_k: int)
 
 
 def moe_reference(x: Tensor, router: Tensor, gate_up: Tensor, down: Tensor, bias: Tensor | None = None, *,
-                  top_k: int, score: str, normalize: bool | None = None) -> MoEOutput:
+                  top_k: int, score: str, normalize: bool | None = None, groups: int = 1,
+                  top_groups: int | None = None) -> MoEOutput:
     """x [N, D] -> MoEOutput. Readable: for each expert, the tokens that chose it (a mask)
     go through its SwiGLU in fp32 and are added back with their gate."""
     _check(x, router, gate_up, down, top_k)
-    experts, weights, logits = route(x, router, bias, top_k=top_k, score=score, normalize=normalize)
+    experts, weights, logits = route(x, router, bias, top_k=top_k, score=score, normalize=normalize, groups=groups,
+                                     top_groups=top_groups)
     with torch.autocast(x.device.type, enabled=False):
         xf = upcast(x)
         out = torch.zeros_like(xf)  # [N, D]
@@ -210,11 +240,13 @@ def grouped_matmul(a: Tensor, b: Tensor, counts: Tensor) -> Tensor:
 
 
 def moe_grouped(x: Tensor, router: Tensor, gate_up: Tensor, down: Tensor, bias: Tensor | None = None, *,
-                top_k: int, score: str, normalize: bool | None = None) -> MoEOutput:
+                top_k: int, score: str, normalize: bool | None = None, groups: int = 1,
+                top_groups: int | None = None) -> MoEOutput:
     """Same contract as moe_reference: sort the (token, choice) pairs by expert, two grouped
     matmuls in x's dtype, scatter back in fp32."""
     _check(x, router, gate_up, down, top_k)
-    experts, weights, logits = route(x, router, bias, top_k=top_k, score=score, normalize=normalize)
+    experts, weights, logits = route(x, router, bias, top_k=top_k, score=score, normalize=normalize, groups=groups,
+                                     top_groups=top_groups)
     N, D = x.shape
     flat = experts.flatten()  # [N·K] expert of each (token, choice)
     order = flat.argsort(stable=True)  # pairs grouped by expert, tokens in order inside a group
@@ -248,8 +280,11 @@ def moe_cases(dtype: torch.dtype, device: str):
             options = {"top_k": K, "score": score}
             if score == "softmax" and K > 1 and i % 2:  # Qwen3-MoE's renormalised softmax weights
                 options["normalize"] = True
+            if E % 2 == 0 and E >= 4 and i % 3 != 1:  # DeepSeek-V3's group-limited routing: pairs, keep half
+                options.update(groups=E // 2, top_groups=-(-K // 2))
             yield Case(f"N{B * T} E{E} k{K} D{D} H{H} {score}{' bias' if with_bias else ''}"
-                       f"{' normalize' if 'normalize' in options else ''}", inputs, options)
+                       f"{' normalize' if 'normalize' in options else ''}"
+                       f"{' groups' if 'groups' in options else ''}", inputs, options)
 
 
 # ---------------------------------------------------------------- the module
@@ -297,9 +332,13 @@ class MoE(Dispatched, nn.Module):
         bias = self.expert_bias if cfg.balance == "bias" else None
         # passed only when set, so an implementation written before the option keeps working
         extra = {} if cfg.normalize is None else {"normalize": cfg.normalize}
+        if cfg.groups > 1:
+            extra.update(groups=cfg.groups, top_groups=cfg.top_groups)
         routed = self.impl_for(cfg, x).fn(x.reshape(B * T, D), self.router.weight, self.gate_up, self.down, bias,
                                          top_k=cfg.top_k, score=cfg.router, **extra)
         y = routed.out.view(B, T, D)
+        if cfg.scale != 1.0:
+            y = cfg.scale * y
         if self.shared is not None:
             gate, up = self.shared["gate_up"](x).chunk(2, dim=-1)  # [B, T, S·H] each
             shared = self.shared["down"](F.silu(gate) * up)

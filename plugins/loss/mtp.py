@@ -174,7 +174,7 @@ class MTP(Objective, Drafter):
         return ctx.at(self.dims.layer, name=self.block_name)
 
     def _logits(self, model: nn.Module, hidden: Tensor) -> Tensor:
-        return model.head(model.norm(hidden))
+        return model.readout(model.norm(hidden))  # the head with μP's logits multiplier, as the model's forward
 
     def forward(self, run: ObjectiveRun) -> tuple[Tensor, dict]:
         """-> (mean over depths of each depth's mean cross-entropy, metrics): ``loss_k``

@@ -213,6 +213,7 @@ class HGRN(Dispatched, SequenceMixer):
 
     category = "mixer"
     kind = "hgrn"
+    step_impl = "reference"  # a one-token decode step: the per-token form, not the chunked one
 
     def __init__(self, config: HGRNConfig, dims: Dims) -> None:
         super().__init__()

@@ -34,6 +34,12 @@ class KDAConfig(DeltaRuleConfig):
     kind: Literal["kda"] = "kda"
     gate: bool = True
     """Output gate: the normalised output times sigmoid(W_up W_down x + b) (low rank, as in the paper)."""
+    gate_bias: bool = True
+    """A bias on the gate's second projection (fla's layer and the paper have one; Kimi
+    Linear's released checkpoints and transformers' KimiLinearDeltaAttention do not).
+    Applies with gate."""
+    output_norm_eps: float = Field(default=1e-5, gt=0)
+    """Epsilon of the per-head output RMSNorm (Kimi Linear: its rms_norm_eps)."""
     decay_lower_bound: float | None = Field(default=None, lt=0)
     """None: g = -exp(A_log) softplus(W_up W_down x + dt_bias) (the paper's gate). A negative
     number L: g = L · sigmoid(exp(A_log) (W_up W_down x + dt_bias)), so no step decays by
@@ -106,7 +112,7 @@ class KDA(DeltaRuleMixer):
     l2-normalised q and k, beta = sigmoid(W_beta x), a per-channel decay
     g = -exp(A_log_h) · softplus(W_up W_down x + dt_bias) through a rank-V projection with A
     drawn from uniform(1, 16), and a per-head RMSNorm of the output times a sigmoid gate,
-    itself a rank-V projection with a bias."""
+    itself a rank-V projection with a bias (``gate_bias``)."""
 
     kind = "kda"
 
@@ -117,9 +123,10 @@ class KDA(DeltaRuleMixer):
         self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
         self.dt_bias = nn.Parameter(torch.zeros(H * K))
         if config.gate:
-            self.gate = nn.Sequential(nn.Linear(dims.d_model, V, bias=False), nn.Linear(V, H * V, bias=True))
+            self.gate = nn.Sequential(nn.Linear(dims.d_model, V, bias=False),
+                                      nn.Linear(V, H * V, bias=config.gate_bias))
         if config.gate or config.output_norm:
-            self.norm = SigmoidGatedNorm(V, normalize=config.output_norm)
+            self.norm = SigmoidGatedNorm(V, normalize=config.output_norm, eps=config.output_norm_eps)
 
     def gates(self, x):
         B, T, _ = x.shape
@@ -138,7 +145,8 @@ def hybridlab_register(register):
     register.kind("mixer", "kda", config=KDAConfig, module=KDA, cases=kda_cases,
                   examples=[{"heads": 2}, {"heads": 3, "head_dim": 6, "expand_v": 1.5, "allow_neg_eigval": True,
                                            "decay_lower_bound": -5.0},
-                            {"heads": 4, "conv_size": 0, "gate": False, "output_norm": False}])
+                            {"heads": 4, "conv_size": 0, "gate": False, "output_norm": False},
+                            {"heads": 2, "gate_bias": False, "output_norm_eps": 1e-6}])
     register.impl("mixer", "kda", "reference", fn=kda_reference, doc="token by token in fp32")
     register.impl("mixer", "kda", "chunk", fn=kda_chunk, priority=10,
                   doc="chunks of 64 tokens (32 on CPU), UT transform, per-channel decay scores by recursive "

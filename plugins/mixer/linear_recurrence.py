@@ -42,14 +42,13 @@ reaches tokens with r_t = 0, and only tokens with r_j = r_C reach the next chunk
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
 from hybridlab.core.numerics import compute_dtype
 from hybridlab.core.verify import BATCHES, SEQ_LENS, Case
+from torch import Tensor
 
 CHUNK = 64  # tokens per chunk (fla's size; the GPU default)
 CPU_CHUNK = 32  # the CPU default: measured faster there (see default_chunk)
@@ -189,10 +188,15 @@ def recurrent_reference(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = N
     V = v.shape[-1]
     dtype, out_dtype = compute_dtype(q.dtype), v.dtype
     scale = K ** -0.5 if scale is None else scale
+    if T == 1:  # a decode step (doc_ids cannot matter: the first token continues the state)
+        return _one_token(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state)
     # one slice per token, taken once: indexing x[:, t] inside the loop would make the
     # backward add a full-size zero gradient per token (T² work)
     qs = (q.to(dtype) * scale).unsqueeze(-2).unbind(1)  # T × [B, H, 1, K]: rows for matmuls
     ks, vs = k.to(dtype).unsqueeze(-1).unbind(1), v.to(dtype).unsqueeze(-2).unbind(1)  # [B, H, K, 1], [B, H, 1, V]
+    # k as rows [B, H, 1, K] for the delta rule's read: matmul of a transposed column view
+    # takes a strided path, slower than a contiguous row
+    k_rows = k.to(dtype).unsqueeze(-2).unbind(1) if beta is not None else None
     decays = betas = keeps = None
     if g is not None:
         decay = g.to(dtype).exp()  # [B, T, H] or [B, T, H, K]
@@ -213,11 +217,32 @@ def recurrent_reference(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = N
             S = S + k_t * v_t
         else:
             # the delta rule: move what S recalls for k_t a fraction beta towards v_t
-            recalled = k_t.transpose(-1, -2) @ S  # [B, H, 1, V]
+            recalled = k_rows[t] @ S  # [B, H, 1, V]
             S = S + k_t * (betas[t] * (v_t - recalled))
         out.append(qs[t] @ S)  # [B, H, 1, V]
     o = torch.cat(out, dim=2).transpose(1, 2) if out else v.new_zeros(B, 0, H, V, dtype=dtype)  # [B, T, H, V]
     return o.to(out_dtype), S
+
+
+def _one_token(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None, beta: Tensor | None, scale: float,
+               initial_state: Tensor | None) -> tuple[Tensor, Tensor]:
+    """recurrent_reference for T = 1: the loop's one iteration, the same operations in the
+    same order, on views of the single token (no per-token unbinding)."""
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    dtype = compute_dtype(q.dtype)
+    k_t, v_t = k.to(dtype).view(B, H, K, 1), v.to(dtype).view(B, H, 1, V)
+    S = q.new_zeros(B, H, K, V, dtype=dtype) if initial_state is None else initial_state.to(dtype)
+    if g is not None:
+        decay = g.to(dtype).exp()  # [B, 1, H] or [B, 1, H, K]
+        S = S * (decay.view(B, H, 1, 1) if decay.dim() == 3 else decay.view(B, H, K, 1))
+    if beta is None:
+        S = S + k_t * v_t
+    else:
+        recalled = k.to(dtype).view(B, H, 1, K) @ S  # [B, H, 1, V] (a row: see recurrent_reference)
+        S = S + k_t * (beta.to(dtype).view(B, H, 1, 1) * (v_t - recalled))
+    o = (q.to(dtype) * scale).view(B, H, 1, K) @ S  # [B, H, 1, V]
+    return o.view(B, 1, H, V).to(v.dtype), S
 
 
 # ---------------------------------------------------------------- chunked

@@ -44,6 +44,11 @@ class Mamba2Config(RecurrentConfig):
     """Output gate: y · silu(z) with z a projection of x, before the norm (Mamba2's order)."""
     output_norm: bool = True
     """RMSNorm of the (gated) output over each group's channels (Mamba2's RMSNormGated)."""
+    output_norm_eps: float = Field(default=1e-5, gt=0)
+    """Epsilon of that RMSNorm (Falcon-H1: its rms_norm_eps)."""
+    norm_before_gate: bool = False
+    """With output_norm and gate: norm(y) · silu(z) instead of Mamba2's norm(y · silu(z))
+    (Falcon-H1's mamba_norm_before_gate)."""
     dt_min: float = Field(default=1e-3, gt=0)
     """Smallest initial step size dt."""
     dt_max: float = Field(default=0.1, gt=0, le=1)
@@ -126,6 +131,7 @@ class Mamba2(Dispatched, SequenceMixer):
 
     category = "mixer"
     kind = "mamba2"
+    step_impl = "reference"  # a one-token decode step: the per-token form, not the chunked one
 
     def __init__(self, config: Mamba2Config, dims: Dims) -> None:
         super().__init__()
@@ -141,7 +147,7 @@ class Mamba2(Dispatched, SequenceMixer):
         dt = log_uniform_(torch.empty(H), config.dt_min, config.dt_max).clamp(min=1e-4)
         self.dt_bias = nn.Parameter(inverse_softplus(dt))
         self.D = nn.Parameter(torch.ones(H))
-        self.norm = GroupRMSNorm(H * V, G) if config.output_norm else None
+        self.norm = GroupRMSNorm(H * V, G, eps=config.output_norm_eps) if config.output_norm else None
         self.out = nn.Linear(H * V, dims.d_model, bias=False)
         self.out.residual_out = True
 
@@ -169,9 +175,12 @@ class Mamba2(Dispatched, SequenceMixer):
                        initial_state=None if state is None else state.recurrent, doc_ids=doc_ids)
         y = y + self.D.to(dtype)[:, None] * xs.to(dtype)  # [B, T, H, V]: the skip
         y = y.reshape(B, T, H * V)
+        first_norm = self.norm is not None and self.config.norm_before_gate
+        if first_norm:
+            y = self.norm(y)
         if self.config.gate:
             y = y * F.silu(z.to(dtype))
-        if self.norm is not None:
+        if self.norm is not None and not first_norm:
             y = self.norm(y)
         out = self.out(y.to(x.dtype))  # [B, T, D]
         return out, None if state is None else RecurrentState(S, tail)
@@ -195,6 +204,7 @@ class Mamba2(Dispatched, SequenceMixer):
 def hybridlab_register(register):
     register.kind("mixer", "mamba2", config=Mamba2Config, module=Mamba2, cases=ssd_cases,
                   examples=[{"heads": 2}, {"heads": 6, "head_dim": 5, "expand_v": 1.6, "groups": 3, "qk_norm": "l2"},
-                            {"heads": 4, "conv_size": 0, "gate": False, "output_norm": False}])
+                            {"heads": 4, "conv_size": 0, "gate": False, "output_norm": False},
+                            {"heads": 3, "groups": 3, "norm_before_gate": True, "output_norm_eps": 1e-6}])
     register.impl("mixer", "mamba2", "reference", fn=ssd_reference, doc="token by token in fp32")
     register.impl("mixer", "mamba2", "chunk", fn=ssd_chunk, priority=10, doc="chunks of 64 tokens (32 on CPU), PyTorch")

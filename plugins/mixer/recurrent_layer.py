@@ -18,13 +18,12 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
-from torch import Tensor, nn
-
 from hybridlab.core.config import Config, Dims
 from hybridlab.core.dispatch import Dispatched
 from hybridlab.core.interfaces import SequenceMixer
 from hybridlab.core.numerics import compute_dtype
+from pydantic import Field
+from torch import Tensor, nn
 
 from .linear_recurrence import segments
 
@@ -170,6 +169,9 @@ class RecurrentMixer(Dispatched, SequenceMixer):
 
     category = "mixer"
     value_extra = 0  # extra value columns the op carries (linear attention's normaliser)
+    # a one-token decode step runs the reference, the token-by-token form: the chunked
+    # form's set-up (padding, chunk layout, the UT solve) is all overhead at one token
+    step_impl = "reference"
 
     def __init__(self, config: RecurrentConfig, dims: Dims) -> None:
         super().__init__()

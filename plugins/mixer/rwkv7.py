@@ -154,6 +154,7 @@ class RWKV7(Dispatched, ReadsContext, SequenceMixer):
 
     category = "mixer"
     kind = "rwkv7"
+    step_impl = "reference"  # a one-token decode step: the per-token form, not the chunked one
 
     def __init__(self, config: RWKV7Config, dims: Dims) -> None:
         super().__init__()

@@ -230,6 +230,7 @@ class ShortConvMixer(Dispatched, SequenceMixer):
 
     category = "mixer"
     kind = "short_conv"
+    step_impl = "reference"  # a one-token decode step: the per-token form, not the chunked one
 
     def __init__(self, config: ShortConvConfig, dims: Dims) -> None:
         super().__init__()

@@ -18,7 +18,7 @@ from typing import Literal
 from torch import Tensor
 
 from hybridlab.core.config import Config, Dims
-from hybridlab.core.interfaces import NormPlacement, RunContext, SubLayer
+from hybridlab.core.interfaces import Lipschitz, NormPlacement, RunContext, SubLayer
 from hybridlab.registry import hookimpl
 
 
@@ -47,6 +47,10 @@ class Pre(NormPlacement):
 
     def forward(self, h: Tensor, sublayer: SubLayer, residual, ctx: RunContext) -> Tensor:
         return residual(h, lambda x: sublayer(self.norm(x)))
+
+    def lipschitz(self, inner: float) -> float | None:
+        """The residual's branch f∘norm: inner · the norm's bound (None if it has none)."""
+        return self.norm.lipschitz(1.0) * inner if isinstance(self.norm, Lipschitz) else None
 
 
 class Post(NormPlacement):

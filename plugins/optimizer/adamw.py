@@ -1,18 +1,21 @@
 """optimizer ``adamw``: Adam with decoupled weight decay (Loshchilov & Hutter 2019).
-Weight decay applies to matrices only, not to norms' scales or biases."""
+Weight decay applies to matrices only, not to norms' scales or biases, unless a parameter
+group says otherwise (``groups``, plugins/optimizer/groups.py)."""
 
 from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, field_validator
 
-from hybridlab.core.config import Config
+from hybridlab.core.config import OptimizerConfig
+from hybridlab.core.mup import ParamRole
+from hybridlab.plugins.optimizer.groups import Assigned, GroupConfig, assign, torch_groups, unique
 from hybridlab.registry import hookimpl
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
-class AdamWConfig(Config):
+class AdamWConfig(OptimizerConfig):
     """AdamW; ``lr`` is the peak learning rate the schedule scales."""
 
     kind: Literal["adamw"] = "adamw"
@@ -24,6 +27,9 @@ class AdamWConfig(Config):
     """Added to the root of the second moment."""
     weight_decay: float = Field(default=0.1, ge=0)
     """Applied to parameters with 2 or more dims."""
+    groups: list[GroupConfig] = Field(default_factory=list)
+    """Parameter groups with their own lr, weight_decay and betas; the first group that
+    selects a parameter wins, the others use the settings above."""
 
     @field_validator("lr")
     @classmethod
@@ -33,13 +39,15 @@ class AdamWConfig(Config):
         return lr
 
 
-def build_adamw(config: AdamWConfig, named_parameters) -> torch.optim.Optimizer:
-    params = {id(p): (n, p) for n, p in named_parameters if p.requires_grad}.values()  # tied weights once
-    decay = [p for _, p in params if p.dim() >= 2]
-    no_decay = [p for _, p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+def build_adamw(config: AdamWConfig, named_parameters, roles: dict[str, ParamRole] | None = None
+                ) -> torch.optim.Optimizer:
+    """``roles``: each parameter's categories and μP lr factor (core.mup.parameter_roles);
+    without them, categories come from names and shapes only and no μP factor applies."""
+    named = unique(named_parameters)
+    assigned = assign(config.groups, named, roles, lr_of=lambda n, p: config.lr,
+                      weight_decay_of=lambda n, p: config.weight_decay if p.dim() >= 2 else 0.0)
+    base = [Assigned(None, config.lr, config.weight_decay, None), Assigned(None, config.lr, 0.0, None)]
+    return torch.optim.AdamW(torch_groups(named, assigned, base), lr=config.lr, betas=config.betas, eps=config.eps)
 
 
 @hookimpl

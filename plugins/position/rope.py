@@ -4,12 +4,11 @@ partial rotary (only the first ``fraction`` of each head's dims rotate, as in GP
 from typing import Literal
 
 import torch
-from pydantic import Field
-from torch import Tensor, nn
-
 from hybridlab.core.config import Config, Dims
 from hybridlab.core.numerics import compute_dtype
 from hybridlab.registry import hookimpl
+from pydantic import Field
+from torch import Tensor, nn
 
 
 class RoPEConfig(Config):
@@ -31,22 +30,42 @@ class RoPE(nn.Module):
         self.rot = config.rotary_dims(head_dim)
         inv_freq = config.theta ** (-torch.arange(0, self.rot, 2, dtype=torch.float64) / self.rot)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        # cos and sin of positions 0..L-1 per (device, dtype), grown by doubling: a decode
+        # step reads one row instead of recomputing the angles (plain attributes, not
+        # buffers: a derived cache, neither saved nor moved by .to())
+        self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def _angles(self, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """positions [...] -> (cos, sin) [..., rot/2]"""
+        angles = pos[..., None] * self.inv_freq.to(dtype)
+        return angles.cos(), angles.sin()
+
+    def tables(self, offset: int, T: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(cos, sin) [T, rot/2] of positions offset .. offset+T-1, from the cached tables
+        (computed exactly as from the positions themselves: the same products, sliced)."""
+        if torch.compiler.is_compiling():  # a graph computes them fused; a mutated cache would guard on it
+            return self._angles(torch.arange(T, device=device, dtype=dtype) + offset, dtype)
+        key = (device, dtype, self.inv_freq.dtype)  # .half() on the module rounds inv_freq: a new table
+        cached = self._tables.get(key)
+        if cached is None or cached[0].shape[0] < offset + T:
+            length = max(2 * (offset + T), 256)
+            cached = self._tables[key] = self._angles(torch.arange(length, device=device, dtype=dtype),
+                                                                  dtype)
+        return cached[0][offset:offset + T], cached[1][offset:offset + T]
 
     def rotate(self, x: Tensor, offset: int | Tensor = 0) -> Tensor:
         """x [B, H, T, D]; positions offset + 0..T-1 (offset an int or [B] per sequence)."""
         T, dtype = x.shape[2], compute_dtype(x.dtype)
-        inv_freq = self.inv_freq.to(dtype)
-        pos = torch.arange(T, device=x.device, dtype=dtype)
         if isinstance(offset, Tensor):
-            pos = pos[None, :] + offset.to(x.device, dtype)[:, None]  # [B, T]
-            angles = (pos[..., None] * inv_freq)[:, None]  # [B, 1, T, rot/2]
+            pos = torch.arange(T, device=x.device, dtype=dtype)[None, :] + offset.to(x.device, dtype)[:, None]
+            cos, sin = self._angles(pos[:, None], dtype)  # [B, 1, T, rot/2]
         else:
-            angles = ((pos + offset)[:, None] * inv_freq)[None, None]  # [1, 1, T, rot/2]
-        cos, sin = angles.cos(), angles.sin()
-        xr, xp = x[..., : self.rot].to(dtype), x[..., self.rot:]
+            cos, sin = self.tables(offset, T, x.device, dtype)  # [T, rot/2], broadcast over [B, H]
+        full = self.rot == x.shape[-1]
+        xr = (x if full else x[..., : self.rot]).to(dtype)
         x1, x2 = xr.chunk(2, dim=-1)  # rotate-half convention
         rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-        return torch.cat([rotated, xp], dim=-1)
+        return rotated if full else torch.cat([rotated, x[..., self.rot:]], dim=-1)
 
 
 @hookimpl

@@ -31,6 +31,9 @@ class PreNorm(nn.Module):
     def reduce(self, h: Tensor) -> Tensor:
         return h
 
+    def lipschitz(self, inner: float) -> float:
+        return 1.0 + inner
+
 
 @hookimpl
 def hybridlab_register(register):

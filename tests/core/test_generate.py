@@ -80,9 +80,9 @@ def test_text_prompts_are_bytes(registry, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "hybridlab", "generate", str(tmp_path / "run"), "--prompt",
                            b"a\xff\xfe", "--max-new-tokens", "1"], capture_output=True)
     assert proc.returncode == 0, proc.stderr
-    from hybridlab.plugins.data.text import Text
+    from hybridlab.plugins.data.text import encode_bytes
 
-    assert Text.encode(None, "a\udcff\udcfe") == [97, 255, 254]
+    assert encode_bytes("a\udcff\udcfe") == [97, 255, 254]
 
 
 def test_generate_does_not_repeat_training_warnings(registry, tmp_path, capsys):

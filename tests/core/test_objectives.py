@@ -3,7 +3,6 @@ its own weights) and what the core provides, checked at validate time and in tra
 
 import json
 import types
-from pathlib import Path
 from typing import Literal
 
 import pytest

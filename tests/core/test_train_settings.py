@@ -31,7 +31,9 @@ def rows(tmp_path):
 def test_bf16_runs_the_forward_under_autocast_and_keeps_fp32_weights(registry, tmp_path):
     t = trainer(registry, tmp_path, precision="bf16")
     seen = []
-    t.model.head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    # a linear layer of the blocks (the head itself is applied by the fused loss, not as a module)
+    linear = next(m for m in t.model.blocks.modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
     result = t.run()
     assert seen and set(seen) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in t.model.parameters())

@@ -174,7 +174,10 @@ def test_model_level_skips_decoding_with_a_note_when_a_layer_is_not_causal(regis
     report = verify_model(spec, registry=registry)
     assert report.passed, (report.failures(), report.problems)
     assert "greedy decode == parallel" not in {c.quantity for c in report.checks}
-    assert len(report.notes) == 1 and "layer 0: attention with causal: false cannot decode" in report.notes[0]
+    decode_note, *invariance_notes = report.notes  # then the invariance checks that need a state
+    assert "decode checks skipped: layer 0: attention with causal: false cannot decode" in decode_note
+    assert [n.split(": not applicable: ")[0] for n in invariance_notes] == \
+        ["model m: chunked prefill", "model m: decode after packed prefill", "model m: state rollback"]
     from hybridlab.core.model import Model
 
     with pytest.raises(NotImplementedError, match="layer 0: attention with causal: false"):

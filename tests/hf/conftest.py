@@ -29,6 +29,35 @@ def _relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return ((ours - theirs).norm() / theirs.norm()).item()
 
 
+BOUND = 1e-4
+"""The issue's parity bound on the relative error of fp32 logits."""
+
+
+@torch.no_grad()
+def _parity(ours, theirs, vocab_size: int, *, tokens: int = 37, prompt: int = 6, new: int = 32) -> tuple[float, float]:
+    """The issue's check of an imported model ``ours`` against transformers' ``theirs``:
+    forward logits on 2 × ``tokens`` random tokens within BOUND; ``new`` greedy tokens from
+    our step decoding (Model.generate) identical to transformers' generate; and each
+    step's logits (the prompt's prefill, then one step per token) within BOUND.
+    Returns (forward error, step error)."""
+    ids = torch.randint(0, vocab_size, (2, tokens), generator=torch.Generator().manual_seed(1))
+    forward = _relative_error(ours(ids).logits, theirs(ids).logits)
+    assert forward <= BOUND, f"forward: relative error {forward:.2e}"
+    start = ids[:1, :prompt]
+    hf_out = theirs.generate(start, max_new_tokens=new, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    assert ours.generate(start, new).tolist() == hf_out.sequences.tolist()
+    sequence = hf_out.sequences
+    out = ours(start, ours.init_state(1))
+    logits = [out.logits[:, -1]]
+    for t in range(prompt, sequence.shape[1] - 1):
+        out = ours.step(sequence[:, t], out.state)
+        logits.append(out.logits[:, -1])
+    steps = _relative_error(torch.stack(logits, 1), torch.stack(hf_out.logits, 1))
+    assert steps <= BOUND, f"step decoding: relative error {steps:.2e}"
+    return forward, steps
+
+
 @torch.no_grad()
 def _randomize(module: torch.nn.Module, seed: int, std: float = 0.1) -> None:
     """Every parameter drawn anew: norm scales around 1, everything else N(0, std) (large
@@ -75,6 +104,11 @@ def _one_thread():
 @pytest.fixture
 def relative_error():
     return _relative_error
+
+
+@pytest.fixture
+def parity():
+    return _parity
 
 
 @pytest.fixture

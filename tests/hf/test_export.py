@@ -163,3 +163,15 @@ def test_specs_that_are_not_native_say_why(registry):
     assert reason(0, gate="headwise") == "layers[0].mixer uses gate"
     assert reason(0, position={"kind": "rope", "fraction": 0.5}) == \
         "layers[0].mixer: not causal attention with full rope"
+
+
+def test_a_mup_spec_is_not_exported_natively(registry):
+    """μP's logits multiplier has no field in any family's config: a native export would
+    drop it silently; the spec exports as remote code instead, saying why."""
+    from hybridlab.core.hf.exporter import native_family
+
+    model = hybridlab.build({**LLAMA_SHAPED, "parametrization": "mup", "base_width": 12}, registry=registry)
+    family, reason = native_family(model.spec, model)
+    assert family is None and reason.startswith("parametrization: mup")
+    plain = hybridlab.build(LLAMA_SHAPED, registry=registry)
+    assert native_family(plain.spec, plain)[0] is not None

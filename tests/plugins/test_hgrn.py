@@ -167,7 +167,7 @@ def test_verify_hgrn_passes(registry):
 def test_verify_hgrn2_passes(registry):
     report = verify_kind("hgrn2", registry=registry)  # all dtypes, as `hybridlab verify --kind hgrn2`
     assert report.passed and report.checks, report.failures()
-    assert {c.impl for c in report.checks} == {"reference", "chunk"}
+    assert {c.impl for c in report.checks} == {"reference", "chunk", "module"}  # module: steps as dispatched
 
 
 def test_hybrid_spec_verifies(registry):

@@ -173,7 +173,7 @@ def test_state_bytes_and_state_dtype(registry):
 def test_verify_short_conv_passes(registry):
     report = verify_kind("short_conv", registry=registry)  # all dtypes, as `hybridlab verify --kind short_conv`
     assert report.passed and report.checks, report.failures()
-    assert {c.impl for c in report.checks} == {"reference", "chunk"}
+    assert {c.impl for c in report.checks} == {"reference", "chunk", "module"}  # module: steps as dispatched
     assert any("+docs" in c.case for c in report.checks) and any("step == parallel" in c.quantity
                                                                  for c in report.checks)
 

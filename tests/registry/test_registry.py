@@ -495,7 +495,7 @@ def test_unknown_kind_message_names_versions_free_packages_for_builtins():
     registry = default_registry()
     message = registry.unknown_kind_message("normalization", "rmsnrm")
     assert message == ("unknown normalization kind 'rmsnrm' (did you mean 'rmsnorm'?); registered normalization "
-                       "kinds: layernorm (hybridlab), rmsnorm (hybridlab)")
+                       "kinds: layernorm (hybridlab), none (hybridlab), rmsnorm (hybridlab)")
 
 
 # ---------------------------------------------------------------- the built-ins and entry points
@@ -678,7 +678,7 @@ def test_third_party_kind_errors_in_a_spec(tmp_path, monkeypatch, toy_registry):
     assert "greater than or equal to 1, got 0" in got[(5, "layers[1].mixer.width")]
     assert got[(8, "layers[2].mixer.gate")] == (
         "unknown normalization kind 'rmsnrm' (did you mean 'rmsnorm'?); registered normalization kinds: "
-        "layernorm (hybridlab), rmsnorm (hybridlab)")
+        "layernorm (hybridlab), none (hybridlab), rmsnorm (hybridlab)")
     assert got[(11, "layers[3].mixer.gate.epss")].startswith("unknown field 'epss' (did you mean 'eps'?)")
     assert "greater than or equal to 1, got 0" in got[(12, "layers[3].mixer.inner.hidden")]
     assert got[(13, "layers[4].mixer")].startswith(

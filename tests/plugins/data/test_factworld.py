@@ -117,8 +117,11 @@ def test_evaluation_pools_per_type_accuracy_over_batches(registry, tmp_path, mon
     trainer = Trainer(spec, tmp_path / "run", registry=registry, progress=False)
     V = spec.model.vocab_size
 
-    def oracle(inputs):  # predicts every target: the batch is the one just drawn
-        return ModelOutput(torch.nn.functional.one_hot(oracle.batch["targets"].clamp(min=0), V).float())
+    def oracle(inputs, hidden=(), logits=True):  # predicts every target: the batch is the one just drawn
+        # the task's metrics read the logits; cross_entropy applies the lm head to hidden["final"] itself
+        final = torch.zeros(*inputs.shape, spec.model.d_model)
+        return ModelOutput(torch.nn.functional.one_hot(oracle.batch["targets"].clamp(min=0), V).float(),
+                           hidden={"final": final} if "final" in hidden else {})
 
     real_batch = trainer._batch
 

@@ -1,7 +1,6 @@
 """data mqar: answers against a brute-force lookup; eval_lengths splits; the default data unchanged."""
 
 import pytest
-import torch
 
 from hybridlab.plugins.data.mqar import MQAR, MQARConfig
 

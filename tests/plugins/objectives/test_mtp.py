@@ -122,6 +122,20 @@ def test_loss_is_the_mean_over_depths_and_trains_the_modules_and_the_shared_part
         sum(p.numel() for p in mtp.depths[0].parameters()))
 
 
+def test_depth_logits_carry_the_mup_logits_multiplier(registry):
+    """Under μP the model's head reads final · base_width / d_model (Model.readout); the
+    MTP depths share that head and must apply the same multiplier (they called the head
+    directly, so their logits were d_model / base_width times too large)."""
+    spec = pipeline(registry, [ATTENTION], depth=1, d_model=32)
+    model_spec = spec.model.model_copy(update={"parametrization": "mup", "base_width": 16})
+    model = Model(model_spec, registry)
+    objectives = Objectives(spec.objectives, model, registry, device=torch.device("cpu"))
+    mtp = objectives.items[1]
+    hidden = torch.randn(2, 5, 32)
+    assert model.mup is not None and model.mup.output_mult == pytest.approx(0.5)
+    torch.testing.assert_close(mtp._logits(model, hidden), model.head(model.norm(hidden) * 0.5))
+
+
 def test_a_block_of_its_own_and_the_default_last_block(registry):
     model, objectives = built(registry, [ATTENTION, GDN], depth=1)
     assert type(objectives.items[1].depths[0].block.mixer) is type(model.blocks[1].mixer)  # the last block's kind
