@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-
 from hybridlab.core.dispatch import forced
 from hybridlab.core.model import Model
-from hybridlab.core.spec import ModelSpec
+from hybridlab.core.spec import ModelSpec, load_model_spec
 from hybridlab.core.verify import verify_model_decoding
 
 
@@ -43,3 +42,24 @@ def assert_hybrid_decodes(registry):
         torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-9, atol=1e-9)
 
     return check
+
+
+@pytest.fixture
+def assert_spec_runs(registry):
+    """check(path) -> the mixer kinds of its blocks: the shipped spec builds, and a forward
+    on 2 × 70 tokens gives finite logits of the right shape."""
+
+    def check(path) -> list[str]:
+        spec = load_model_spec(path, registry=registry)
+        tokens = torch.randint(0, spec.vocab_size, (2, 70))
+        logits = Model(spec, registry)(tokens).logits
+        assert logits.shape == (2, 70, spec.vocab_size) and torch.isfinite(logits).all()
+        return [pos.block.mixer.kind for pos in spec.positions()]
+
+    return check
+
+
+@pytest.fixture
+def without_gradient():
+    """names(module): the parameters a backward left without a (nonzero) gradient."""
+    return lambda module: [n for n, p in module.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]

@@ -16,8 +16,6 @@ import torch.nn.functional as F
 import hybridlab.ops as ops
 from hybridlab.core.config import Dims
 from hybridlab.core.dispatch import forced
-from hybridlab.core.model import Model
-from hybridlab.core.spec import load_model_spec
 from hybridlab.core.verify import verify_kind
 from hybridlab.plugins.mixer.gated_deltanet import gated_delta_rule_reference
 from hybridlab.plugins.mixer.log_linear_gdn import log_linear_attn_chunk, log_linear_attn_reference
@@ -288,7 +286,7 @@ def test_decoding_from_state_equals_the_parallel_forward(registry, options):
     assert state_.recurrent[1].tolist() == [40, 40]
 
 
-def test_state_bytes_and_every_parameter_learns(registry):
+def test_state_bytes_and_every_parameter_learns(registry, without_gradient):
     module = build(registry, head_dim=6, expand_v=1.5, levels=4)
     st = module.init_state(1, "cpu", torch.bfloat16)
     held = sum(t.numel() * t.element_size() for t in (*st.recurrent, st.conv))
@@ -296,21 +294,15 @@ def test_state_bytes_and_every_parameter_learns(registry):
     assert (module.level_weight == 1).all()
     y, _ = module(torch.randn(2, 70, D, dtype=f64))
     y.square().mean().backward()
-    missing = [n for n, p in module.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert not missing
+    assert not without_gradient(module)
 
 
 # ---------------------------------------------------------------- specs and models
 
 
 @pytest.mark.parametrize("name", ["log_linear_gdn-tiny.yaml", "log_linear_gdn-hybrid-tiny.yaml"])
-def test_the_specs_build_and_run(name, registry):
-    spec = load_model_spec(SPECS / name, registry=registry)
-    model = Model(spec, registry)
-    tokens = torch.randint(0, spec.vocab_size, (2, 70))
-    out = model(tokens)
-    assert out.logits.shape == (2, 70, spec.vocab_size) and torch.isfinite(out.logits).all()
-    kinds = [pos.block.mixer.kind for pos in spec.positions()]
+def test_the_specs_build_and_run(name, assert_spec_runs):
+    kinds = assert_spec_runs(SPECS / name)
     assert kinds == (["log_linear_gdn"] * 4 if "hybrid" not in name else (["log_linear_gdn"] * 3 + ["attention"]) * 2)
 
 
