@@ -2,7 +2,7 @@
 weights.
 
     python benchmarks/decode_hf.py [--families qwen3_next qwen3_next_dense mamba2 llama] [--new 64] [--prompt 16]
-        [--repeats 5] [--threads 1] [--out benchmarks/results/decode_hf.json]
+        [--repeats 5] [--threads 1] [--clock wall] [--out benchmarks/results/decode_hf.json]
 
 For each family a small random transformers model (built from its config class, weights
 drawn at random) is saved with ``save_pretrained`` and imported with ``hybridlab
@@ -10,7 +10,9 @@ import-hf``; then both decode --new tokens greedily from the same prompt, ours w
 ``Model.generate`` and transformers' with ``generate(do_sample=False)``, and the tokens are
 asserted equal. Tokens/s counts the new tokens over the whole call (prefill included, the
 same for both), best of --repeats rounds in which
-the two alternate. The issue's targets: >= 1.3x Hugging Face on
+the two alternate. ``--clock cpu`` times with this process's CPU time instead of the wall
+clock: on a machine shared with other jobs a process waiting for a core is not charged
+for the wait, so with one thread the ratio holds up under load. The issue's targets: >= 1.3x Hugging Face on
 Qwen3-Next-like and Mamba2 models, no slower on Llama-like ones.
 """
 
@@ -70,15 +72,15 @@ def hf_model(family: str, transformers, seed: int = 0):
     return model
 
 
-def best_times(fns, repeats: int) -> tuple[list[float], list]:
-    """Best wall time of each function over ``repeats`` rounds, the functions interleaved in
+def best_times(fns, repeats: int, clock=time.perf_counter) -> tuple[list[float], list]:
+    """Best time of each function over ``repeats`` rounds, the functions interleaved in
     each round (a shared machine's load then weighs on both alike); and each one's output."""
     times, outs = [[] for _ in fns], [None] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):
-            start = time.perf_counter()
+            start = clock()
             outs[i] = fn()
-            times[i].append(time.perf_counter() - start)
+            times[i].append(clock() - start)
     return [min(t) for t in times], outs
 
 
@@ -101,7 +103,8 @@ def run(family: str, args, transformers, work: Path) -> dict:
             return hf.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
 
     ours_generate(), hf_generate()  # warm-up: first calls allocate
-    (t_ours, t_hf), (tokens_ours, tokens_hf) = best_times([ours_generate, hf_generate], args.repeats)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    (t_ours, t_hf), (tokens_ours, tokens_hf) = best_times([ours_generate, hf_generate], args.repeats, clock)
     same = tokens_ours.tolist() == tokens_hf.tolist()
     assert same, f"{family}: greedy tokens differ between ours and transformers"
     row = {"family": family, "new_tokens": args.new, "prompt": args.prompt,
@@ -120,13 +123,16 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall clock, or this process's CPU time (steadier on a shared machine, one thread)")
     parser.add_argument("--out", default="benchmarks/results/decode_hf.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     transformers = require_transformers("benchmarks/decode_hf.py")
     with tempfile.TemporaryDirectory() as tmp:
         rows = [run(family, args, transformers, Path(tmp)) for family in args.families]
-    result = {"benchmark": "decode_hf", "device": "cpu", "threads": args.threads, "torch": torch.__version__,
+    result = {"benchmark": "decode_hf", "device": "cpu", "threads": args.threads, "clock": args.clock,
+              "repeats": args.repeats, "torch": torch.__version__,
               "transformers": transformers.__version__, "machine": platform.processor() or platform.machine(),
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ forward 4KV + 2CK + 2CV (state read and update, intra-chunk scores and mixing), 
 2KV + 2CK for the delta rule (the state's recall of k and the key-key scores); a
 forward+backward counts three forwards. It is a convention that makes implementations
 of one op comparable, not a hardware counter. An implementation that cannot run a
-setting (our Triton backward does not exist yet) is recorded with the reason.
+setting is recorded with the reason.
 """
 
 from __future__ import annotations

@@ -65,6 +65,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         if record.error:
             failed += 1
             print(f"    ERROR: {record.error} (skipped)")
+        elif record.skipped:
+            print(f"    skipped: {record.skipped}")
         else:
             print(f"    registered: {', '.join(record.registered) or 'nothing'}")
     ok = len(registry.plugins) - failed
@@ -147,19 +149,26 @@ def cmd_summary(args: argparse.Namespace) -> int:
                 ffn += f" ({chosen.impl.name})"
             except HybridlabError:
                 ffn += " (-)"
-        state = block.mixer.state_bytes(args.seq_len, dtype)
+        state = block.mixer.state_bytes(model.block_positions(args.seq_len), dtype)
         n, active = count_parameters(block), active_parameters(block)
         params = f"{n:,}" if active == n else f"{n:,} ({active:,} active)"
         if pos.key in first_use:  # a shared or looped block: its weights are counted at their first use
             params = f"shared with {first_use[pos.key]}"
+        own = count_parameters(model.uses_modules[str(i)]) if str(i) in model.uses_modules else 0
+        if own:  # a use's own adapters and projection
+            params += f" + {own:,} own"
         first_use.setdefault(pos.key, i)
         where = format_path(pos.path) + "".join(f" #{it + 1}" for it in pos.iterations)
-        rows.append((str(i), where, mixer.kind, impl, ffn, params, _bytes(state), why))
+        notes = mixer.summary_notes()
+        rows.append((str(i), where, mixer.kind + (f" ({notes})" if notes else ""), impl, ffn, params, _bytes(state),
+                     why))
     unique = len(first_use)
     shape = f"{len(rows)} blocks" + (f" ({unique} sets of weights)" if unique != len(rows) else "")
     print(f"model {model_spec.name!r}: d_model {model_spec.d_model}, vocab {model_spec.vocab_size}, "
           f"{shape}; implementations for {device.type} {args.dtype}, training")
-    header = ("layer", "block", "mixer", "impl", "ffn", "params", f"state@{args.seq_len}", "why not the others")
+    positions = model.block_positions(args.seq_len)
+    at = f"state@{args.seq_len}" if positions == args.seq_len else f"state@{positions} patches"
+    header = ("layer", "block", "mixer", "impl", "ffn", "params", at, "why not the others")
     if all(pos.key == str(pos.index) for pos in model.order):  # a plain stack: the block is the layer
         header, rows = header[:1] + header[2:], [row[:1] + row[2:] for row in rows]
     _table(header, rows)
@@ -167,7 +176,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
     embed = count_parameters(model.embedding)
     print(f"total parameters: {total:,} ({total - embed:,} without the embedding); "
           f"decoding state per sequence at {args.seq_len} tokens: "
-          f"{_bytes(sum(b.mixer.state_bytes(args.seq_len, dtype) for _, b in model.uses()))}")
+          f"{_bytes(model.state_bytes(args.seq_len, dtype))}"
+          + (f" (blocks over at most {positions} patches, and the {model_spec.latent.kind} latent's own)"
+             if model.latent is not None else ""))
     if active_parameters(model) != total:  # routed experts: a token uses only some of them
         print(f"active parameters per token: {active_parameters(model):,} of {total:,}")
     return 0
@@ -282,7 +293,7 @@ def _matching(pattern: str) -> list[str]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import parse_grid, parse_lrs, parse_sweep, run_compare
+    from .compare import parse_grid, parse_lrs, parse_sweep, parse_wds, run_compare
     from .iso import parse_match
 
     if args.pipeline is None:
@@ -293,7 +304,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise HybridlabError(f"--seeds: expected a number of seeds, got {args.seeds!r}") from None
     run_compare(args.specs, args.pipeline, seeds=seeds, lrs=parse_lrs(args.lr), out=args.out, overrides=args.set,
                 select=args.select, device=args.device, progress=not args.quiet, sweep=parse_sweep(args.sweep),
-                match=parse_match(args.match), grid=parse_grid(args.grid))
+                match=parse_match(args.match), grid=parse_grid(args.grid), wds=parse_wds(args.wd))
     return 0
 
 
@@ -310,6 +321,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         rate = "no draft" if not s.drafted else f"{s.acceptance_rate:.3f}"
         print(f"speculative: acceptance rate {rate} ({s.accepted} of {s.drafted} drafted tokens accepted), "
               f"{s.tokens} tokens in {s.rounds + 1} forwards, {s.tokens_per_second:.1f} tokens/s", file=sys.stderr)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .sample import check_out, default_out, sample_run, write_images
+
+    try:
+        labels = None if args.labels is None else [int(x) for x in args.labels.split(",")]  # '' is refused too
+    except ValueError:
+        raise HybridlabError(f"--labels takes comma-separated class ids (0,2,3), got {args.labels!r}") from None
+    out = args.out or default_out(args.run_dir)
+    check_out(out)  # before sampling: a bad path fails at once
+    result = sample_run(args.run_dir, count=args.count, labels=labels, steps=args.steps, guidance=args.guidance,
+                        seed=args.seed, device=args.device)
+    path = write_images(result.images, out)
+    shown = "" if result.labels is None else f" (labels {','.join(map(str, result.labels))})"
+    print(f"wrote {len(result.images)} samples{shown} to {path}")
     return 0
 
 
@@ -576,6 +604,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", default="1", metavar="N", help="seeds per spec: the pipeline's seed, +1, ... (default 1)")
     s.add_argument("--lr", metavar="LRS", help="comma-separated peak learning rates, e.g. 1e-3,3e-3 "
                    "(default: the pipeline's)")
+    s.add_argument("--wd", metavar="WDS", help="comma-separated weight decays, e.g. 0,0.1: with --lr an lr x wd "
+                   "grid, the best (lr, wd) cell per spec chosen (default: the pipeline's, not swept)")
     s.add_argument("--out", metavar="DIR", help="output directory (default runs/compare-<pipeline name>); "
                    "run the same command again to continue an interrupted comparison")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a pipeline field")
@@ -635,6 +665,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the run's spec first, e.g. model.layers[1].loop=8 (the weights must still fit)")
     s.set_defaults(fn=cmd_generate)
+    s = sub.add_parser("sample", help="draw images from a run trained with a diffusion objective (PNG grid or .npy)")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="a run directory trained with a sampling objective (diffusion)")
+    s.add_argument("--count", type=int, default=16, metavar="N", help="samples to draw (default 16, at most 1024)")
+    s.add_argument("--labels", metavar="L,L,...", help="class ids, cycled over the samples (default: every class "
+                   "in turn; not for an unconditional model)")
+    s.add_argument("--steps", type=int, default=50, metavar="N", help="sampler steps from t=1 to 0 (default 50)")
+    s.add_argument("--guidance", type=float, default=1.0, metavar="W",
+                   help="classifier-free guidance scale: p_null + W (p_label - p_null); 1 (default) is none")
+    s.add_argument("--seed", type=int, default=0, help="the starting noise's seed (default 0)")
+    s.add_argument("--out", metavar="PATH", help="a .png grid (needs matplotlib) or a .npy array (default: "
+                   "RUN_DIR/samples.png, or samples.npy without matplotlib)")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    s.set_defaults(fn=cmd_sample)
     from .hf import add_commands  # import-hf, export-hf (core/hf)
     add_commands(sub)
     return p

@@ -1,8 +1,9 @@
-"""``hybridlab compare``: train every (model spec, seed, learning rate) cell of one
-pipeline, then tabulate and plot.
+"""``hybridlab compare``: train every (model spec, seed, learning rate[, weight decay])
+cell of one pipeline, then tabulate and plot.
 
     OUT/cells/<spec>/seed<S>-lr<LR>/   a run directory per cell (what ``hybridlab train`` writes),
-                                       plus result.json once the cell has finished
+                                       plus result.json once the cell has finished; with
+                                       ``wds`` (--wd): seed<S>-lr<LR>-wd<WD>/
     OUT/results.jsonl                  one line per finished cell: spec, seed, lr, final eval metrics
     OUT/results.md                     mean ± std over seeds per spec and metric at each spec's
                                        best lr, then every (spec, lr)
@@ -57,11 +58,13 @@ class Cell:
     spec: PipelineSpec
     dir: Path
     grid: dict[str, str] = field(default_factory=dict)  # the difficulty-grid point: {"data.pairs": "8", ...}
+    wd: float | None = None  # the swept weight decay (--wd); None: the pipeline's, not swept
 
     @property
     def name(self) -> str:
         point = "".join(f" {key.removeprefix('data.')}={value}" for key, value in self.grid.items())
-        return f"{self.label}{point} seed {self.seed}" + (f" lr {self.lr:g}" if self.lr is not None else "")
+        return (f"{self.label}{point} seed {self.seed}" + (f" lr {self.lr:g}" if self.lr is not None else "")
+                + (f" wd {self.wd:g}" if self.wd is not None else ""))
 
     def done(self) -> bool:
         return (self.dir / "result.json").exists()
@@ -76,12 +79,30 @@ def parse_lrs(text: str | None) -> list[float] | None:
     if text is None:
         return None
     try:
-        lrs = [float(part) for part in text.split(",") if part.strip()]
+        lrs = [float(part) for part in text.split(",")]  # an empty item is not a number either
     except ValueError:
         raise HybridlabError(f"--lr: expected comma-separated numbers such as 1e-3,3e-3, got {text!r}") from None
     if not lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
         raise HybridlabError(f"--lr: expected positive learning rates, got {text!r}")
     return list(dict.fromkeys(lrs))
+
+
+def parse_wds(text: str | None) -> list[float] | None:
+    """'0,0.1' -> [0.0, 0.1]: the weight decays of an lr x weight-decay grid."""
+    if text is None:
+        return None
+    try:
+        wds = [float(part) for part in text.split(",")]  # an empty item is not a number either
+    except ValueError:
+        raise HybridlabError(f"--wd: expected comma-separated numbers such as 0,0.1, got {text!r}") from None
+    if not wds or any(not (wd >= 0 and math.isfinite(wd)) for wd in wds):
+        raise HybridlabError(f"--wd: expected weight decays >= 0, got {text!r}")
+    wds = list(dict.fromkeys(wds))
+    tags = [f"{wd:g}" for wd in wds]
+    if len(set(tags)) != len(tags):
+        raise HybridlabError(f"--wd: {text!r} names the same cells twice ({', '.join(tags)}); give weight decays "
+                             "that differ in their first 6 significant digits")
+    return wds
 
 
 def _labels(paths: Sequence[Path], names: Sequence[str]) -> list[str]:
@@ -148,24 +169,25 @@ def grid_points(axes: Sequence[tuple[str, list[str]]]) -> list[tuple[dict[str, s
 def plan(model_specs: Sequence[str | Path], pipeline: str | Path, *, seeds: int = 1,
          lrs: Sequence[float] | None = None, overrides: Sequence[str] = (), out: Path,
          registry: Any = None, sweep: tuple[str, list[str]] | None = None,
-         grid: Sequence[tuple[str, list[str]]] = ()) -> list[Cell]:
+         grid: Sequence[tuple[str, list[str]]] = (), wds: Sequence[float] | None = None) -> list[Cell]:
     """Every cell, its resolved pipeline validated up front (a bad spec fails before any
     training). ``sweep`` (key, values): each spec once per value, labelled
     ``<spec>-<field>=<value>`` (e.g. a loop count: ``model.layers[1].loop``). ``grid``
     (:func:`parse_grid`): every cell once per point of the axes' cross product, in
-    ``cells/<spec>/<point>/``."""
+    ``cells/<spec>/<point>/``. ``wds``: every cell once per weight decay (the lr x wd grid)."""
     cells = []
     for point, tag in grid_points(grid):
         sets = [*overrides, *(f"{key}={value}" for key, value in point.items())]
         if sweep is None:
             part = _plan(model_specs, pipeline, seeds=seeds, lrs=lrs, overrides=sets, out=out, registry=registry,
-                         point=tag)
+                         point=tag, wds=wds)
         else:
             key, values = sweep
             name = key.rpartition(".")[2]
             part = [cell for value in values
                     for cell in _plan(model_specs, pipeline, seeds=seeds, lrs=lrs, overrides=[*sets, f"{key}={value}"],
-                                      out=out, registry=registry, suffix=safe_name(f"-{name}={value}"), point=tag)]
+                                      out=out, registry=registry, suffix=safe_name(f"-{name}={value}"), point=tag,
+                                      wds=wds)]
         for cell in part:
             cell.grid = point
         cells += part
@@ -174,7 +196,8 @@ def plan(model_specs: Sequence[str | Path], pipeline: str | Path, *, seeds: int 
 
 def _plan(model_specs: Sequence[str | Path], pipeline: str | Path, *, seeds: int = 1,
           lrs: Sequence[float] | None = None, overrides: Sequence[str] = (), out: Path,
-          registry: Any = None, suffix: str = "", point: str = "") -> list[Cell]:
+          registry: Any = None, suffix: str = "", point: str = "",
+          wds: Sequence[float] | None = None) -> list[Cell]:
     if not model_specs:
         raise HybridlabError("give at least one model spec to compare")
     if seeds < 1:
@@ -188,6 +211,8 @@ def _plan(model_specs: Sequence[str | Path], pipeline: str | Path, *, seeds: int
     if len(set(tags)) != len(tags):  # cells are named by the lr's %g form: two would share one
         raise HybridlabError(f"--lr: {', '.join(map(repr, lrs))} name the same cells ({', '.join(tags)}); give "
                              "learning rates that differ in their first 6 significant digits")
+    if wds and "weight_decay" not in type(base.optimizer).model_fields:
+        raise HybridlabError(f"--wd: the {base.optimizer.kind} optimizer has no weight_decay to sweep")
     paths = [Path(p).resolve() for p in model_specs]
     for given_path, path in zip(model_specs, paths):
         if not path.exists():
@@ -204,15 +229,19 @@ def _plan(model_specs: Sequence[str | Path], pipeline: str | Path, *, seeds: int
     for path, label in zip(paths, _labels(paths, names)):
         label += suffix
         for seed in range(base.seed, base.seed + seeds):
-            for lr in lrs:
-                tag = f"seed{seed}" + (f"-lr{lr:g}" if lr is not None else "")
+            for lr, wd in itertools.product(lrs, wds or [None]):
+                tag = (f"seed{seed}" + (f"-lr{lr:g}" if lr is not None else "")
+                       + (f"-wd{wd:g}" if wd is not None else ""))
                 # the path as a quoted YAML string: ' #' or ': ' in it would be read as YAML
                 run_name = f"{label}-{point}-{tag}" if point else f"{label}-{tag}"
                 sets = [*overrides, f"model={json.dumps(str(path))}", f"seed={seed}", f"name={run_name}"]
-                if given:  # the whole optimizer mapping: the pipeline may leave it to the default
-                    sets.append(f"optimizer={json.dumps({**base.optimizer.model_dump(mode='json'), 'lr': lr})}")
+                optimizer = base.optimizer.model_dump(mode="json")
+                optimizer.update({"lr": lr} if given else {})
+                optimizer.update({"weight_decay": wd} if wd is not None else {})
+                if given or wd is not None:  # the whole optimizer mapping: the pipeline may leave it to the default
+                    sets.append(f"optimizer={json.dumps(optimizer)}")
                 spec = load_pipeline(pipeline, sets, registry=registry, warn=False)  # the base load warned once
-                cells.append(Cell(label, seed, lr, spec, out / "cells" / label / point / tag))
+                cells.append(Cell(label, seed, lr, spec, out / "cells" / label / point / tag, wd=wd))
     return cells
 
 
@@ -314,11 +343,12 @@ def run_compare(model_specs: Sequence[str | Path], pipeline: str | Path, *, seed
                 select: str | None = None, device: str | None = None, progress: bool = True,
                 registry: Any = None, echo: Callable[[str], None] = print,
                 sweep: tuple[str, list[str]] | None = None, match: tuple[str, int] | None = None,
-                grid: Sequence[tuple[str, list[str]]] = ()) -> Path:
+                grid: Sequence[tuple[str, list[str]]] = (), wds: Sequence[float] | None = None) -> Path:
     """Train every cell not yet finished, then write the tables and plots. Returns OUT.
     ``match`` (``("params", N)`` or ``("state_bytes", N)``, see :func:`match_specs`):
     every spec is first scaled to that size. ``grid`` (:func:`parse_grid`): a difficulty
-    grid, one aggregate score per spec (:func:`grid_scores`)."""
+    grid, one aggregate score per spec (:func:`grid_scores`). ``wds``: weight decays, each
+    cell once per value (an lr x wd grid; the best (lr, wd) per spec is chosen)."""
     from .train import Trainer
 
     if out is None:
@@ -329,12 +359,13 @@ def run_compare(model_specs: Sequence[str | Path], pipeline: str | Path, *, seed
         model_specs = match_specs(model_specs, pipeline, match, overrides=overrides, out=out, registry=registry,
                                   echo=echo)
     cells = plan(model_specs, pipeline, seeds=seeds, lrs=lrs, overrides=overrides, out=out, registry=registry,
-                 sweep=sweep, grid=grid)
+                 sweep=sweep, grid=grid, wds=wds)
     if select is not None:
         check_selection(select, cells, registry=registry)
     # shell-quoted, so results.md's line runs as written (paths with spaces or '#' included)
     command = shlex.join(["hybridlab", "compare", *map(str, given_specs), "--pipeline", str(pipeline), "--seeds",
                           str(seeds), *(["--lr", ",".join(f"{lr:g}" for lr in lrs)] if lrs else []),
+                          *(["--wd", ",".join(f"{wd:g}" for wd in wds)] if wds else []),
                           *(x for o in overrides for x in ("--set", o)),
                           *(["--sweep", f"{sweep[0]}={','.join(sweep[1])}"] if sweep else []),
                           *(["--match", f"{match[0]}={match[1]}"] if match else []),
@@ -378,7 +409,7 @@ def run_compare(model_specs: Sequence[str | Path], pipeline: str | Path, *, seed
         rate[1] += seconds
         result.pop("seconds")
         length = state_length(cell.spec, registry=registry)
-        row = {"spec": cell.label, "model": cell.spec.model.name, "seed": cell.seed, "lr": cell.lr,
+        row = {"spec": cell.label, "model": cell.spec.model.name, "seed": cell.seed, "lr": cell.lr, "wd": cell.wd,
                "steps": cell.spec.steps, "params": count_parameters(trainer.model), "seconds": spent + seconds,
                "resumed": start > 0, "run_dir": str(cell.dir.relative_to(out)), "metrics": result,
                "grid": cell.grid, "state_len": length,
@@ -417,15 +448,27 @@ def default_selection(rows: Sequence[dict[str, Any]]) -> str | None:
     return metrics[0] if metrics else None
 
 
+def _setting(row: dict[str, Any]) -> tuple[Any, Any]:
+    """A row's optimizer setting: (lr, weight decay); the wd is None where it was not swept."""
+    return row["lr"], row.get("wd")
+
+
+def _setting_text(setting: tuple[Any, Any]) -> str:
+    lr, wd = setting
+    return (f"lr {lr:g}" if lr is not None else "") + (f" wd {wd:g}" if wd is not None else "")
+
+
 def summarize(rows: Sequence[dict[str, Any]], select: str | None) -> dict[str, Any]:
-    """Group the rows by (spec, lr) and pick each spec's best lr by the mean of ``select``."""
+    """Group the rows by (spec, lr, wd) and pick each spec's best (lr, wd) by the mean of
+    ``select``. -> {"groups": {(spec, lr, wd): rows}, "best": {spec: lr},
+    "best_wd": {spec: wd or None}, "chosen": {spec: (lr, wd)}, ...}"""
     columns: list[str] = []
     for row in rows:
         columns += [m for m in row["metrics"] if _is_shown(m) and m not in columns]
     columns.sort(key=lambda m: m.endswith("/loss"))  # accuracies first, each group in split order
     groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["spec"], row["lr"]), []).append(row)
+        groups.setdefault((row["spec"], *_setting(row)), []).append(row)
     given = select
     select = select or default_selection(rows)
     gridded = any(r.get("grid") for r in rows)
@@ -443,11 +486,13 @@ def summarize(rows: Sequence[dict[str, Any]], select: str | None) -> dict[str, A
         primary, secondary = _mean([v[0] for v in values]), _mean([v[1] for v in values])
         return (math.inf if math.isnan(primary) else primary, secondary)
 
-    for (spec, lr), members in groups.items():
+    for (spec, lr, wd), members in groups.items():
         if spec not in best or score(members) < best[spec][1]:
-            best[spec] = (lr, score(members))
+            best[spec] = ((lr, wd), score(members))
     chosen = {s: v[0] for s, v in best.items()}
-    return {"columns": columns, "groups": groups, "select": select, "best": chosen,
+    return {"columns": columns, "groups": groups, "select": select, "chosen": chosen,
+            "best": {s: v[0] for s, v in chosen.items()}, "best_wd": {s: v[1] for s, v in chosen.items()},
+            "swept_wd": any(r.get("wd") is not None for r in rows),
             "grid": grid_scores(rows, chosen, given) if gridded else {}, "given": given}
 
 
@@ -466,13 +511,44 @@ def _per_point(members: Sequence[dict[str, Any]], select: str | None) -> dict[st
             for point, rs in points.items()}
 
 
-def grid_scores(rows: Sequence[dict[str, Any]], best: dict[str, Any], select: str | None) -> dict[str, Any]:
-    """Per spec at its best lr: {"lr", "cells": {point: primary metric}, "aggregate": their mean}."""
+def grid_scores(rows: Sequence[dict[str, Any]], chosen: dict[str, tuple[Any, Any]],
+                select: str | None) -> dict[str, Any]:
+    """Per spec at its best (lr, wd): {"lr", "wd", "cells": {point: primary metric},
+    "aggregate": their mean}."""
     out = {}
-    for spec, lr in best.items():
-        cells = _per_point([r for r in rows if r["spec"] == spec and r["lr"] == lr], select)
-        out[spec] = {"lr": lr, "cells": cells, "aggregate": _mean(list(cells.values()))}
+    for spec, setting in chosen.items():
+        cells = _per_point([r for r in rows if r["spec"] == spec and _setting(r) == setting], select)
+        out[spec] = {"lr": setting[0], "wd": setting[1], "cells": cells, "aggregate": _mean(list(cells.values()))}
     return out
+
+
+def lr_wd_table(summary: dict[str, Any]) -> list[str]:
+    """Per spec, the mean of the selected metric (the grid aggregate with a grid) in every
+    (lr, wd) cell, lrs as rows and weight decays as columns; the chosen cell in bold."""
+    select, given = summary["select"], summary["given"]
+    gridded = bool(summary["grid"])
+    lines = ["## Learning rate x weight decay", "",
+             f"Per spec, the mean over seeds of `{select}`" + (" (the grid aggregate)" if gridded else "")
+             + " in each cell; the chosen cell is in bold.", ""]
+    for spec in summary["chosen"]:
+        keys = [k for k in summary["groups"] if k[0] == spec]
+        lrs = sorted({k[1] for k in keys}, key=lambda v: v or 0)
+        wds = sorted({k[2] for k in keys}, key=lambda v: v or 0)
+        lines += [f"**{spec}**", "", "| lr \\ wd | " + " | ".join(f"{wd:g}" for wd in wds) + " |",
+                  "|" + "---|" * (len(wds) + 1)]
+        for lr in lrs:
+            cells = []
+            for wd in wds:
+                members = summary["groups"].get((spec, lr, wd), [])
+                if gridded:
+                    value = _mean(list(_per_point(members, given).values()))
+                else:
+                    value = _mean([r["metrics"].get(select, math.nan) for r in members])
+                text = _number(value) if members else "-"
+                cells.append(f"**{text}**" if summary["chosen"][spec] == (lr, wd) else text)
+            lines.append("| " + " | ".join([f"{lr:g}" if lr is not None else "-", *cells]) + " |")
+        lines.append("")
+    return lines
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -493,34 +569,40 @@ def _cell_text(members: Sequence[dict[str, Any]], metric: str) -> str:
 
 def markdown(rows: Sequence[dict[str, Any]], summary: dict[str, Any], *, title: str, command: str,
              total: int, plots: Sequence[str], note: str) -> str:
-    columns, groups, best, select = summary["columns"], summary["groups"], summary["best"], summary["select"]
+    columns, groups, chosen, select = summary["columns"], summary["groups"], summary["chosen"], summary["select"]
+    swept_wd = summary["swept_wd"]
     lengths = {r.get("state_len") for r in rows if r.get("state_bytes") is not None}
     state = f"state bytes@{lengths.pop()}" if len(lengths) == 1 else None  # rows from before the column: none
-    header = ["spec", "params", "lr", "seeds", *columns, "s/cell", *([state] if state else [])]
+    header = ["spec", "params", "lr", *(["wd"] if swept_wd else []), "seeds", *columns, "s/cell",
+              *([state] if state else [])]
     lines = [f"# compare: {title}", "", f"`{command}`", "",
              f"{len(rows)} of {total} cells finished. Each value is the mean ± sample standard deviation "
-             f"over seeds; the best lr per spec is chosen by the mean `{select}` "
+             f"over seeds; the best lr{' and weight decay' if swept_wd else ''} per spec is chosen by the mean "
+             f"`{select}` "
              f"({'lower' if select and _lower_is_better(select) else 'higher'} is better); s/cell is the "
              "wall time per cell, with any interrupted sessions"
              + (f"; {state} is the decoding state one sequence holds after that many tokens (float32)"
                 if state else "") + ".", ""]
 
-    def table(keys: Sequence[tuple[str, Any]]) -> list[str]:
+    def table(keys: Sequence[tuple[str, Any, Any]]) -> list[str]:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for key in keys:
             members = groups[key]
             out.append("| " + " | ".join([
                 key[0], f"{members[0]['params']:,}", f"{key[1]:g}" if key[1] is not None else "-",
-                str(len(members)), *(_cell_text(members, c) for c in columns),
+                *([f"{key[2]:g}" if key[2] is not None else "-"] if swept_wd else []), str(len(members)), *(_cell_text(members, c) for c in columns),
                 f"{_mean([r['seconds'] for r in members]):.3g}",
                 *([f"{members[0]['state_bytes']:,}"] if state else [])]) + " |")
         return out
 
-    lines += ["## Best learning rate per spec", "", *table([(s, lr) for s, lr in best.items()]), ""]
+    lines += ["## Best learning rate per spec", "", *table([(s, *v) for s, v in chosen.items()]), ""]
     if summary["grid"]:
         lines += _grid_table(summary["grid"], select=summary["given"])
-    if len(groups) > len(best):
-        lines += ["## Every learning rate", "", *table(sorted(groups, key=lambda k: (k[0], k[1] or 0))), ""]
+    if swept_wd:
+        lines += lr_wd_table(summary)
+    if len(groups) > len(chosen):
+        lines += ["## Every learning rate", "",
+                  *table(sorted(groups, key=lambda k: (k[0], k[1] or 0, k[2] or 0))), ""]
     if plots:
         lines += ["## Plots", "", *(f"![{p}]({p})" for p in plots), ""]
     if note:
@@ -537,7 +619,8 @@ def _grid_table(grid: dict[str, Any], *, select: str | None) -> list[str]:
              "| spec | lr | aggregate | " + " | ".join(points) + " |", "|" + "---|" * (len(points) + 3)]
     for spec, g in grid.items():
         values = [g["cells"].get(p, math.nan) for p in points]
-        lines.append("| " + " | ".join([spec, f"{g['lr']:g}" if g["lr"] is not None else "-", _number(g["aggregate"]),
+        setting = _setting_text((g["lr"], g.get("wd"))).removeprefix("lr ") or "-"
+        lines.append("| " + " | ".join([spec, setting, _number(g["aggregate"]),
                                         *map(_number, values)]) + " |")
     return [*lines, ""]
 
@@ -585,8 +668,8 @@ def write_plots(out: Path, rows: Sequence[dict[str, Any]], cells: Sequence[Cell]
         import matplotlib.pyplot as plt
     except ImportError:
         return [], "plots skipped: matplotlib is not installed (pip install 'hybridlab[plot]')"
-    best = summary["best"]
-    chosen = [r for r in rows if best.get(r["spec"]) == r["lr"]]
+    best = summary["chosen"]
+    chosen = [r for r in rows if best.get(r["spec"]) == _setting(r)]
     written, notes = [], []
 
     # accuracy against eval length, one panel per accuracy metric (accuracy, accuracy_recall...)
@@ -604,7 +687,9 @@ def write_plots(out: Path, rows: Sequence[dict[str, Any]], cells: Sequence[Cell]
             for spec, points in by_length[name].items():
                 xs = sorted(points)
                 ax.errorbar(xs, [_mean(points[x]) for x in xs], yerr=[_std(points[x]) for x in xs],
-                            marker="o", capsize=3, label=f"{spec} (lr {best[spec]:g})" if best[spec] else spec)
+                            marker="o", capsize=3,
+                            label=f"{spec} ({_setting_text(best[spec]).strip()})" if _setting_text(best[spec])
+                            else spec)
             ax.set_xscale("log", base=2)
             ax.set_xticks(sorted({x for p in by_length[name].values() for x in p}))
             ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -648,7 +733,7 @@ def write_plots(out: Path, rows: Sequence[dict[str, Any]], cells: Sequence[Cell]
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for spec in best:
         curves = [_loss_curve(c.dir) for c in cells if c.label == spec and c.done() and
-                  json.loads((c.dir / "result.json").read_text())["lr"] == best[spec]]
+                  _setting(json.loads((c.dir / "result.json").read_text())) == best[spec]]
         steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         if steps:
             ax.plot(steps, [_mean([c[s] for c in curves]) for s in steps], label=spec)

@@ -81,10 +81,21 @@ class Config(BaseModel):
         loader turns each into a spec problem at that field's line."""
         return ()
 
+    def summary_notes(self) -> str:
+        """Options that ``hybridlab summary`` shows next to the kind (an evaluation-time fix
+        that is on, say); empty: nothing beyond the kind."""
+        return ""
+
     def reads_ahead(self) -> bool:
         """Whether this component lets a position read later positions (an encoder's
         attention with ``causal: false``). Objectives that predict tokens from the ones
         before them (``Needs.causal``) refuse a model with such a component."""
+        return False
+
+    def reads_wide_input(self) -> bool:
+        """Whether the module reads an input of width ``Dims.d_in`` (wider than d_model) and
+        still returns d_model: a block under ``shared:`` used with ``input:
+        stream_and_embedding`` needs a mixer whose config says so."""
         return False
 
     def layer_references(self) -> Iterable[tuple[str, str]]:
@@ -110,6 +121,8 @@ class Dims:
     layer: int = 0  # depth of the block being built (its first use), 0 outside blocks
     registry: Any = field(default=None, compare=False, repr=False)
     loops: tuple = ()  # the count of each loop enclosing the block, outermost first
+    d_in: int | None = None  # width of the input a block's mixer reads when wider than d_model (a use
+    # with input: stream_and_embedding reads [h; e], 2 · d_model); None: d_model
 
     def build(self, category: str, config: Any, *args: Any) -> Any:
         """Build a sub-component: ``Module(config, dims, *args)``."""
@@ -197,7 +210,10 @@ class Needs:
     - ``forward``: it reads the model's output on ``batch['inputs']`` (``run.output``).
     - ``samples``: it draws from the model's own step decoding (``run.sample``).
     - ``causal``: it predicts tokens from the ones before them, so no layer may read later
-      positions (``Config.reads_ahead``); an embedding objective sets it False."""
+      positions (``Config.reads_ahead``); an embedding objective sets it False.
+    - ``images``: it trains on images (a denoiser): the task, the model's embedding and its
+      head must be ``ImageShaped``. Without it the objective trains on token ids, and the
+      core refuses an image task or a model that reads or writes images."""
 
     fields: tuple[str, ...] = ("inputs", "targets")
     hidden: tuple[int | str, ...] = ()
@@ -205,6 +221,7 @@ class Needs:
     forward: bool = True
     samples: bool = False
     causal: bool = True
+    images: bool = False
 
 
 class LossConfig(Config):
@@ -238,6 +255,40 @@ class OptimizerConfig(Config):
         """Whether each process may update only its shard of a weight (``parallel: fsdp``).
         False for an update that needs whole matrices (Muon's orthogonalisation)."""
         return True
+
+
+@typing.runtime_checkable
+class ImageShaped(typing.Protocol):
+    """A config whose component reads or writes images ``[B, C, H, W]`` rather than token
+    ids: an image task, the ``patch`` embedding, the ``unpatchify`` head. Checked with
+    ``isinstance``, never by kind: a model spec whose head is ImageShaped needs an
+    ImageShaped embedding with the same channels and patch size, and a pipeline needs the
+    task, the embedding and every objective (``Needs.images``) to agree on images or tokens.
+
+    ``image_shape()`` -> (C, H, W), H and W None where the component fits any size (a head
+    that reads its grid from the number of tokens); ``patch_size()`` -> the side of the
+    square patches it cuts or joins (1 for a task); ``label_count()`` -> the class labels
+    it yields or is conditioned on (0: none)."""
+
+    def image_shape(self) -> tuple[int, int | None, int | None]: ...
+
+    def patch_size(self) -> int: ...
+
+    def label_count(self) -> int:
+        """Class labels it yields or is conditioned on (0: none)."""
+        ...
+
+
+@typing.runtime_checkable
+class PairsWithEmbedding(typing.Protocol):
+    """A head config whose fit depends on the model's embedding config (the ``lm`` head,
+    whose ``tied`` weight is the embedding's token table). ``ModelSpec`` asks it when the
+    spec is validated; a message is a spec error at ``model.head``."""
+
+    def check_embedding(self, embedding: Any) -> str | None:
+        """None when the head can follow ``embedding`` (a validated embedding config), else
+        why not (a message that names the embedding kind and the fix)."""
+        ...
 
 
 class DataConfig(Config):

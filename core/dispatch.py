@@ -160,7 +160,15 @@ def _pins_key() -> tuple[str, tuple[tuple[str, str], ...]]:
     return os.environ.get(ENV, ""), _FORCED.get()
 
 
-@torch._dynamo.assume_constant_result
+def _constant_when_compiled(fn):
+    """torch.compiler.assume_constant_result without importing torch._dynamo (seconds at
+    every CLI start): the attribute it sets, checked against torch's own decorator in
+    tests/core/test_compile.py."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_when_compiled
 def _pins_when_compiled() -> tuple[str, tuple[tuple[str, str], ...]]:
     """_pins_key for torch.compile, read once while tracing (Dynamo cannot trace
     ContextVar.get): a compiled graph keeps the implementations chosen when it was traced,

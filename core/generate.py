@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import latest_checkpoint, load_checkpoint
+from .config import ImageShaped
 from .errors import HybridlabError
 from .interfaces import Drafter
 from .model import Model
@@ -118,6 +119,9 @@ def decode_run(run_dir: str | Path, prompt: str, *, max_new_tokens: int = 32, te
         raise HybridlabError(f"--seed must be in [0, 2^63), got {seed}")
     registry = registry or _default_registry()
     spec, model, task = load_run(run_dir, device=device, registry=registry, overrides=overrides)
+    if isinstance(spec.model.embedding, ImageShaped):
+        raise HybridlabError(f"{run_dir}: the model reads images (embedding {spec.model.embedding.kind!r}), not "
+                             "tokens; draw from it with hybridlab sample")
     ids = encode(task, prompt)
     if not ids:
         raise HybridlabError("the prompt is empty; give at least one token")

@@ -93,7 +93,7 @@ class SequenceMixer(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: Tensor  # [B, T, V]
+    logits: Tensor  # the head's output: logits [B, T, V] for an lm head, an image [B, C, H, W] for unpatchify
     state: list[State] | None = None  # one entry per block when decoding
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     metrics: dict[str, Tensor] = field(default_factory=dict)
@@ -181,6 +181,39 @@ class BlockWrapper(nn.Module):
         return init(batch, device, dtype)
 
 
+class Latent(nn.Module):
+    """A model-level component (category ``latent``, the spec's ``latent:``) that runs the
+    model's blocks over a shorter sequence than the tokens: the byte-latent transformer
+    pools bytes into patches, runs the blocks over the patches, and decodes bytes from
+    the patches that are complete. Latent kinds subclass this class; the model calls
+
+    - ``forward(tokens [B, T], x [B, T, D], state, run_blocks, *, aux) -> (y [B, T, D], state)``
+      with ``x`` the embedding's output and ``y`` the input of the final norm. ``state`` is
+      None (parallel, training) or what ``init_state`` made (decoding: ``forward`` on T >= 1
+      tokens continues from it). ``run_blocks(h [B', P, D], states, *, step) -> (h, states)``
+      runs the blocks in order over any batch of patch sequences; ``states`` is None or a
+      list with one entry per position, as ``init_blocks`` makes it;
+    - ``init_state(batch, device, dtype, init_blocks)``, with ``init_blocks(batch, device,
+      dtype)`` making the blocks' empty states. The model's state is ``[latent_state]``."""
+
+    def forward(self, tokens: Tensor, x: Tensor, state: Any, run_blocks: Callable, *,
+                aux: Aux) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    def init_state(self, batch: int, device: torch.device | str, dtype: torch.dtype, init_blocks: Callable) -> Any:
+        raise NotImplementedError
+
+    def positions(self, seq_len: int) -> int:
+        """At most how many positions the blocks run over for ``seq_len`` tokens (what their
+        decoding state is measured at); the default, ``seq_len``, is a safe upper bound."""
+        return seq_len
+
+    def own_state_bytes(self, seq_len: int, dtype: torch.dtype) -> int:
+        """Bytes of the latent's own decoding state (not the blocks') after ``seq_len``
+        tokens, for one sequence; ``Model.state_bytes`` adds the blocks' at ``positions``."""
+        return 0
+
+
 class NormPlacement(nn.Module):
     """Where the norms go around one sub-layer (category ``norm_placement``): built as
     ``Module(config, dims, norm)`` with the block's normalization config; ``forward(h,
@@ -188,6 +221,32 @@ class NormPlacement(nn.Module):
     ``residual(h, f)`` (the stream's residual module) and placing its norms around it."""
 
     def forward(self, h: Tensor, sublayer: SubLayer, residual: Any, ctx: RunContext) -> Tensor:
+        raise NotImplementedError
+
+
+class Conditioning:
+    """An embedding that also turns a per-sequence condition (a diffusion timestep and a
+    class label) into a vector ``c [B, D]``. Declared by inheriting this class; the model's
+    ``forward(x, condition={...})`` calls ``condition(fields) -> c`` once and hands ``c`` to
+    every block as ``ctx.shared["condition"]``, where an adaptive-norm placement (``adaln``)
+    reads it. A model whose embedding is not Conditioning refuses ``condition=``."""
+
+    def condition(self, fields: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+
+class Sampler:
+    """An objective module that draws samples from the model it trains (a diffusion
+    objective): ``hybridlab sample RUN`` finds it among the run's objectives with
+    ``isinstance``, never by kind. ``sample(model, labels [N] long or None, *, count,
+    steps, guidance, generator) -> [N, ...]`` (images [N, C, H, W] in the data's range).
+    ``guided``: whether it trained the unconditional (null-label) prediction that
+    classifier-free guidance mixes in; ``sample`` refuses guidance ≠ 1 otherwise."""
+
+    guided: bool = False
+
+    def sample(self, model: nn.Module, labels: Tensor | None, *, count: int, steps: int, guidance: float,
+               generator: torch.Generator | None = None) -> Tensor:
         raise NotImplementedError
 
 

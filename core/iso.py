@@ -22,6 +22,7 @@ an error naming the spec.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -55,9 +56,20 @@ class Scaled(NamedTuple):
                 f"(target {self.target:,}, {100 * self.relative_error:.1f}% off)")
 
 
-def measure(spec: ModelSpec, seq_len: int, *, registry: Any = None) -> Size:
+def _model_spec(spec: Any, registry: Any) -> ModelSpec:
+    """A ModelSpec, a path to one, or a mapping (validated as ``<spec>``)."""
+    if isinstance(spec, ModelSpec):
+        return spec
+    if isinstance(spec, Mapping):
+        return model_spec_from_data(_located(dict(spec), Loc("<spec>", None, ())), registry)
+    if isinstance(spec, (str, Path)):
+        return load_model_spec(spec, registry=registry)
+    raise HybridlabError(f"expected a model spec (a ModelSpec, a path or a mapping), got {type(spec).__name__}")
+
+
+def measure(spec: ModelSpec | str | Path | Mapping, seq_len: int, *, registry: Any = None) -> Size:
     """Parameters and decoding-state bytes (float32, after ``seq_len`` tokens) of a model
-    spec, built on the meta device (no memory, no time)."""
+    spec (a ModelSpec, a path or a mapping), built on the meta device (no memory, no time)."""
     import torch
 
     from .model import Model, count_parameters
@@ -66,10 +78,10 @@ def measure(spec: ModelSpec, seq_len: int, *, registry: Any = None) -> Size:
         from hybridlab.registry import default_registry
 
         registry = default_registry()
+    spec = _model_spec(spec, registry)
     with torch.device("meta"):
         model = Model(spec, registry)
-    state = sum(block.mixer.state_bytes(seq_len, torch.float32) for _, block in model.uses())
-    return Size(count_parameters(model), int(state))
+    return Size(count_parameters(model), model.state_bytes(seq_len, torch.float32))
 
 
 def parse_match(text: str | None) -> tuple[str, int] | None:
@@ -89,9 +101,9 @@ def parse_match(text: str | None) -> tuple[str, int] | None:
     return key, number
 
 
-def scale_to(spec: str | Path | ModelSpec, *, params: int | None = None, state_bytes: int | None = None,
+def scale_to(spec: str | Path | ModelSpec | Mapping, *, params: int | None = None, state_bytes: int | None = None,
              seq_len: int, multiple: int = 8, registry: Any = None) -> Scaled:
-    """The spec (a path or a ModelSpec) at the multiple of ``multiple`` for ``d_model``
+    """The spec (a path, a mapping or a ModelSpec) at the multiple of ``multiple`` for ``d_model``
     whose ``params`` or ``state_bytes`` (give exactly one) is nearest the target. Raises
     HybridlabError when no width reaches the target or the measure does not grow."""
     if (params is None) == (state_bytes is None):
@@ -105,8 +117,7 @@ def scale_to(spec: str | Path | ModelSpec, *, params: int | None = None, state_b
         from hybridlab.registry import default_registry
 
         registry = default_registry()
-    if not isinstance(spec, ModelSpec):
-        spec = load_model_spec(spec, registry=registry)
+    spec = _model_spec(spec, registry)
     base = spec.model_dump(mode="json")
     cache: dict[int, tuple[ModelSpec, int] | None] = {}
 

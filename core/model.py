@@ -18,8 +18,8 @@ from . import mup
 from .config import Dims
 from .dispatch import Dispatched, call_scope, pin_applies
 from .errors import HybridlabError
-from .interfaces import (ActiveParameters, Aux, BlockWrapper, InitWeights, ModelOutput, NormPlacement, ReadsContext,
-                         RunContext, State, StreamTaps, TiedHead)
+from .interfaces import (ActiveParameters, Aux, BlockWrapper, Conditioning, InitWeights, Latent, ModelOutput, NormPlacement,
+                         ReadsContext, RunContext, State, StreamTaps, TiedHead)
 from .spec import BlockSpec, ModelSpec, Position
 
 
@@ -59,8 +59,10 @@ class Block(nn.Module):
         super().__init__()
         # registration order (placement's norm, mixer, residual, ffn...) is the parameter
         # order checkpoints' optimizer states were saved in
+        self.d_in, self.d_model = dims.d_in, dims.d_model  # d_in: a wide input ([h; e]) the mixer reads
         self.mixer_place = dims.build("norm_placement", spec.placement, spec.norm)
         self.mixer = dims.build("mixer", spec.mixer)
+        dims = replace(dims, d_in=None)  # the mixer returns d_model: everything after it is that wide
         self.mixer_residual = dims.build("residual", residual)
         self.ffn = dims.build("ffn", spec.ffn) if spec.ffn is not None else None
         if self.ffn is not None:
@@ -87,7 +89,8 @@ class Block(nn.Module):
         """h: the residual stream -> (h, state). A wrapper (mixture-of-depths) gets
         ``self.inner`` as a callable and runs it on what it chooses."""
         out = self.wrapper(self.inner, h, state, ctx) if self.wrapper is not None else self.inner(h, state, ctx)
-        return checked_block_output(out, h, ctx, self.kinds)
+        shape = h.shape if self.d_in is None else (*h.shape[:-1], self.d_model)  # a wide input returns d_model
+        return checked_block_output(out, h, ctx, self.kinds, shape)
 
     def inner(self, h: Tensor, state: State | None, ctx: RunContext) -> tuple[Tensor, State | None]:
         mixed = MixerRun(self.mixer, state, ctx)
@@ -102,16 +105,18 @@ class Block(nn.Module):
         return self.mixer.init_state(batch, device, dtype)
 
 
-def checked_block_output(out: Any, h: Tensor, ctx: RunContext, kinds: str) -> tuple[Tensor, State | None]:
-    """``out`` if it is ``(h', state)`` with h' of h's shape; otherwise an error naming the
-    block (a plugin's wrapper or placement returning the wrong thing is said here, not as
-    a shape mismatch three layers later)."""
-    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], Tensor) and out[0].shape == h.shape:
+def checked_block_output(out: Any, h: Tensor, ctx: RunContext, kinds: str,
+                         shape: tuple | None = None) -> tuple[Tensor, State | None]:
+    """``out`` if it is ``(h', state)`` with h' of h's shape (or ``shape``); otherwise an
+    error naming the block (a plugin's wrapper or placement returning the wrong thing is
+    said here, not as a shape mismatch three layers later)."""
+    shape = tuple(h.shape if shape is None else shape)
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], Tensor) and tuple(out[0].shape) == shape:
         return out
     got = (f"a stream of shape {tuple(out[0].shape)}" if isinstance(out, tuple) and len(out) == 2
            and isinstance(out[0], Tensor) else type(out).__name__)
     raise HybridlabError(f"the block at depth {ctx.layer} ({kinds}) returned {got}; expected (h, state) with h of "
-                         f"the input's shape {tuple(h.shape)}")
+                         f"the shape {shape}")
 
 
 class MixerRun:
@@ -202,7 +207,26 @@ class Model(nn.Module):
         self.blocks = Blocks()
         for pos in self.order:  # built at its first use: the depth it sees at construction
             if pos.key not in self.blocks:
-                self.blocks[pos.key] = Block(pos.block, replace(dims, layer=pos.index, loops=pos.loops), spec.residual)
+                wide = 2 * spec.d_model if pos.use is not None and pos.use.input == "stream_and_embedding" else None
+                self.blocks[pos.key] = Block(pos.block, replace(dims, layer=pos.index, loops=pos.loops, d_in=wide),
+                                             spec.residual)
+        # per-use options (adapters, projection) own parameters per use, by depth: uses_modules.<depth>.
+        self.uses_modules = nn.ModuleDict({str(pos.index): UseModules(pos, self.blocks[pos.key], spec.d_model)
+                                           for pos in self.order if pos.options()})
+        self.active_adapters: dict[str, nn.Module] = {}  # filled while a use with adapters runs
+        for pos in self.order:
+            for target in (self.uses_modules[str(pos.index)].adapters if str(pos.index) in self.uses_modules else ()):
+                linear = self.blocks[pos.key].get_submodule(target.replace("-", "."))
+                name = f"{pos.key}/{target}"
+                if not any(isinstance(h, AdapterHook) and h.name == name for h in linear._forward_hooks.values()):
+                    linear.register_forward_hook(AdapterHook(self.active_adapters, name))
+        self.latent = dims.build("latent", spec.latent) if spec.latent is not None else None
+        if self.latent is not None and not isinstance(self.latent, Latent):
+            raise HybridlabError(f"latent kind {spec.latent.kind!r}: {type(self.latent).__name__} does not subclass "
+                                 "hybridlab.core.interfaces.Latent; see docs/plugins.md")
+        if self.latent is not None and isinstance(self.embedding, StreamTaps):
+            raise HybridlabError(f"embedding kind {spec.embedding.kind!r} taps the stream at each depth, and with "
+                                 f"latent kind {spec.latent.kind!r} the blocks run over patches, not tokens")
         self.norm = dims.build("normalization", spec.norm, spec.d_model)
         self.head = dims.build("head", spec.head)
         self.mup = mup.plan(self, spec, registry) if spec.parametrization == "mup" else None
@@ -220,6 +244,18 @@ class Model(nn.Module):
     def uses(self) -> list[tuple[Position, Block]]:
         """Each position of the order with the block (weights) it runs."""
         return [(pos, self.blocks[pos.key]) for pos in self.order]
+
+    def block_positions(self, seq_len: int) -> int:
+        """How many positions the blocks' states hold after ``seq_len`` tokens: the tokens,
+        or with a latent its (upper bound of) patches."""
+        return seq_len if self.latent is None else self.latent.positions(seq_len)
+
+    def state_bytes(self, seq_len: int, dtype: torch.dtype) -> int:
+        """The decoding state one sequence holds after ``seq_len`` tokens: every block's
+        mixer state at ``block_positions(seq_len)``, plus a latent's own."""
+        positions = self.block_positions(seq_len)
+        blocks = sum(block.mixer.state_bytes(positions, dtype) for _, block in self.uses())
+        return int(blocks + (0 if self.latent is None else self.latent.own_state_bytes(seq_len, dtype)))
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -242,20 +278,26 @@ class Model(nn.Module):
             mup.scale_init(self, self.mup)
 
     def forward(self, tokens: Tensor, state: list[State] | None = None, *,
-                doc_ids: Tensor | None = None, hidden: tuple = (), logits: bool = True) -> ModelOutput:
+                doc_ids: Tensor | None = None, hidden: tuple = (), logits: bool = True,
+                condition: dict[str, Tensor] | None = None) -> ModelOutput:
         """tokens [B, T] -> ModelOutput(logits [B, T, V], state, aux_losses, metrics).
         ``hidden``: positions in the order (ints) whose output to keep in ``output.hidden``
         ([B, T, D], the stream reduced), and ``"final"`` for the input of the head (after the
         final norm); a plain tuple, so a compiled model sees no hooks. ``logits=False`` skips
         the head (``output.logits`` is None): a loss that applies it itself reads ``"final"``.
         T = 0 reads nothing: empty logits, and the state passes through unchanged (every
-        kind alike; the attention kinds' reshapes cannot infer a size from no tokens)."""
+        kind alike; the attention kinds' reshapes cannot infer a size from no tokens).
+        ``tokens`` is whatever the embedding reads (token ids; images [B, C, H, W] for the
+        ``patch`` embedding). ``condition``: per-sequence fields (``{"t": [B], "labels":
+        [B]}``) a Conditioning embedding turns into ``c [B, D]``, handed to every block as
+        ``ctx.shared["condition"]`` (adaptive norms read it)."""
         if tokens.dim() == 2 and tokens.shape[1] == 0:
             logits = next(self.parameters()).new_zeros(tokens.shape[0], 0, self.spec.vocab_size)
             empty = logits.new_zeros(tokens.shape[0], 0, self.spec.d_model)
             return ModelOutput(logits, state, {}, {}, {key: empty for key in hidden})
         with call_scope():  # the pins are read once per call, not per module
-            return self._run(tokens, state, doc_ids=doc_ids, step=False, hidden=hidden, with_logits=logits)
+            return self._run(tokens, state, doc_ids=doc_ids, step=False, hidden=hidden, with_logits=logits,
+                             condition=condition)
 
     def step(self, tokens: Tensor, state: list[State]) -> ModelOutput:
         """One token per sequence: tokens [B] or [B, 1] -> logits [B, 1, V] and the new state."""
@@ -267,10 +309,25 @@ class Model(nn.Module):
             return self._run(tokens, state, doc_ids=None, step=True)
 
     def _run(self, tokens: Tensor, state: list[State] | None, *, doc_ids: Tensor | None, step: bool,
-             hidden: tuple = (), with_logits: bool = True) -> ModelOutput:
+             hidden: tuple = (), with_logits: bool = True,
+             condition: dict[str, Tensor] | None = None) -> ModelOutput:
+        if self.latent is not None:
+            return self._run_latent(tokens, state, doc_ids=doc_ids, hidden=hidden, with_logits=with_logits)
         aux = Aux()
         ctx = RunContext(aux=aux, doc_ids=doc_ids, step=step, stream=self.stream, n_layers=len(self.order))
-        h = self.stream.expand(self.embedding(tokens))
+        if condition is not None:
+            if not isinstance(self.embedding, Conditioning):
+                raise HybridlabError(f"the model was given a condition ({', '.join(sorted(condition))}), but its "
+                                     f"embedding kind {self.spec.embedding.kind!r} does not take one (it is not a "
+                                     "hybridlab.core.interfaces.Conditioning); use an embedding that does (patch)")
+            ctx.shared["condition"] = self.embedding.condition(condition)  # [B, D]
+            if ctx.shared["condition"].shape[0] != tokens.shape[0]:  # adaLN would broadcast (or fail) later
+                sizes = ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(condition.items()))
+                raise ValueError(f"the condition ({sizes}) is for a batch of {ctx.shared['condition'].shape[0]}, but "
+                                 f"the input has {tokens.shape[0]} rows; give one value per row")
+        embedded = self.embedding(tokens)  # [B, T, D]; a use with input: stream_and_embedding reads it
+        h = self.stream.expand(embedded)
+        carry = None  # what a use with into: next adds to the next block's input
         states: list[State | None] = []
         kept: dict = {}
         taps = isinstance(self.embedding, StreamTaps)
@@ -283,10 +340,15 @@ class Model(nn.Module):
         for pos, block in self.uses():
             if taps:
                 h = self.embedding.inject(pos.index, h, context, self.stream)
-            run = block
+            run = block if str(pos.index) not in self.uses_modules else self.uses_modules[str(pos.index)].runner(
+                block, pos.key, self.active_adapters)
             if pos.index in self.checkpointed and torch.is_grad_enabled() and not step:  # recomputed in backward
-                run = lambda *args, block=block: checkpoint(block, *args, use_reentrant=False)  # noqa: E731
-            h, s = run(h, None if state is None else state[pos.index], ctx.at(pos.index, pos.iterations, pos.loops, pos.block.name))
+                run = lambda *args, run=run: checkpoint(run, *args, use_reentrant=False)  # noqa: E731
+            x = h if carry is None else h + carry
+            if pos.use is not None and pos.use.input == "stream_and_embedding":
+                x = torch.cat([x, embedded], dim=-1)  # [B, T, 2D]
+            out, s = run(x, None if state is None else state[pos.index], ctx.at(pos.index, pos.iterations, pos.loops, pos.block.name))
+            h, carry = self._join(pos, h, out, carry)
             states.append(s)
             if pos.index in hidden:
                 kept[pos.index] = self.stream.reduce(h)
@@ -299,6 +361,48 @@ class Model(nn.Module):
         if with_logits:
             logits = self.readout(final)
         return ModelOutput(logits, None if state is None else states, aux.losses, aux.metrics, kept)
+
+    def _run_latent(self, tokens: Tensor, state: list[State] | None, *, doc_ids: Tensor | None, hidden: tuple,
+                    with_logits: bool) -> ModelOutput:
+        """The blocks over the latent's shorter sequence (core.interfaces.Latent): the
+        latent turns the embedded tokens into patches, calls ``run_blocks`` and returns
+        the per-token input of the final norm."""
+        if doc_ids is not None:
+            raise NotImplementedError(f"latent kind {self.spec.latent.kind!r} does not keep packed documents apart; "
+                             "train without doc_ids (documents: false)")
+        if any(key != "final" for key in hidden):
+            raise ValueError(f"with latent kind {self.spec.latent.kind!r} the blocks run over patches, so only "
+                             f"hidden=('final',) is per token; asked for {hidden}")
+        aux = Aux()
+
+        def run_blocks(h: Tensor, states: list[State] | None, *, step: bool) -> tuple[Tensor, list[State] | None]:
+            ctx = RunContext(aux=aux, step=step, stream=self.stream, n_layers=len(self.order))
+            h, out = self.stream.expand(h), []
+            for pos, block in self.uses():
+                h, s = block(h, None if states is None else states[pos.index],
+                             ctx.at(pos.index, pos.iterations, pos.loops, pos.block.name))
+                out.append(s)
+            return self.stream.reduce(h), (None if states is None else out)
+
+        y, latent_state = self.latent(tokens, self.embedding(tokens), None if state is None else state[0],
+                                      run_blocks, aux=aux.scope("latent"))
+        final = self.norm(y)
+        logits = self.readout(final) if with_logits else None
+        kept = {"final": final} if "final" in hidden else {}
+        return ModelOutput(logits, None if state is None else [latent_state], aux.losses, aux.metrics, kept)
+
+    def _join(self, pos: Position, h: Tensor, out: Tensor, carry: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The stream after the block at ``pos`` returned ``out`` and the carry for the next
+        block: a block's output is the stream unless its use says ``project`` or ``into``
+        (docs/composition.md); a carry added to this block's input is taken out again."""
+        use, nxt = pos.use, None
+        if use is not None and str(pos.index) in self.uses_modules:
+            out = self.uses_modules[str(pos.index)].project_output(out)
+        if use is not None and use.into == "add":
+            out = h + out
+        elif use is not None and use.into == "next":
+            out, nxt = h, out
+        return (out if carry is None else out - carry), nxt
 
     def readout(self, final: Tensor) -> Tensor:
         """The head on the final norm's output [.., D] -> logits [.., V], with μP's logits
@@ -314,6 +418,12 @@ class Model(nn.Module):
         param = next(self.parameters())
         device = param.device if device is None else device
         dtype = param.dtype if dtype is None else dtype
+        if self.latent is not None:  # the latent keeps the blocks' states (per patch, not per token)
+            return [self.latent.init_state(batch, device, dtype, self._init_block_states)]
+        return self._init_block_states(batch, device, dtype)
+
+    def _init_block_states(self, batch: int, device: torch.device | str, dtype: torch.dtype) -> list[State]:
+        """One empty state per position of the order, then the tapping embedding's."""
         states = []
         for pos, block in self.uses():
             try:
@@ -357,6 +467,87 @@ class Model(nn.Module):
             if len(tokens) <= max_new_tokens:  # no step for the last token: its logits are not read
                 out = self.step(nxt, out.state)
         return torch.cat(tokens, dim=1)
+
+
+class LowRank(nn.Module):  # an InitWeights (structural protocol)
+    """A per-use adapter of one linear layer: ``x -> B A x`` for each of ``parts`` slices of
+    its output, A [parts, rank, in] (normal init), B [parts, out/parts, rank] (zero init, so
+    a new adapter adds nothing)."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int, parts: int) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(parts, rank, d_in))
+        self.B = nn.Parameter(torch.empty(parts, d_out // parts, rank))
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.A, 0.0, std)
+        nn.init.zeros_(self.B)
+
+    def forward(self, x: Tensor) -> Tensor:
+        low = torch.einsum("...i,pri->...pr", x, self.A)  # [..., parts, rank]
+        return torch.einsum("...pr,por->...po", low, self.B).flatten(-2)  # [..., out]
+
+
+class AdapterHook:
+    """A forward hook on a shared block's linear layer: adds the adapter of the use now
+    running (``active[name]``), nothing when none is."""
+
+    def __init__(self, active: dict, name: str) -> None:
+        self.active, self.name = active, name
+
+    def __call__(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        adapter = self.active.get(self.name)
+        return out if adapter is None else out + adapter(args[0])
+
+
+def adapter_target_problem(block: nn.Module, target: str, parts: int) -> str | None:
+    """Why ``target`` with ``parts`` parts cannot be adapted in ``block`` (None: it can)."""
+    try:
+        linear = block.get_submodule(target)
+    except AttributeError:
+        linears = ", ".join(n for n, m in block.named_modules() if isinstance(m, nn.Linear))
+        return f"the block has no module {target!r} (linear layers: {linears})"
+    if not isinstance(linear, nn.Linear):
+        return f"{type(linear).__name__} is not a linear layer"
+    if linear.out_features % parts:
+        return f"{parts} parts must divide the output width {linear.out_features}"
+    return None
+
+
+class UseModules(nn.Module):
+    """The parameters one use of a shared block owns: ``adapters`` (LowRank by target, the
+    module path with ``-`` for ``.``) and ``project`` (a d_model x d_model linear)."""
+
+    def __init__(self, pos: Position, block: nn.Module, d_model: int) -> None:
+        super().__init__()
+        use = pos.use
+        self.adapters = nn.ModuleDict()
+        for target, parts in (use.adapters.targets.items() if use.adapters is not None else ()):
+            wrong = adapter_target_problem(block, target, parts)
+            if wrong is not None:  # validation reports it located; a spec built in code lands here
+                raise HybridlabError(f"the use of {use.use!r} at depth {pos.index}: adapters.targets.{target}: {wrong}")
+            linear = block.get_submodule(target)
+            self.adapters[target.replace(".", "-")] = LowRank(linear.in_features, linear.out_features,
+                                                             use.adapters.rank, parts)
+        self.project = nn.Linear(d_model, d_model, bias=False) if use.project else None
+
+    def project_output(self, out: Tensor) -> Tensor:
+        return out if self.project is None else self.project(out)
+
+    def runner(self, block: nn.Module, key: str, active: dict) -> Any:
+        """``block`` as a callable that runs with this use's adapters active."""
+        if not len(self.adapters):
+            return block
+
+        def run(*args: Any) -> Any:
+            names = [f"{key}/{target}" for target in self.adapters]
+            active.update(zip(names, self.adapters.values()))
+            try:
+                return block(*args)
+            finally:
+                for name in names:
+                    active.pop(name, None)
+        return run
 
 
 def _drop_stream_parameters(state_dict, prefix, *args) -> None:

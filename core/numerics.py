@@ -9,5 +9,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)`` without the call when x already has that dtype (``Tensor.to`` then
+    returns x itself): a decode step's per-token work is small enough that a dispatched
+    no-op costs as much as real arithmetic."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def upcast(x: torch.Tensor) -> torch.Tensor:
-    return x.to(compute_dtype(x.dtype))
+    return cast(x, compute_dtype(x.dtype))

@@ -73,8 +73,8 @@ class ObjectiveRun:
 
     ``output``: the model on ``batch['inputs']`` with the hidden layers every objective asked
     for (None when no objective reads it); ``hidden(ref)`` reads one by the name its config
-    used. ``forward(tokens, hidden=())`` runs the trained model on other tokens (pairs,
-    queries), with gradients; ``models[field]`` are the frozen models (run them under
+    used. ``forward(tokens, hidden=(), condition=None)`` runs the trained model on other inputs
+    (pairs, queries, noised images with their timestep and label), with gradients; ``models[field]`` are the frozen models (run them under
     ``torch.no_grad()``, or through ``frozen(name, tokens)``); ``sample(prompts, n, max_new_tokens)`` draws ``n`` continuations
     per prompt from the model's own step decoding (no gradient)."""
 
@@ -269,9 +269,11 @@ class Objectives(nn.Module):
         aux: dict[str, list[Tensor]] = {}
 
         def run_forward(tokens: Tensor, hidden: tuple = (), doc_ids: Tensor | None = None, *,
-                        logits: bool = True) -> ModelOutput:
+                        logits: bool = True, condition: dict[str, Tensor] | None = None) -> ModelOutput:
             # hidden and doc_ids only when there are some: a plain forward(tokens) callable serves the rest
             extra = {"hidden": hidden} if hidden else {}
+            if condition is not None:  # a diffusion timestep and label (Model.forward's condition=)
+                extra["condition"] = condition
             if doc_ids is not None:
                 extra["doc_ids"] = doc_ids
             if not logits:

@@ -28,7 +28,8 @@ from typing import Annotated
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, ValidationInfo, WrapValidator, field_validator
 
 from .checkpoint import checkpoint_at
-from .config import Component, Config, DataConfig, Dims, Needs, OptimizerConfig, component_category
+from .config import (Component, Config, DataConfig, Dims, ImageShaped, Needs, OptimizerConfig, PairsWithEmbedding,
+                     component_category)
 from .errors import HybridlabError, Problem, SpecError, format_path
 from .yamlio import Loc, LocDict, LocList, display_name, read_yaml, to_plain
 
@@ -81,12 +82,51 @@ class BlockSpec(Config):
         return pins
 
 
+class AdapterSpec(Config):
+    """Per-use low-rank adapters on linear layers of a shared block: at this use a target
+    computes ``W x + B A x`` (LoRA's form), with ``A [rank, in]`` and ``B [out/parts, rank]``
+    per part, owned by the use (B starts at zero, so an added adapter changes nothing)."""
+
+    rank: int = Field(ge=1)
+    """The rank r of every adapter of this use."""
+    targets: dict[str, int] = Field(min_length=1)
+    """The linear layers adapted, by their module path inside the block (``mixer.q``,
+    ``mixer.kv``, ``ffn.gate_up``), each with the number of parts its output is split into,
+    each part with its own adapter (a fused projection such as attention's ``kv`` [k; v]
+    takes 2: one adapter for k, one for v); parts must divide the layer's output width."""
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, targets: dict[str, int]) -> dict[str, int]:
+        bad = [f"{k}: {v}" for k, v in targets.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+        if bad:
+            raise ValueError(f"parts must be whole numbers >= 1, got {', '.join(bad)}")
+        paths = [k for k in targets if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", k)]
+        if paths:
+            raise ValueError(f"targets are module paths inside the block (mixer.q), got {paths}")
+        return targets
+
+
 class UseSpec(Config):
     """A use of a block or group written once under the model's ``shared``: the same
-    weights at every use; each use keeps its own decoding state."""
+    weights at every use; each use keeps its own decoding state, and may have its own
+    adapters, input and output projection (docs/composition.md, per-use options)."""
 
     use: str
     """The name of the shared block or group."""
+    input: Literal["stream", "stream_and_embedding"] = "stream"
+    """What the block reads: the residual stream h, or the concatenation [h; e] with the
+    token embedding e (width 2 · d_model; the block's mixer must accept a wide input and
+    its placement must be ``replace``, and every use of the name must agree)."""
+    adapters: AdapterSpec | None = None
+    """Low-rank adapters of this use on the block's linear layers (null: none)."""
+    project: bool = False
+    """A linear map P [d_model, d_model] of this use (no bias) applied to the block's output."""
+    into: Literal["replace", "add", "next"] = "replace"
+    """Where the output o (after ``project``) goes: ``replace`` the stream (h ← o, what a
+    residual block's output is meant for), ``add`` to it (h ← h + o), or into the ``next``
+    block's input only (that block runs on h + o, and o is taken out of the stream after
+    it: h ← B(h + o) − o). ``add`` and ``next`` need a block whose placement is ``replace``."""
 
 
 class LoopSpec(Config):
@@ -135,6 +175,11 @@ class Position:
     block: BlockSpec
     iterations: tuple = ()  # the loop iteration of each enclosing loop, outermost first
     loops: tuple = ()  # the count of each enclosing loop, outermost first
+    use: "UseSpec | None" = None  # the use: entry this block runs under (its per-use options), if any
+
+    def options(self) -> bool:
+        """Whether the block runs with per-use options (adapters, input, project, into)."""
+        return self.use is not None and self.use != UseSpec(use=self.use.use)
 
 
 class ModelSpec(Config):
@@ -159,6 +204,9 @@ class ModelSpec(Config):
     """Final normalization before the head."""
     head: Component("head") = Field(default_factory=lambda: {"kind": "lm"}, validate_default=True)
     """Hidden -> logits."""
+    latent: Component("latent") | None = None
+    """Optional: run the blocks over a shorter sequence than the tokens (byte patches, a
+    ``core.interfaces.Latent``); the embedding, final norm and head stay per token."""
     init_std: float = Field(default=0.02, gt=0)
     """Standard deviation of the normal init of linear and embedding weights."""
     parametrization: Literal["standard", "mup"] = "standard"
@@ -190,6 +238,32 @@ class ModelSpec(Config):
             raise ValueError("applies only with parametrization: mup")
         return base_width
 
+    @field_validator("head")
+    @classmethod
+    def _head_fits_embedding(cls, head: Any, info: ValidationInfo) -> Any:
+        """The head can follow the embedding: an image head (ImageShaped) joins the patches
+        an image embedding cut, with its channels and patch size; a head that declares
+        ``PairsWithEmbedding`` (a tied ``lm``) judges the embedding itself."""
+        embedding = info.data.get("embedding")  # absent when the embedding did not validate
+        if embedding is None:
+            return head
+        if isinstance(head, ImageShaped):
+            if not isinstance(embedding, ImageShaped):
+                raise ValueError(f"{head.kind} writes images, but embedding {embedding.kind!r} reads token ids: the "
+                                 "output would not be the input's shape; use an image embedding (kind: patch) or a "
+                                 "token head (kind: lm)")
+            ours = (head.image_shape()[0], head.patch_size())
+            theirs = (embedding.image_shape()[0], embedding.patch_size())
+            if ours != theirs:
+                raise ValueError(f"{head.kind} (channels {ours[0]}, patch {ours[1]}) must match embedding "
+                                 f"{embedding.kind!r} (channels {theirs[0]}, patch {theirs[1]}): the output image "
+                                 "must have the input's shape")
+        if isinstance(head, PairsWithEmbedding):
+            problem = head.check_embedding(embedding)
+            if problem:
+                raise ValueError(problem)
+        return head
+
     @field_validator("shared")
     @classmethod
     def _shared_names(cls, shared: dict[str, list]) -> dict[str, list]:
@@ -203,18 +277,19 @@ class ModelSpec(Config):
         of an unknown name is skipped here; validation reports it)."""
         out: list[Position] = []
 
-        def walk(entries: list, path: tuple, key: tuple, iterations: tuple, loops: tuple) -> None:
+        def walk(entries: list, path: tuple, key: tuple, iterations: tuple, loops: tuple, use: Any) -> None:
             for j, entry in enumerate(entries):
                 if isinstance(entry, BlockSpec):
-                    out.append(Position(len(out), path + (j,), "-".join(key + (str(j),)), entry, iterations, loops))
+                    out.append(Position(len(out), path + (j,), "-".join(key + (str(j),)), entry, iterations, loops,
+                                        use))
                 elif isinstance(entry, UseSpec) and entry.use in self.shared and path[0] != "shared":
-                    walk(self.shared[entry.use], ("shared", entry.use), (entry.use,), iterations, loops)
+                    walk(self.shared[entry.use], ("shared", entry.use), (entry.use,), iterations, loops, entry)
                 elif isinstance(entry, LoopSpec):
                     for it in range(entry.loop):
                         walk(entry.blocks, path + (j, "blocks"), key + (str(j),), iterations + (it,),
-                             loops + (entry.loop,))
+                             loops + (entry.loop,), use)
 
-        walk(self.layers, ("layers",), (), (), ())
+        walk(self.layers, ("layers",), (), (), (), None)
         return out
 
     def dims(self, layer: int = 0, registry: Any = None) -> Dims:
@@ -782,8 +857,14 @@ def check_problems(model_spec: ModelSpec, data: Any, prefix: tuple = (), registr
             problems += _pin_problems(pos.block, pos.path, registry, data, prefix)
     problems = list(dict.fromkeys(problems))  # one block checked under two loop shapes: same message once
     problems += structure_problems(model_spec, positions, data, prefix)
-    for name in ("embedding", "residual", "norm", "head"):
+    problems += use_problems(model_spec, positions, data, prefix)
+    if registry is not None and not problems:
+        problems += adapter_problems(model_spec, positions, registry, data, prefix)
+    for name in ("embedding", "residual", "norm", "head", "latent"):
         problems += _checked(getattr(model_spec, name), (name,), model_spec.dims(), data, prefix)
+    if model_spec.latent is not None and isinstance(model_spec.embedding, ImageShaped):
+        problems.append(_problem_at(data, prefix + ("latent",), f"a {model_spec.latent.kind} latent reads token ids; "
+                                    f"the {model_spec.embedding.kind} embedding reads images"))
     base_width = model_spec.base_width
     if base_width not in (None, model_spec.d_model):  # μP's base must be a model too (core/mup.py builds it)
         base = model_spec.model_copy(update={"d_model": base_width, "parametrization": "standard", "base_width": None})
@@ -798,6 +879,93 @@ def _entries(entries: list, path: tuple) -> Iterator[tuple[Any, tuple]]:
         yield entry, path + (j,)
         if isinstance(entry, LoopSpec):
             yield from _entries(entry.blocks, path + (j, "blocks"))
+
+
+def use_problems(spec: ModelSpec, positions: list[Position], data: Any, prefix: tuple) -> list[Problem]:
+    """The per-use options of ``use:`` entries fit their shared block: ``input``,
+    ``project`` and ``into`` need a one-block group, a prenorm residual (one lane), and for
+    ``input: stream_and_embedding`` or ``into: add | next`` the ``replace`` placement; a wide
+    input needs a mixer that reads one, and every use of the name must agree on it;
+    ``into: next`` needs an ordinary block after it."""
+    problems: list[Problem] = []
+    where: dict[int, tuple] = {}  # id(use entry) -> its path
+    inputs: dict[str, tuple[str, tuple]] = {}  # name -> (input, path) of its first use
+    for entry, path in _entries(spec.layers, ("layers",)):
+        if not isinstance(entry, UseSpec) or entry.use not in spec.shared:
+            continue
+        group = spec.shared[entry.use]
+        first = inputs.setdefault(entry.use, (entry.input, path))
+        if first[0] != entry.input:
+            problems.append(_problem_at(data, prefix + path + ("input",), f"every use of {entry.use!r} must read the "
+                                        f"same input (it sets the block's weights), but {format_path(first[1])} "
+                                        f"reads {first[0]}, this one {entry.input}"))
+        changed = [f for f in ("input", "project", "into") if getattr(entry, f) != UseSpec.model_fields[f].default]
+        if not changed:
+            continue
+        at = prefix + path + (changed[0],)
+        block = group[0] if len(group) == 1 and isinstance(group[0], BlockSpec) else None
+        if block is None:
+            problems.append(_problem_at(data, at, f"needs {entry.use!r} to be one block (a group or a loop has no "
+                                        "single output to read a wide input, project or join)"))
+            continue
+        where[id(entry)] = path  # a group's error above is the one to report; no into: next check
+        if spec.residual.kind != "prenorm":
+            problems.append(_problem_at(data, at, f"needs residual: prenorm (one lane), got {spec.residual.kind}"))
+        if spec.latent is not None:
+            problems.append(_problem_at(data, at, f"cannot be used with a latent ({spec.latent.kind}): the blocks "
+                                        "run over its patches, not the token embedding"))
+        contribution = entry.input != "stream" or entry.into != "replace"
+        if contribution and block.placement.kind != "replace":
+            needs = "input" if entry.input != "stream" else "into"  # the field that needs replace
+            problems.append(_problem_at(data, prefix + path + (needs,), f"needs the shared block {entry.use!r} to have placement: "
+                                        f"{{kind: replace}} (its output is then a contribution, not the stream), "
+                                        f"got {block.placement.kind}"))
+        if entry.input != "stream" and not block.mixer.reads_wide_input():
+            problems.append(_problem_at(data, prefix + path + ("input",), f"the shared block's mixer kind "
+                                        f"{block.mixer.kind!r} cannot read an input wider than d_model "
+                                        "(attention can)"))
+    for i, pos in enumerate(positions):
+        if pos.use is None or pos.use.into != "next" or id(pos.use) not in where:
+            continue
+        path = prefix + where[id(pos.use)] + ("into",)
+        nxt = positions[i + 1] if i + 1 < len(positions) else None
+        if nxt is None:
+            problems.append(_problem_at(data, path, "next: no block runs after this use"))
+        elif nxt.use is not None and (nxt.use.into != "replace" or nxt.use.input != "stream"):
+            problems.append(_problem_at(data, path, f"next: the block after it ({format_path(nxt.path)}) must take "
+                                        "the stream and return it (not a use with input or into set)"))
+        elif nxt.block.placement.kind == "replace":
+            problems.append(_problem_at(data, path, f"next: the block after it ({format_path(nxt.path)}) must be a "
+                                        "residual block, not placement replace"))
+    return problems
+
+
+def adapter_problems(spec: ModelSpec, positions: list[Position], registry: Any, data: Any,
+                     prefix: tuple) -> list[Problem]:
+    """Each use's adapter targets name linear layers of its shared block whose output width
+    their parts divide: the block is built once per shared name on the meta device (no
+    memory, no initialisation) to read its linear layers."""
+    import torch
+
+    from .model import Block, adapter_target_problem  # the model module imports this one
+
+    problems: list[Problem] = []
+    where = {id(entry): path for entry, path in _entries(spec.layers, ("layers",)) if isinstance(entry, UseSpec)}
+    built: dict[str, Any] = {}  # position key -> the block built on the meta device
+    for pos in positions:
+        if pos.use is None or pos.use.adapters is None or id(pos.use) not in where:
+            continue
+        if pos.key not in built:
+            wide = 2 * spec.d_model if pos.use.input == "stream_and_embedding" else None
+            dims = Dims(spec.d_model, spec.vocab_size, len(positions), pos.index, registry, pos.loops, d_in=wide)
+            with torch.device("meta"):
+                built[pos.key] = Block(pos.block, dims, spec.residual)
+        for target, parts in pos.use.adapters.targets.items():
+            wrong = adapter_target_problem(built[pos.key], target, parts)
+            if wrong is not None:
+                problems.append(_problem_at(data, prefix + where[id(pos.use)] + ("adapters", "targets", target),
+                                            wrong))
+    return problems
 
 
 def structure_problems(spec: ModelSpec, positions: list[Position], data: Any, prefix: tuple) -> list[Problem]:
@@ -1047,6 +1215,7 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: 
         loc, rest = _walk(data, ("data",))
         problems.append(loc.problem(f"the task uses {needed} token ids but model.vocab_size is "
                                     f"{spec.model.vocab_size}", rest))
+    problems += modality_problems(spec, data)
     if spec.parallel == "fsdp" and isinstance(spec.optimizer, OptimizerConfig) and not spec.optimizer.shardable():
         loc, rest = _walk(data, ("parallel",))  # Muon: each process would orthogonalise its shard of a matrix
         problems.append(loc.problem(f"fsdp shards every weight, and the {spec.optimizer.kind} optimizer updates "
@@ -1064,6 +1233,42 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = (), *, registry: 
         print(f"warning: {loc.problem(f'warmup ({warmup} steps) is longer than the run (steps: {spec.steps}): the lr never reaches its peak', rest)}",
               file=sys.stderr)
     return spec
+
+
+def _reads(config: Any) -> str:
+    return "images" if isinstance(config, ImageShaped) else "token ids"
+
+
+def modality_problems(spec: PipelineSpec, data: Any) -> list[Problem]:
+    """Images or token ids, end to end (``ImageShaped``, ``Needs.images``; never by kind):
+    the embedding reads what the task yields, and each objective trains on what the model
+    reads and writes. Whatever the objective, a mismatch is an error at its line."""
+    task, model = spec.data, spec.model
+    problems = []
+    if isinstance(model.embedding, ImageShaped) != isinstance(task, ImageShaped):
+        problems.append(_problem_at(data, ("model", "embedding", "kind"), (
+            f"embedding {model.embedding.kind!r} reads {_reads(model.embedding)}, but task {task.kind!r} yields "
+            f"{_reads(task)}; use an embedding that reads {_reads(task)}")))
+    image_parts = {f"model.{name} is {config.kind!r}": isinstance(config, ImageShaped)
+                   for name, config in (("embedding", model.embedding), ("head", model.head))}
+    for i, config in enumerate(spec.objectives):
+        at = ("objectives", i, "kind")
+        if _needs(config).images:
+            if not isinstance(task, ImageShaped):
+                problems.append(_problem_at(data, at, f"{config.kind} trains on images, and task {task.kind!r} "
+                                            "yields token ids; use an image task (shapes)"))
+                continue
+            wrong = [part for part, images in image_parts.items() if not images]
+            if wrong:
+                problems.append(_problem_at(data, at, f"{config.kind} needs a model that reads and writes images: "
+                                            f"{', '.join(wrong)}; use embedding: {{kind: patch}} and head: "
+                                            "{kind: unpatchify}"))
+        elif any(image_parts.values()):
+            images = [part for part, is_image in image_parts.items() if is_image]
+            problems.append(_problem_at(data, at, f"objective {config.kind!r} trains on token ids, but "
+                                        f"{', '.join(images)} (images); train an image model with an image "
+                                        "objective (diffusion)"))
+    return problems
 
 
 def objective_problems(spec: PipelineSpec, data: Any, registry: Any, *, check_models: bool = True,

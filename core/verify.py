@@ -165,6 +165,7 @@ def verify_impl(kind: Any, impl: Any, reference: Any, *, device: str = "cpu",
     if not chosen:
         report.notes.append(f"{where} shares no dtype with the reference and the dtypes asked for: not checked")
         return report
+    refusals: list[str] = []  # why the implementation declined cases (reported when it declined all)
     for dtype in chosen:
         gen = torch.Generator(device="cpu").manual_seed(0)
         torch.manual_seed(0)
@@ -180,6 +181,7 @@ def verify_impl(kind: Any, impl: Any, reference: Any, *, device: str = "cpu",
             config = case.config if case.config is not None else case.options.get("config")
             reason = impl.cannot_serve(config, device, dtype, training=impl.has_backward(device))
             if reason is not None:
+                refusals.append(reason)
                 continue
             # the oracle sees the inputs already rounded to dtype
             rounded = Case(case.label, {k: (v.to(dtype).double() if isinstance(v, Tensor) and v.is_floating_point()
@@ -212,6 +214,8 @@ def verify_impl(kind: Any, impl: Any, reference: Any, *, device: str = "cpu",
                 allowed = impl.tolerance * ref_error * sampling_spread(expect.numel()) + impl.floor
                 report.checks.append(Check(kind.name, impl.name, dtype_name(dtype), case.label, quantity,
                                            error, ref_error, allowed, error <= allowed))
+    if refusals and not any(c.impl == impl.name for c in report.checks):
+        report.notes.append(f"{where} declined every case on {device}: {refusals[0]}")
     return report
 
 

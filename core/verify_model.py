@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .config import ImageShaped
 from .dispatch import Dispatched, forced
 from .errors import CannotDecode, format_path
 from .invariance import verify_invariance
@@ -60,15 +61,23 @@ def drawn_weights(weights: dict[str, Tensor], dtype: torch.dtype, draw: int) -> 
 class ModelRunner:
     """Builds the spec's model at a dtype and runs it on fixed tokens under pins."""
 
-    def __init__(self, spec: Any, registry: Any, device: str, tokens: Tensor) -> None:
+    def __init__(self, spec: Any, registry: Any, device: str, tokens: Tensor,
+                 condition: dict[str, Tensor] | None = None) -> None:
         self.spec, self.registry, self.device, self.tokens = spec, registry, device, tokens
+        self.condition = condition  # an image model's timestep and labels (Model.forward's condition=)
         self.last: Any = None  # the model of the last run (which implementations it chose)
 
     def build(self, dtype: torch.dtype) -> Any:
         from .model import Model
 
         torch.manual_seed(0)
-        return Model(self.spec, self.registry).to(device=self.device, dtype=dtype)
+        model = Model(self.spec, self.registry).to(device=self.device, dtype=dtype)
+        if self.condition is not None:  # a denoiser starts with zero gates and head: its output would be 0
+            with torch.no_grad():  # and most gradients 0, so draw those weights, to check every path
+                for p in model.parameters():
+                    if p.is_floating_point() and not p.any():
+                        p.normal_(0.0, self.spec.init_std)
+        return model
 
     def run(self, dtype: torch.dtype, pins: str | dict, weights: dict[str, Tensor]) -> Pass:
         model = self.last = self.build(dtype)
@@ -78,9 +87,16 @@ class ModelRunner:
                  for b in model.blocks.values()]
         try:
             with forced(pins):
-                logits = model(self.tokens).logits
-                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).double(),
-                                                         self.tokens[:, 1:].flatten())
+                logits = model(self.tokens, condition=self.condition).logits
+                if self.tokens.is_floating_point():  # an image model: regress its input (a fixed target)
+                    if logits.shape != self.tokens.shape:  # no broadcasting: a denoiser returns its input's shape
+                        raise ValueError(f"head {self.spec.head.kind!r} returns images {list(logits.shape)}, but "
+                                         f"embedding {self.spec.embedding.kind!r} reads {list(self.tokens.shape)}; "
+                                         "their channels and patch must match")
+                    loss = (logits.double() - self.tokens.double()).pow(2).mean()
+                else:
+                    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).double(),
+                                                             self.tokens[:, 1:].flatten())
                 loss.backward()
         finally:
             for h in hooks:
@@ -151,6 +167,10 @@ def verify_model(spec: Any, *, device: str = "cpu", dtype: torch.dtype = torch.f
 
         registry = default_registry()
     start = time.perf_counter()
+    if isinstance(spec.embedding, ImageShaped):  # a denoiser: images, a timestep and labels
+        report, weights = verify_image_model(spec, registry, device, dtype, batch)
+        report.seconds = time.perf_counter() - start
+        return report
     tokens = torch.randint(0, spec.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     runner = ModelRunner(spec, registry, device, tokens)
     report, weights = fast_vs_reference(runner, dtype, f"B{batch} T{seq_len}")
@@ -161,6 +181,24 @@ def verify_model(spec: Any, *, device: str = "cpu", dtype: torch.dtype = torch.f
                                         reach=_reach([pos.block for pos in spec.positions()])))
     report.seconds = time.perf_counter() - start
     return report
+
+
+def verify_image_model(spec: Any, registry: Any, device: str, dtype: torch.dtype,
+                       batch: int) -> tuple[Report, dict | None]:
+    """A model whose embedding reads images (core.config.ImageShaped): fast vs reference on
+    random images [B, C, H, W] with a random timestep and label per image (the loss the MSE
+    of its output against its input). It reads the whole image at once, so there is no
+    decoding from state or token invariance to check."""
+    gen = torch.Generator().manual_seed(0)
+    C, H, W = spec.embedding.image_shape()
+    images = torch.randn(batch, C, H, W, generator=gen).to(device)
+    condition = {"t": torch.rand(batch, generator=gen).to(device),
+                 "labels": torch.randint(0, spec.embedding.label_count() + 1, (batch,), generator=gen).to(device)}
+    runner = ModelRunner(spec, registry, device, images, condition)
+    report, weights = fast_vs_reference(runner, dtype, f"B{batch} {C}x{H}x{W}")
+    report.notes.append(f"model {spec.name}: reads images whole (embedding {spec.embedding.kind!r}): no decoding or "
+                        "token invariance checks")
+    return report, weights
 
 
 def fast_vs_reference(runner: ModelRunner, dtype: torch.dtype, label: str) -> tuple[Report, dict | None]:

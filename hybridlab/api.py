@@ -104,7 +104,8 @@ class CompareResult:
     select: str | None
     """The metric that chose each spec's best lr."""
     best: dict[str, float | None]
-    """Each spec's best lr (None for an optimizer without an lr)."""
+    """Each spec's best lr (None for an optimizer without an lr); with ``wds``, the lr of
+    its best (lr, weight decay) cell."""
     means: dict[str, dict[str, float]]
     """Per spec, at its best lr: the mean over seeds of each metric in the tables."""
     plots: list[Path] = field(default_factory=list)
@@ -112,6 +113,8 @@ class CompareResult:
     grid: dict[str, Any] = field(default_factory=dict)
     """With a difficulty grid, per spec: ``lr``, ``cells`` (grid point -> the mean over seeds
     of its primary metric) and ``aggregate`` (their mean); else empty."""
+    best_wd: dict[str, float | None] = field(default_factory=dict)
+    """With ``wds``, each spec's best weight decay (its best (lr, wd) cell); else None per spec."""
 
     @property
     def report(self) -> Path:
@@ -295,7 +298,8 @@ def compare(specs: SpecLike | Sequence[SpecLike], pipeline: SpecLike, *, seeds: 
             overrides: Overrides = (), sweep: str | tuple[str, Sequence[Any]] | None = None,
             select: str | None = None, device: str | None = None, progress: bool = True,
             registry: Any = None, match: str | None = None,
-            grid: Sequence[str] | Mapping[str, Sequence[Any]] = ()) -> CompareResult:
+            grid: Sequence[str] | Mapping[str, Sequence[Any]] = (),
+            wds: Sequence[float] | str | None = None) -> CompareResult:
     """``hybridlab compare``: train every (model spec, seed, lr) cell of ``pipeline`` (its
     ``model:`` replaced by each spec), then write the tables and plots under ``out``
     (default runs/compare-<pipeline name>). Calling it again with the same arguments
@@ -311,11 +315,13 @@ def compare(specs: SpecLike | Sequence[SpecLike], pipeline: SpecLike, *, seeds: 
     the line per cell. ``match``: ``"params=N"`` or ``"state_bytes=N"``, every spec's
     d_model first scaled to that size (core/iso.py; the chosen specs are written to
     ``out/matched/``). ``grid``: a difficulty grid, ``["data.pairs=4,8"]`` or
-    ``{"data.pairs": [4, 8]}``, every cell once per point of the cross product.
+    ``{"data.pairs": [4, 8]}``, every cell once per point of the cross product. ``wds``:
+    weight decays (``[0, 0.1]`` or ``"0,0.1"``), every cell once per value, the best (lr,
+    wd) per spec chosen (``best`` and ``best_wd``).
 
     Raises SpecError (every bad spec at once) or HybridlabError (bad seeds, lrs, sweep or
     select; a cell directory trained with another pipeline) before any training."""
-    from hybridlab.core.compare import parse_grid, parse_lrs, run_compare, summarize
+    from hybridlab.core.compare import parse_grid, parse_lrs, parse_wds, run_compare, summarize
     from hybridlab.core.iso import parse_match
     from hybridlab.core.train import safe_name
 
@@ -332,6 +338,12 @@ def compare(specs: SpecLike | Sequence[SpecLike], pipeline: SpecLike, *, seeds: 
         except (TypeError, ValueError):
             raise HybridlabError(f"lrs: expected learning rates (numbers), got {lrs!r}") from None
     lrs = parse_lrs(lrs)
+    if wds is not None and not isinstance(wds, str):
+        try:
+            wds = ",".join(repr(float(wd)) for wd in wds)
+        except (TypeError, ValueError):
+            raise HybridlabError(f"wds: expected weight decays (numbers), got {wds!r}") from None
+    wds = parse_wds(wds)
     sweep = _sweep(sweep)
     match = parse_match(match)
     if isinstance(grid, str):
@@ -385,18 +397,19 @@ def compare(specs: SpecLike | Sequence[SpecLike], pipeline: SpecLike, *, seeds: 
     with _renamed(written), quiet:
         run_compare(paths, pipeline, seeds=seeds, lrs=lrs, out=out, overrides=overrides, select=select,
                     device=device, progress=progress, registry=registry,
-                    echo=print if progress else (lambda line: None), sweep=sweep, match=match, grid=grid)
+                    echo=print if progress else (lambda line: None), sweep=sweep, match=match, grid=grid, wds=wds)
     results = out / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines() if line.strip()]
     summary = summarize(rows, select)
     means = {}
-    for spec_label, lr in summary["best"].items():
-        members = summary["groups"][(spec_label, lr)]
+    for spec_label, setting in summary["chosen"].items():
+        members = summary["groups"][(spec_label, *setting)]
         means[spec_label] = {metric: _mean([r["metrics"].get(metric) for r in members])
                              for metric in summary["columns"]}
     plots = [out / name for name in ("accuracy_vs_length.png", "accuracy_vs_state.png", "loss_curves.png")
              if (out / name).exists()]
-    return CompareResult(out, rows, summary["select"], dict(summary["best"]), means, plots, summary["grid"])
+    return CompareResult(out, rows, summary["select"], dict(summary["best"]), means, plots, summary["grid"],
+                         dict(summary["best_wd"]))
 
 
 def import_hf(src: str | os.PathLike[str], out: str | os.PathLike[str], *, registry: Any = None) -> Any:

@@ -31,7 +31,10 @@ throughout) serves it.
 
 ``impl=`` names an implementation ("reference", "chunk", or a plugin's); by default the
 dispatcher picks the best one that can serve the inputs, and ``HYBRIDLAB_IMPL`` pins it
-as everywhere else. Each op's docstring writes its recurrence and cites its paper.
+as everywhere else. ``ssd`` and ``gated_delta_rule`` take ``state_clip=`` (Stuffed
+Mamba's state normalisation, see recurrent_layer.CollapseConfig): it acts after every
+token, so a call that sets it runs the reference unless ``impl`` names another, and the
+chunked forms refuse it. Each op's docstring writes its recurrence and cites its paper.
 
     from hybridlab.ops import gated_delta_rule
     o, state = gated_delta_rule(q, k, v, g, beta, initial_state=state)
@@ -120,6 +123,8 @@ def op(name: str, kind: str, reference: Callable, *, gates: tuple[str, ...] = ()
             if value is not None and not torch.compiler.is_compiling() and value.device.type != "meta" \
                     and bool(value.isnan().any()):
                 raise ValueError(f"{name}: {extra} holds NaN")
+        if impl is None and bound.arguments.get("state_clip") is not None:
+            impl = "reference"  # the clip acts after every token: only the token-by-token form holds those states
         first = tensors[0]
         training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         chosen = choose("mixer", kind, None, first.device, first.dtype, training=training, pin=impl).impl

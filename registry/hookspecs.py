@@ -30,7 +30,9 @@ def hybridlab_register(register):
       ``kind`` is ``Literal[name]``; ``ModuleClass(config, dims, ...)`` builds it (the
       arguments after ``config`` depend on the category: docs/plugins.md, section 3),
     - ``register.impl(category, kind, name, fn=..., devices=..., dtypes=...)`` for each
-      implementation of a kind's core op (exactly one named ``reference``).
+      implementation of a kind's core op (exactly one named ``reference``),
+    - ``register.skip(reason)``, before anything else, to register nothing on purpose
+      (an optional dependency is missing): ``hybridlab plugins`` shows the reason.
 
     Return nothing. Everything the plugin registers is committed together: if any call
     raises, the whole plugin is reported (``hybridlab plugins``) and skipped.

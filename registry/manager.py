@@ -116,6 +116,7 @@ def _register(pm: pluggy.PluginManager, registry: Registry, record: PluginRecord
         return waiting
     registry._commit(register)
     record.registered = register.summary()
+    record.skipped = register.skipped
     return False
 
 

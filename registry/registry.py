@@ -32,6 +32,8 @@ CORE_CATEGORIES: dict[str, str] = {
     "block_wrapper": "wraps a whole block: module(config, dims); forward(block, h, state, ctx) runs the callable "
                      "block(h, state, ctx) on what it chooses; init_state(init, batch, device, dtype)",
     "head": "hidden [B, T, D] -> logits [B, T, V]; module(config, dims)",
+    "latent": "runs the blocks over a shorter sequence (byte patches): module(config, dims), a "
+              "core.interfaces.Latent; forward(tokens, x, state, run_blocks, *, aux) -> ([B, T, D], state)",
     "loss": "objective: a plain loss module(config), (model output, batch) -> (scalar, metrics); or a "
             "core.objectives.Objective module(config, setup), forward(run) -> (scalar, metrics)",
     "pooling": "hidden [B, T, D] -> one vector per sequence [B, D]; module(config, dims)",
@@ -166,6 +168,7 @@ class PluginRecord:
     module: str
     error: str | None = None
     registered: list[str] = field(default_factory=list)
+    skipped: str | None = None  # why it registered nothing on purpose (Register.skip), not an error
 
     @property
     def ok(self) -> bool:
@@ -308,6 +311,14 @@ class Register:
         self._categories: list[Category] = []
         self._kinds: list[Kind] = []
         self._impls: list[Impl] = []
+        self.skipped: str | None = None
+
+    def skip(self, reason: str) -> None:
+        """Register nothing, on purpose (an optional dependency is not installed):
+        ``hybridlab plugins`` shows the reason instead of an empty list. Not an error."""
+        if self._categories or self._kinds or self._impls:
+            raise RegistrationError(f"skip({reason!r}) after registering something: skip first, then return")
+        self.skipped = str(reason)
 
     def _has_category(self, name: str) -> bool:
         return name in self._registry.categories or any(c.name == name for c in self._categories)

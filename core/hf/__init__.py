@@ -2,12 +2,12 @@
 
 - ``importer.import_hf(src, out)``: a ``save_pretrained`` directory of a supported family
   (llama, qwen3, mamba2, gemma2, diffllama, qwen3_next, deepseek_v3, kimi_linear,
-  falcon_h1) -> a run directory (spec in our kinds, weights as checkpoint step 0);
+  falcon_h1, zamba2) -> a run directory (spec in our kinds, weights as checkpoint step 0);
 - ``exporter.export_hf(run_dir, out)``: a run -> a directory transformers loads, natively
   for specs shaped like one of those families, else as remote code wrapping our Model
   (``configuration_hybridlab.py`` and ``modeling_hybridlab.py``, copied into it);
 - ``llama`` (llama, qwen3), ``mamba2``, ``gemma2``, ``diffllama``, ``qwen3_next``,
-  ``deepseek_v3``, ``kimi_linear``, ``falcon_h1``: the families' mappings, both ways;
+  ``deepseek_v3``, ``kimi_linear``, ``falcon_h1``, ``zamba2``: the families' mappings, both ways;
   ``common``: reading checkpoints, the shared option checks, and writing directories all
   at once.
 
@@ -51,7 +51,7 @@ def add_commands(sub: Any) -> None:
     """Add ``import-hf`` and ``export-hf`` to the CLI's subcommands."""
     s = sub.add_parser("import-hf",
                        help="a Hugging Face save_pretrained directory (llama, qwen3, mamba2, gemma2, diffllama, "
-                            "qwen3_next, deepseek_v3, kimi_linear, falcon_h1) -> a run directory")
+                            "qwen3_next, deepseek_v3, kimi_linear, falcon_h1, zamba2) -> a run directory")
     s.add_argument("src", metavar="SRC", help="a local directory with config.json and model.safetensors")
     s.add_argument("--out", required=True, metavar="RUN_DIR", help="the new run directory (new or empty)")
     s.set_defaults(fn=cmd_import_hf)

@@ -2,7 +2,7 @@
 transformers loads.
 
 - A spec shaped like llama, qwen3, mamba2, gemma2, diffllama, qwen3_next, deepseek_v3,
-  kimi_linear or falcon_h1 (each family module's ``export_family``) is written natively: config.json and model.safetensors of
+  kimi_linear, falcon_h1 or zamba2 (each family module's ``export_family``) is written natively: config.json and model.safetensors of
   that family, loaded by ``AutoModelForCausalLM.from_pretrained(DIR)`` without remote code.
 - Any other spec (or ``--generic``) is written as a remote-code model: config.json with
   ``auto_map`` and the spec, configuration_hybridlab.py and modeling_hybridlab.py (which
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import deepseek_v3, diffllama, falcon_h1, gemma2, kimi_linear, llama, mamba2, qwen3_next
+from . import deepseek_v3, diffllama, falcon_h1, gemma2, kimi_linear, llama, mamba2, qwen3_next, zamba2
 from .common import check_new, read_json, require_transformers, staged
 
 REMOTE_FILES = ("configuration_hybridlab.py", "modeling_hybridlab.py")
@@ -73,6 +73,8 @@ def native_family(spec: Any, model: Any) -> tuple[Any, str]:
     if spec.parametrization == "mup":  # the head reads final · base_width / d_model: no family has the field
         return None, "parametrization: mup (the logits multiplier base_width / d_model has no native config field)"
     positions = spec.positions()
+    if any(pos.use is not None and pos.use.input == "stream_and_embedding" for pos in positions):
+        return zamba2.export_family(spec, model)  # a shared block reading [h; e]: Zamba2's hybrid layers
     if all(pos.block.mixer.kind == "mamba2" for pos in positions):
         return mamba2.export_family(spec, model)
     if any(pos.block.mixer.kind == "gated_deltanet" or getattr(pos.block.ffn, "shared_gate", False)

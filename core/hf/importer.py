@@ -24,12 +24,12 @@ import torch
 
 from hybridlab.core.errors import HybridlabError
 
-from . import deepseek_v3, diffllama, falcon_h1, gemma2, kimi_linear, llama, mamba2, qwen3_next
+from . import deepseek_v3, diffllama, falcon_h1, gemma2, kimi_linear, llama, mamba2, qwen3_next, zamba2
 from .common import Tensors, read_json, require_transformers, staged, unknown_keys
 
 FAMILIES = {**llama.FAMILIES, **mamba2.FAMILIES, **gemma2.FAMILIES, **diffllama.FAMILIES,
             **qwen3_next.FAMILIES, **deepseek_v3.FAMILIES, **kimi_linear.FAMILIES,
-            **falcon_h1.FAMILIES}
+            **falcon_h1.FAMILIES, **zamba2.FAMILIES}
 """model_type -> the family that reads it (llama.Family's methods)."""
 
 

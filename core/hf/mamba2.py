@@ -204,6 +204,8 @@ def export_family(spec: Any, model: Any) -> tuple[Mamba2Family | None, str]:
         config = block.mixer
         if not (config.gate and config.output_norm and config.qk_norm == "none" and config.conv_size):
             return None, f"{where}.mixer: Mamba2Config needs gate, output_norm, a convolution and no qk_norm"
+        if config.collapse is not None:
+            return None, f"{where}.mixer.collapse: Mamba2Config has no state-collapse fixes"
         mixer = model.blocks[pos.key].mixer
         shape = (mixer.heads, mixer.head_dim, mixer.value_dim, mixer.groups, mixer.conv.size)
         if first is None:

@@ -427,6 +427,8 @@ def export_family(spec: Any, model: Any) -> tuple[Qwen3NextFamily | None, str]:
                     and not mixer.allow_neg_eigval and mixer.output_norm_eps == eps):
                 return None, (f"{where}.mixer: Qwen3-Next's Gated DeltaNet has l2 qk_norm, a gate, an output norm "
                               f"of eps {eps} (the norms'), a convolution and beta in (0, 1)")
+            if mixer.collapse is not None:
+                return None, f"{where}.mixer.collapse: Qwen3-Next has no state-collapse fixes"
             m = module.mixer
             shape = (m.heads, m.v_heads, m.head_dim, m.value_dim, m.conv.size)
         else:

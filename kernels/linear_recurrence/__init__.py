@@ -1,12 +1,14 @@
 """The linear-recurrence template in Triton: one chunked kernel (chunk_fwd.py) whose
-compile-time flags pick the decay (none, per head, per key channel) and the update
-(additive or the delta rule), so linear attention, retention, GLA, DeltaNet, Gated
-DeltaNet and KDA are instances of it (see docs/kernels.md for how to add one).
+compile-time flags pick the decay (none, per head, per key channel), the update
+(additive or the delta rule) and the steps per token (N_STEPS Householder steps), so
+linear attention, retention, GLA, DeltaNet, Gated DeltaNet, KDA and Gated DeltaProduct
+are instances of it (see docs/kernels.md for how to add one).
 
-Backward: without the delta rule (and without cu_seqlens) through the adjoint pass in
-additive_bwd.py. With the delta rule forward only: the outputs carry an autograd node
-whose backward raises, so a gradient fails loudly instead of coming back as zeros, and
-the registrations (plugins/mixer/triton_recurrence.py) declare ``backward=False``.
+Backward: linear attention and retention (no decay or a decay per head, additive, one
+step per token, doc_ids) through the adjoint pass in additive_bwd.py (chunked matmuls);
+everything else (a decay per channel, the delta rule, several steps per token,
+cu_seqlens) through chunk_bwd.py, recomputation chunk by chunk from the forward's
+checkpoints.
 """
 
 from __future__ import annotations
@@ -67,18 +69,50 @@ def sequences_from_cu_seqlens(cu_seqlens: Tensor) -> Sequences:
     return Sequences(cu_seqlens.to(torch.int64), n, n)
 
 
+def check_cu_seqlens(cu_seqlens: Tensor, T: int, initial_state: Tensor | None) -> None:
+    """cu_seqlens [N + 1] integer, 0 first, T last, never decreasing (a kernel trusts it:
+    anything else reads or writes outside the tensors); N initial states if given."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+        raise ValueError(f"cu_seqlens must be a 1-D integer tensor [N + 1] with N >= 1, got "
+                         f"{cu_seqlens.dtype} {list(cu_seqlens.shape)}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != T or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to the tokens T = {T} without decreasing, got {bounds}")
+    if initial_state is not None and initial_state.shape[0] != len(bounds) - 1:
+        raise ValueError(f"cu_seqlens has {len(bounds) - 1} sequences but initial_state has "
+                         f"{initial_state.shape[0]} states")
+
+
+def chunk_layout(seqs: Sequences, chunk: int) -> tuple[Tensor, int]:
+    """(chunk_offsets [N] int64: the first chunk of each sequence in a flat list of all
+    sequences' chunks, and that list's length): where STORE_STATES writes checkpoints."""
+    counts = (seqs.cu_seqlens[1:] - seqs.cu_seqlens[:-1] + chunk - 1) // chunk  # [N]
+    offsets = torch.cumsum(counts, 0) - counts
+    return offsets, int(counts.sum())
+
+
+def check_chunk(chunk: int) -> None:
+    if chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"the chunk must be a power of two ≥ 16 (tl.dot's smallest tile), got {chunk}")
+
+
 def chunk_recurrence_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, scale: float,
                          initial_state: Tensor | None, seqs: Sequences, n_states: int, *, decay: Decay,
-                         chunk: int | None = None, read: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """q, k [B, T, H, K], v [B, T, H, V], g [B, T, H] or [B, T, H, K], beta [B, T, H],
-    initial_state [n_states, H, K, V] -> (o [B, T, H, V] in v's dtype, final state
-    [n_states, H, K, V] fp32, and with ``read`` w [B, T, H, V] also r_t = S_t w_t
-    [B, T, H, K] fp32, else None)."""
+                         chunk: int | None = None, read: Tensor | None = None, steps: int = 1,
+                         states: Tensor | None = None,
+                         chunk_offsets: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """q [B, T, H, K], k [B, T·steps, H, K], v [B, T·steps, H, V], g [B, T, H] or
+    [B, T, H, K], beta [B, T·steps, H], initial_state [n_states, H, K, V], seqs counted in
+    (sub-)token rows -> (o [B, T, H, V] in v's dtype, final state [n_states, H, K, V]
+    fp32, and with ``read`` w [B, T, H, V] also r_t = S_t w_t [B, T, H, K] fp32, else
+    None). With ``states`` [chunks, H, K, V] fp32 and ``chunk_offsets`` (chunk_layout),
+    also writes the state entering every chunk there."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     chunk = default_chunk(q.device, decay) if chunk is None else chunk
-    if chunk < 16 or chunk & (chunk - 1):
-        raise ValueError(f"the chunk must be a power of two ≥ 16 (tl.dot's smallest tile), got {chunk}")
+    check_chunk(chunk)
+    if read is not None and steps > 1:
+        raise ValueError("READ_ROWS (the additive backward) reads one row per step: steps must be 1")
     if K > MAX_HEAD_DIM:
         raise ValueError(f"the Triton recurrence holds a [K, V-block] state per program: K ≤ {MAX_HEAD_DIM}, got {K}")
     BK = max(16, triton.next_power_of_2(K))
@@ -100,58 +134,64 @@ def chunk_recurrence_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta
     grid = (triton.cdiv(V, BV), N, H)
     chunk_recurrence_fwd_kernel[grid](
         q, k, v, g if g is not None else q, beta if beta is not None else q, h0 if h0 is not None else final,
-        o, final, read if read is not None else v, r if r is not None else q, seqs.cu_seqlens, seqs.state_in,
-        seqs.state_out, scale, H=H, K=K, V=V, BT=chunk, LOG2_BT=chunk.bit_length() - 1, BK=BK, BV=BV,
+        o, final, read if read is not None else v, r if r is not None else q,
+        states if states is not None else final, seqs.cu_seqlens,
+        chunk_offsets if chunk_offsets is not None else seqs.cu_seqlens, seqs.state_in, seqs.state_out, scale,
+        H=H, K=K, V=V, BT=chunk, LOG2_BT=chunk.bit_length() - 1, BK=BK, BV=BV,
         HEAD_DECAY=decay == "head", CHANNEL_DECAY=decay == "channel", DELTA_RULE=beta is not None,
-        USE_INITIAL_STATE=h0 is not None, READ_ROWS=read is not None)
+        USE_INITIAL_STATE=h0 is not None, READ_ROWS=read is not None, STORE_STATES=states is not None,
+        N_STEPS=steps)
     return o.to(v.dtype), final, r
-
-
-class _NoBackward(torch.autograd.Function):
-    """Marks outputs of the forward-only kernel: differentiating them raises."""
-
-    @staticmethod
-    def forward(ctx, o: Tensor, state: Tensor, *inputs: Tensor) -> tuple[Tensor, Tensor]:
-        return o.view_as(o), state.view_as(state)
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor):
-        raise RuntimeError("the Triton linear-recurrence kernels are forward-only with the delta rule or "
-                           "cu_seqlens (no backward kernel yet): train with impl 'chunk' or 'reference'")
 
 
 def linear_recurrence(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None, decay: Decay = "none",
                       beta: Tensor | None = None, scale: float | None = None, initial_state: Tensor | None = None,
-                      doc_ids: Tensor | None = None, cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The template: S_t = Diag(exp(g_t)) S_{t-1} (+ k_t v_t^T, or the delta rule when
-    ``beta`` is given), o_t = S_t^T (scale · q_t).
+                      doc_ids: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                      steps: int = 1) -> tuple[Tensor, Tensor]:
+    """The template: per token S_t = Diag(exp(g_t)) S_{t-1}, then ``steps`` updates
+    (S + k v^T, or the delta rule when ``beta`` is given), then o_t = S_t^T (scale · q_t).
 
-    q, k [B, T, H, K], v [B, T, H, V]; ``decay`` 'none' (g None), 'head' (g [B, T, H]) or
-    'channel' (g [B, T, H, K]), log decays ≤ 0; beta [B, T, H]; initial_state [B, H, K, V];
-    doc_ids [B, T] (a new document where the id changes) or cu_seqlens [N + 1] (B = 1, N
-    sequences with initial and final states [N, H, K, V]). Returns (o [B, T, H, V] in v's
-    dtype, final state fp32). Differentiable without beta and cu_seqlens; otherwise a
-    gradient through it raises."""
+    q [B, T, H, K], k [B, T·steps, H, K], v [B, T·steps, H, V] (row t·steps + i: step i
+    of token t); ``decay`` 'none' (g None), 'head' (g [B, T, H]) or 'channel' (g [B, T, H,
+    K]), log decays ≤ 0; beta [B, T·steps, H]; initial_state [B, H, K, V]; doc_ids [B, T]
+    (a new document where the id changes) or cu_seqlens [N + 1] (B = 1, N sequences in
+    tokens, with initial and final states [N, H, K, V]). Returns (o [B, T, H, V] in v's
+    dtype, final state fp32), differentiable in every tensor input (first order)."""
     B, T, H, K = q.shape
     expected_g = {"none": None, "head": (B, T, H), "channel": (B, T, H, K)}[decay]
     if (g is None) != (expected_g is None) or (g is not None and tuple(g.shape) != expected_g):
         raise ValueError(f"decay={decay!r} expects g of shape {list(expected_g) if expected_g else None}, "
                          f"got {list(g.shape) if g is not None else None}")
+    if steps < 1 or k.shape[:2] != (B, T * steps) or v.shape[:2] != (B, T * steps) \
+            or (beta is not None and beta.shape[:2] != (B, T * steps)):
+        raise ValueError(f"steps={steps} expects k, v and beta with T·steps = {T * steps} rows per batch row, got "
+                         f"k {list(k.shape)}, v {list(v.shape)}, beta {list(beta.shape) if beta is not None else None}")
     if doc_ids is not None and cu_seqlens is not None:
         raise ValueError("give doc_ids or cu_seqlens, not both")
     scale = K ** -0.5 if scale is None else scale
-    differentiable = [x for x in (q, k, v, g, beta, initial_state) if x is not None and x.requires_grad]
-    if beta is None and cu_seqlens is None and torch.is_grad_enabled() and differentiable:
+    differentiable = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state))
+    if differentiable and beta is None and cu_seqlens is None and steps == 1 and (
+            decay == "none" or (decay == "head" and not g.requires_grad)):
+        # the additive adjoint pass: chunked matmuls. Not for a decay that needs its gradient:
+        # the pass gets it as a difference of sums that cancel (far above the reference's
+        # error for strong decays); the recomputing backward sums it directly
         from .additive_bwd import AdditiveRecurrenceFunction
 
         return AdditiveRecurrenceFunction.apply(q, k, v, g, initial_state, doc_ids, decay, scale)
     if cu_seqlens is not None:
         if B != 1:
             raise ValueError(f"cu_seqlens needs the sequences packed into one row (B = 1), got B = {B}")
-        seqs, n_states = sequences_from_cu_seqlens(cu_seqlens), cu_seqlens.numel() - 1
+        check_cu_seqlens(cu_seqlens, T, initial_state)
+        seqs, n_states = sequences_from_cu_seqlens(cu_seqlens * steps), cu_seqlens.numel() - 1
     else:
-        seqs, n_states = sequences_from_doc_ids(doc_ids, B, T, q.device), B
-    o, final, _ = chunk_recurrence_fwd(q, k, v, g, beta, scale, initial_state, seqs, n_states, decay=decay)
-    if torch.is_grad_enabled() and differentiable:
-        o, final = _NoBackward.apply(o, final, *differentiable)
+        step_docs = doc_ids.repeat_interleave(steps, dim=1) if doc_ids is not None and steps > 1 else doc_ids
+        seqs, n_states = sequences_from_doc_ids(step_docs, B, T * steps, q.device), B
+    if differentiable:
+        from .chunk_bwd import ChunkRecurrenceFunction, Options
+
+        options = Options(decay=decay, scale=scale, seqs=seqs, n_states=n_states, steps=steps)
+        return ChunkRecurrenceFunction.apply(q, k, v, g, beta, initial_state, options)
+    o, final, _ = chunk_recurrence_fwd(q, k, v, g, beta, scale, initial_state, seqs, n_states, decay=decay,
+                                       steps=steps)
     return o, final

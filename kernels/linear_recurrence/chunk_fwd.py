@@ -20,7 +20,12 @@ Compile-time flags: HEAD_DECAY (g [N, H], one log decay per head and token: rete
 Gated DeltaNet), CHANNEL_DECAY (g [N, H, K], per key channel: GLA, KDA), DELTA_RULE
 (beta [N, H]: DeltaNet and its gated forms); none of them is linear attention.
 READ_ROWS (w [N, H, V] -> also r_t = S_t w_t [N, H, K], whole V per program) serves the
-additive backward (additive_bwd.py).
+additive backward (additive_bwd.py). STORE_STATES writes the state entering every chunk
+to ``h`` (row chunk_offsets[n] + chunk), the checkpoints the backward (chunk_bwd.py)
+restarts from. N_STEPS > 1 (several Householder steps per token, Gated DeltaProduct):
+the kernel walks sub-tokens (k, v, beta and cu_seqlens count T·N_STEPS rows) and reads
+q, g and writes o per token, q and o at a token's last step and g at its first, so no
+expanded copy of q or g is made.
 The segment sums G_t - G_j are differences of a float64 cumulative sum (in fp32 they
 would carry the rounding of |G|, see segment_decay in plugins/mixer/linear_recurrence.py).
 Token offsets are int64: (token · H + head) · K passes 2³¹ for long packed batches.
@@ -85,12 +90,13 @@ def _unit_lower_inverse(b_L, o_t, LOG2_BT: tl.constexpr, NEWTON_STEPS: tl.conste
 
 
 @triton.jit
-def chunk_recurrence_fwd_kernel(q, k, v, g, beta, h0, o, ht, w, r, cu_seqlens, state_in, state_out, scale,
+def chunk_recurrence_fwd_kernel(q, k, v, g, beta, h0, o, ht, w, r, h, cu_seqlens, chunk_offsets, state_in,
+                                state_out, scale,
                                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                                 BT: tl.constexpr, LOG2_BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                                 HEAD_DECAY: tl.constexpr, CHANNEL_DECAY: tl.constexpr,
                                 DELTA_RULE: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-                                READ_ROWS: tl.constexpr):
+                                READ_ROWS: tl.constexpr, STORE_STATES: tl.constexpr, N_STEPS: tl.constexpr):
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     T = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
@@ -108,17 +114,27 @@ def chunk_recurrence_fwd_kernel(q, k, v, g, beta, h0, o, ht, w, r, cu_seqlens, s
         b_S = tl.load(p_h0, mask=m_kv & (tl.zeros([BK, BV], dtype=tl.int32) + src >= 0), other=0.0).to(tl.float32)
 
     for i_c in range(tl.cdiv(T, BT)):
+        if STORE_STATES:
+            i_chunk = tl.load(chunk_offsets + i_n).to(tl.int64) + i_c
+            tl.store(h + (i_chunk * H + i_h) * K * V + o_state, b_S, mask=m_kv)
         m_t = i_c * BT + o_t < T
-        i_tok = bos + i_c * BT + o_t.to(tl.int64)  # [BT] int64 token index
+        i_tok = bos + i_c * BT + o_t.to(tl.int64)  # [BT] int64 (sub-)token index
+        if N_STEPS > 1:
+            i_row = i_tok // N_STEPS  # [BT] the token whose step this is: its q, g, o row
+            m_read = m_t & (i_tok % N_STEPS == N_STEPS - 1)  # its last step reads
+            m_first = m_t & (i_tok % N_STEPS == 0)  # its first step decays
+        else:
+            i_row, m_read, m_first = i_tok, m_t, m_t
         m_tk, m_tv = m_t[:, None] & m_k[None, :], m_t[:, None] & m_v[None, :]
         o_tk = (i_tok * H + i_h)[:, None] * K + o_k[None, :]
-        b_q = tl.load(q + o_tk, mask=m_tk, other=0.0).to(tl.float32) * scale
+        o_rk = (i_row * H + i_h)[:, None] * K + o_k[None, :]
+        b_q = tl.load(q + o_rk, mask=m_read[:, None] & m_k[None, :], other=0.0).to(tl.float32) * scale
         b_k = tl.load(k + o_tk, mask=m_tk, other=0.0).to(tl.float32)
         b_v = tl.load(v + (i_tok * H + i_h)[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
 
         b_G = None
         if HEAD_DECAY:
-            b_g = tl.load(g + i_tok * H + i_h, mask=m_t, other=0.0).to(tl.float64)
+            b_g = tl.load(g + i_row * H + i_h, mask=m_first, other=0.0).to(tl.float64)
             b_G = tl.cumsum(b_g, axis=0)  # [BT] float64
             b_gamma = tl.exp(b_G.to(tl.float32))  # [BT] decay from the chunk start
             b_G_last = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
@@ -127,7 +143,7 @@ def chunk_recurrence_fwd_kernel(q, k, v, g, beta, h0, o, ht, w, r, cu_seqlens, s
             b_last = tl.exp(b_G_last.to(tl.float32))
             b_decay_S = tl.zeros([BK], dtype=tl.float32) + b_last
         elif CHANNEL_DECAY:
-            b_g = tl.load(g + o_tk, mask=m_tk, other=0.0).to(tl.float64)
+            b_g = tl.load(g + o_rk, mask=m_first[:, None] & m_k[None, :], other=0.0).to(tl.float64)
             b_G = tl.cumsum(b_g, axis=0)  # [BT, BK] float64
             b_G_last = tl.sum(tl.where(o_t[:, None] == BT - 1, b_G, 0.0), axis=0)  # [BK]
             b_gamma = tl.exp(b_G.to(tl.float32))
@@ -147,7 +163,8 @@ def chunk_recurrence_fwd_kernel(q, k, v, g, beta, h0, o, ht, w, r, cu_seqlens, s
             b_u = b_v
         b_Aqk = _pair_scores(b_q, b_k, b_G, o_t, CHANNEL_DECAY, False)
         b_o = tl.dot(b_qd, b_S, input_precision="ieee") + tl.dot(b_Aqk, b_u, input_precision="ieee")
-        tl.store(o + (i_tok * H + i_h)[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
+        tl.store(o + (i_row * H + i_h)[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty),
+                 mask=m_read[:, None] & m_v[None, :])
         if READ_ROWS:
             # r_t = S_t w_t [K], the state read along its value axis (the additive backward's
             # dq and dk); needs the whole V in this program (BV ≥ V)

@@ -13,6 +13,9 @@ the routing decisions and the per-expert load, so ``verify`` checks them between
 - ``grouped``: tokens sorted by expert, one grouped matmul per projection
   (``torch._grouped_mm`` where the device, dtype and strides allow it, else one padded
   ``bmm``), scattered back with their weights.
+- ``token``: for a call of one token (a decode step at batch 1), which ``MoE`` declares as
+  its ``step_impl``: the chosen experts are read on the host and each runs on views of its
+  own weights, with no sort, count or scatter, whose set-up is all the cost at one token.
 
 Balancing with ``balance: bias`` updates the buffer ``expert_bias`` *after* the routing of
 a training forward (module in training mode, autograd on), outside the gradient:
@@ -262,6 +265,32 @@ def moe_grouped(x: Tensor, router: Tensor, gate_up: Tensor, down: Tensor, bias: 
     return MoEOutput(out.to(x.dtype), experts, weights, logits, counts)
 
 
+def moe_token(x: Tensor, router: Tensor, gate_up: Tensor, down: Tensor, bias: Tensor | None = None, *,
+              top_k: int, score: str, normalize: bool | None = None, groups: int = 1,
+              top_groups: int | None = None) -> MoEOutput:
+    """Same contract as moe_reference, for calls of a few tokens: each (token, choice) pair
+    runs its expert's SwiGLU on views of that expert's weights, picked by index on the host
+    (``tolist``: a device sync off the CPU). Rounds as ``grouped`` does: matmuls in x's
+    dtype, the gated activation and the sum over the k choices in fp32. N·k small matmul
+    pairs: right for one token, slower than ``grouped`` for many."""
+    _check(x, router, gate_up, down, top_k)
+    experts, weights, logits = route(x, router, bias, top_k=top_k, score=score, normalize=normalize, groups=groups,
+                                     top_groups=top_groups)
+    gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)
+    rows = []
+    for n, chosen in enumerate(experts.tolist()):  # [K] expert ids of token n, best first
+        y = None
+        for k, e in enumerate(chosen):
+            gate, up = (x[n:n + 1] @ gate_up[e]).chunk(2, dim=-1)  # [1, H] each
+            act = (F.silu(upcast(gate)) * upcast(up) * weights[n:n + 1, k:k + 1]).to(x.dtype)  # [1, H]
+            part = upcast(act @ down[e])  # [1, D] fp32
+            y = part if y is None else y + part
+        rows.append(y)
+    out = rows[0] if len(rows) == 1 else torch.cat(rows) if rows else x.new_zeros(0, x.shape[1], dtype=weights.dtype)
+    load = torch.bincount(experts.flatten(), minlength=router.shape[0])
+    return MoEOutput(out.to(x.dtype), experts, weights, logits, load)
+
+
 # (experts, top_k, d_model, hidden, score, with bias): softmax and sigmoid, one expert,
 # top_k = experts, and a width whose bf16 rows are not 16-byte aligned (the bmm fallback)
 CASE_SHAPES = [(8, 2, 32, 24, "softmax", False), (4, 1, 16, 40, "sigmoid", True), (6, 3, 24, 16, "softmax", True),
@@ -292,6 +321,7 @@ def moe_cases(dtype: torch.dtype, device: str):
 
 class MoE(Dispatched, nn.Module):
     category, kind = "ffn", "moe"
+    step_impl = "token"  # a call of one token: its k experts on views of their weights, no sort or scatter
 
     def __init__(self, config: MoEConfig, dims: Dims) -> None:
         super().__init__()
@@ -334,8 +364,12 @@ class MoE(Dispatched, nn.Module):
         extra = {} if cfg.normalize is None else {"normalize": cfg.normalize}
         if cfg.groups > 1:
             extra.update(groups=cfg.groups, top_groups=cfg.top_groups)
-        routed = self.impl_for(cfg, x).fn(x.reshape(B * T, D), self.router.weight, self.gate_up, self.down, bias,
-                                         top_k=cfg.top_k, score=cfg.router, **extra)
+        # an FFN keeps no state, so to it a decode step is a call of one token; at batch 1
+        # that runs step_impl (under torch.compile not: its host-side indices would break the graph)
+        one_token = B * T == 1 and not torch.compiler.is_compiling()
+        routed = self.impl_for(cfg, x, decoding=one_token).fn(x.reshape(B * T, D), self.router.weight, self.gate_up,
+                                                              self.down, bias, top_k=cfg.top_k, score=cfg.router,
+                                                              **extra)
         y = routed.out.view(B, T, D)
         if cfg.scale != 1.0:
             y = cfg.scale * y
@@ -364,8 +398,8 @@ class MoE(Dispatched, nn.Module):
             aux.add_loss("balance_loss", cfg.aux_weight * cfg.experts * (share * scores.mean(0)).sum())
         if cfg.z_loss > 0:
             aux.add_loss("z_loss", cfg.z_loss * routed.logits.logsumexp(-1).square().mean())
-        for e in range(cfg.experts):
-            aux.add_metric(f"load.{e}", share[e].detach())
+        for e, value in enumerate(share.detach().unbind()):  # one op for all experts, not one per expert
+            aux.add_metric(f"load.{e}", value)
         aux.add_metric("load_max_over_mean", (load.max() / load.mean()).detach())
 
 
@@ -382,3 +416,11 @@ def hybridlab_register(register):
     # verify_model uses the largest tolerance of a model's kinds: 5 for models with moe.
     register.impl("ffn", "moe", "grouped", fn=moe_grouped, priority=10, tolerance=5.0,
                   doc="sort by expert, torch._grouped_mm (else a padded bmm), scatter back")
+    # priority below grouped: it wins only as MoE's step_impl, on one-token calls. Tolerance
+    # 5 for grouped's reason (matmuls in the low dtype, the same roundings less the scatter).
+    # CPU only: it reads the chosen experts on the host, a sync per call on a GPU, where it
+    # has not been measured against grouped. Inference only: in bf16/fp16 autograd would sum
+    # each expert's weight gradient pair by pair in the low dtype, past the tolerance on
+    # verify's longer cases; a training call of one token runs grouped.
+    register.impl("ffn", "moe", "token", fn=moe_token, priority=5, tolerance=5.0, devices={"cpu"}, backward=False,
+                  doc="one token: each chosen expert on views of its weights (host indices), no sort or scatter")

@@ -6,7 +6,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from hybridlab.core.config import Config, Dims
+from hybridlab.core.config import Config, Dims, ImageShaped
 from hybridlab.registry import hookimpl
 
 
@@ -18,6 +18,15 @@ class LMHeadConfig(Config):
     """Share the weight with the embedding (which must expose weight [V, D])."""
     softcap: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     """Soft-cap the logits: softcap · tanh(logits / softcap) (Gemma 2 uses 30)."""
+
+    def check_embedding(self, embedding: Config) -> str | None:
+        """core.config.PairsWithEmbedding: a tied head needs a token table [V, D]; an image
+        embedding (ImageShaped) has none."""
+        if self.tied and isinstance(embedding, ImageShaped):
+            return (f"lm is tied (tied: true, the default) to the embedding's token table, but embedding "
+                    f"{embedding.kind!r} reads images and has none; set tied: false, or use a token embedding "
+                    "(an image model writes images with head: {kind: unpatchify})")
+        return None
 
 
 class LMHead(nn.Module):

@@ -173,6 +173,9 @@ class AttentionConfig(Config):
                              "set temperature: length or drop temperature_length")
         return length
 
+    def reads_wide_input(self) -> bool:
+        return True  # q, kv and gate read Dims.d_in; the output projection returns d_model
+
     def check(self, dims: Dims):
         if self.head_dim is None and dims.d_model % self.heads:
             yield "heads", f"must divide d_model ({dims.d_model}) unless head_dim is set, got {self.heads}"
@@ -418,6 +421,16 @@ class KVCache:
         order = (self.seen + torch.arange(self.window, device=self.k.device)) % self.window  # oldest first
         return self.k.index_select(-2, order), self.v.index_select(-2, order)
 
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, KVCache]:
+        """(the cached keys and values followed by ``k``, ``v`` [..., T, D], in time order;
+        the new cache). While the cache holds every token in time order (no window, or not
+        yet full) those are the new cache's own tensors: one concatenation, not two."""
+        new = self.append(k, v)
+        if new.window is None or new.seen <= new.window:
+            return new.k, new.v, new
+        past_k, past_v = self.past()
+        return torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2), new
+
     def append(self, k: Tensor, v: Tensor) -> "KVCache":
         """A new cache holding ``k``, ``v`` [..., T, D] after the current contents."""
         T = k.shape[-2]
@@ -458,9 +471,10 @@ class Attention(Dispatched, ReadsContext, SequenceMixer):
         self.heads = config.heads
         self.kv_heads = config.kv_heads or config.heads
         self.head_dim = config.head_dim or dims.d_model // config.heads
-        self.q = nn.Linear(dims.d_model, self.heads * self.head_dim, bias=config.bias)
+        width = dims.d_in or dims.d_model  # the input may be wider than the output (Config.reads_wide_input)
+        self.q = nn.Linear(width, self.heads * self.head_dim, bias=config.bias)
         if config.kv_from is None:
-            self.kv = nn.Linear(dims.d_model, 2 * self.kv_heads * self.head_dim, bias=config.bias)
+            self.kv = nn.Linear(width, 2 * self.kv_heads * self.head_dim, bias=config.bias)
         self.out = nn.Linear(self.heads * self.head_dim, dims.d_model, bias=config.bias)
         self.out.residual_out = True
         self.position = dims.build("position", config.position, self.head_dim)
@@ -471,7 +485,7 @@ class Attention(Dispatched, ReadsContext, SequenceMixer):
             if config.kv_from is None:
                 self.k_norm = nn.RMSNorm(self.head_dim, eps=config.qk_norm_eps)
         gate_width = {"none": 0, "headwise": self.heads, "elementwise": self.heads * self.head_dim}[config.gate]
-        self.gate = nn.Linear(dims.d_model, gate_width, bias=config.gate_bias) if gate_width else None
+        self.gate = nn.Linear(width, gate_width, bias=config.gate_bias) if gate_width else None
         self.sinks = nn.Parameter(torch.zeros(self.heads)) if config.sinks else None
         # s_h of Scalable-Softmax; s_h · log n is 1 at temperature_length visible keys
         self.temperature_scale = (nn.Parameter(torch.full((self.heads,), 1 / math.log(config.temperature_length)))
@@ -499,9 +513,7 @@ class Attention(Dispatched, ReadsContext, SequenceMixer):
                 k = self.k_norm(k)
             k = self.position.rotate(k, offset)
             if state is not None:
-                past_k, past_v = state.past()
-                state = state.append(k, v)
-                k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # [B, Hkv, L+T, D]
+                k, v, state = state.extend(k, v)  # [B, Hkv, L+T, D]
             if ctx is not None and ctx.name is not None:  # a later layer may read them (kv_from)
                 ctx.shared[("kv", ctx.name)] = (k, v)
         if self.temperature_scale is not None:  # per (head, query): it folds into q, after qk-norm and rotation

@@ -42,7 +42,7 @@ def delta_rule_reference(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *, scale
     (used as given, e.g. a sigmoid), initial_state [B, H, K, V], doc_ids [B, T] (packed
     documents: the state restarts where the id changes); scale defaults to K^-0.5.
     Returns (o [B, T, H, V], final state [B, H, K, V] in fp32, fp64 for fp64 inputs).
-    Implementations: reference (token by token), chunk."""
+    Implementations: reference (token by token), chunk, triton (kernels/, docs/kernels.md), fla (optional)."""
     check_inputs(q, k, v, beta=beta, initial_state=initial_state, doc_ids=doc_ids)
     return recurrent_reference(q, k, v, beta=beta, scale=scale, initial_state=initial_state, doc_ids=doc_ids)
 

@@ -17,14 +17,15 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from hybridlab.core.config import Dims
-from hybridlab.core.numerics import compute_dtype
+from hybridlab.core.numerics import cast, compute_dtype
 from hybridlab.registry import hookimpl
 
 from .linear_recurrence import check_inputs, chunk_recurrence, recurrent_cases, recurrent_reference
-from .recurrent_layer import DeltaRuleConfig, DeltaRuleMixer, inverse_softplus, log_uniform_
+from .recurrent_layer import (CollapseOptions, DeltaRuleConfig, DeltaRuleMixer, inverse_softplus, log_uniform_,
+                             token_by_token_reason)
 
 
-class GatedDeltaNetConfig(DeltaRuleConfig):
+class GatedDeltaNetConfig(DeltaRuleConfig, CollapseOptions):
     """Gated DeltaNet: S_t = exp(g_t)(I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T."""
 
     kind: Literal["gated_deltanet"] = "gated_deltanet"
@@ -55,7 +56,7 @@ class GatedDeltaNetConfig(DeltaRuleConfig):
 
 def gated_delta_rule_reference(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *,
                                scale: float | None = None, initial_state: Tensor | None = None,
-                               doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                               doc_ids: Tensor | None = None, state_clip: float | None = None) -> tuple[Tensor, Tensor]:
     """The gated delta rule (Yang, Kautz & Hatamizadeh 2025, Gated Delta Networks):
 
         S_t = exp(g_t) (I - β_t k_t k_t^T) S_{t-1} + β_t k_t v_t^T,    o_t = S_t^T (scale · q_t)
@@ -63,17 +64,22 @@ def gated_delta_rule_reference(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta:
     q, k [B, T, H, K] (k unit-norm for a contraction), v [B, T, H, V], g [B, T, H] (log
     decay, ≤ 0), beta [B, T, H] (used as given, e.g. a sigmoid), initial_state [B, H, K, V],
     doc_ids [B, T] (packed documents: the state restarts where the id changes); scale
-    defaults to K^-0.5. Returns (o [B, T, H, V], final state [B, H, K, V] in fp32, fp64
-    for fp64 inputs). Implementations: reference (token by token), chunk."""
+    defaults to K^-0.5; state_clip (> 0) scales each head's state down to that Frobenius
+    norm after every token where it is larger (the collapse fix; reference only). Returns
+    (o [B, T, H, V], final state [B, H, K, V] in fp32, fp64 for fp64 inputs).
+    Implementations: reference (token by token), chunk, triton (kernels/, docs/kernels.md), fla (optional)."""
     check_inputs(q, k, v, g=g, beta=beta, initial_state=initial_state, doc_ids=doc_ids)
     return recurrent_reference(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
-                               doc_ids=doc_ids)
+                               doc_ids=doc_ids, state_clip=state_clip)
 
 
 def gated_delta_rule_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *,
                            scale: float | None = None, initial_state: Tensor | None = None,
-                           doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Same contract as gated_delta_rule_reference; chunks of 64 tokens (32 on CPU), UT transform."""
+                           doc_ids: Tensor | None = None, state_clip: float | None = None) -> tuple[Tensor, Tensor]:
+    """Same contract as gated_delta_rule_reference; chunks of 64 tokens (32 on CPU), UT transform.
+    No state_clip: a chunk holds no per-token states (its supports() says so)."""
+    if state_clip is not None:
+        raise ValueError("gated_delta_rule chunk: state_clip acts after every token; use impl='reference'")
     check_inputs(q, k, v, g=g, beta=beta, initial_state=initial_state, doc_ids=doc_ids)
     return chunk_recurrence(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state, doc_ids=doc_ids)
 
@@ -111,8 +117,8 @@ class GatedDeltaNet(DeltaRuleMixer):
 
     def gates(self, x):
         dtype = compute_dtype(x.dtype)
-        dt = F.softplus(self.a(x).to(dtype) + self.dt_bias.to(dtype))  # [B, T, Hv]
-        return {"g": -self.A_log.to(dtype).exp() * dt, "beta": self.beta_of(x)}
+        dt = F.softplus(cast(self.a(x), dtype) + cast(self.dt_bias, dtype))  # [B, T, Hv]
+        return {"g": -cast(self.A_log, dtype).exp() * dt, "beta": self.beta_of(x)}
 
 
 @hookimpl
@@ -122,8 +128,11 @@ def hybridlab_register(register):
                   examples=[{"heads": 2}, {"heads": 3, "head_dim": 6, "expand_v": 1.5, "allow_neg_eigval": True},
                             {"heads": 4, "conv_size": 0, "gate": False, "output_norm": False},
                             {"heads": 2, "v_heads": 4, "head_dim": 6, "expand_v": 1.5, "output_norm_eps": 1e-6},
-                            {"heads": 1, "v_heads": 3, "conv_size": 0, "gate": False}])
+                            {"heads": 1, "v_heads": 3, "conv_size": 0, "gate": False},
+                            {"heads": 2, "gate": False, "output_norm": False,
+                             "collapse": {"forget_scale": 1.5, "insert_scale": 0.5, "window": 8}},
+                            {"heads": 2, "v_heads": 4, "collapse": {"state_clip": 0.3, "window": 10}}])
     register.impl("mixer", "gated_deltanet", "reference", fn=gated_delta_rule_reference,
                   doc="token by token in fp32")
     register.impl("mixer", "gated_deltanet", "chunk", fn=gated_delta_rule_chunk, priority=10,
-                  doc="chunks of 64 tokens (32 on CPU), UT transform, PyTorch")
+                  supports=token_by_token_reason, doc="chunks of 64 tokens (32 on CPU), UT transform, PyTorch")

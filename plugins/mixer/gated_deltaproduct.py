@@ -92,7 +92,7 @@ def gated_delta_product_reference(q: Tensor, k: Tensor, v: Tensor, g: Tensor, be
     per token), beta [B, T·n, H] (used as given), initial_state [B, H, K, V], doc_ids [B, T]
     (packed documents: the state restarts where the id changes); scale defaults to K^-0.5.
     Returns (o [B, T, H, V], final state [B, H, K, V] in fp32, fp64 for fp64 inputs).
-    Implementations: reference (token by token), chunk."""
+    Implementations: reference (token by token), chunk, triton (kernels/, docs/kernels.md), fla (optional)."""
     n = _householder_steps(q, k, v, g, beta, initial_state, doc_ids)
     B, T, H, K = q.shape
     V = v.shape[-1]

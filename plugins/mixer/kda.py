@@ -61,7 +61,7 @@ def kda_reference(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, s
     initial_state [B, H, K, V], doc_ids [B, T] (packed documents: the state restarts where
     the id changes); scale defaults to K^-0.5. Returns (o [B, T, H, V], final state
     [B, H, K, V] in fp32, fp64 for fp64 inputs). Implementations: reference (token by
-    token), chunk."""
+    token), chunk, triton, fla (optional)."""
     check_inputs(q, k, v, g=g, g_per="channel", beta=beta, initial_state=initial_state, doc_ids=doc_ids)
     return recurrent_reference(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state, doc_ids=doc_ids)
 

@@ -46,7 +46,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from hybridlab.core.numerics import compute_dtype
+from hybridlab.core.numerics import cast, compute_dtype
 from hybridlab.core.verify import BATCHES, SEQ_LENS, Case
 from torch import Tensor
 
@@ -83,15 +83,16 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None, g_
     B, T, H, K = q.shape
     if K == 0:
         raise ValueError(f"the key dim K of q and k must be at least 1, got q {tuple(q.shape)}")
-    for name, value in (("g", g), ("beta", beta), ("initial_state", initial_state)):
-        if value is not None and not value.is_floating_point():
-            raise ValueError(f"{name} must be floating point, got {value.dtype}")
     V = v.shape[-1]
-    expected = {"g": (B, T, H) if g_per == "head" else (B, T, H, K), "beta": (B, T, H),
-                "initial_state": (B, H, K, V), "doc_ids": (B, T)}
-    for name, value in (("g", g), ("beta", beta), ("initial_state", initial_state), ("doc_ids", doc_ids)):
-        if value is not None and tuple(value.shape) != expected[name]:
-            raise ValueError(f"expected {name} of shape {list(expected[name])} for q {list(q.shape)} "
+    # (name, value, expected shape); a decode step runs this per layer, so no dicts or copies
+    for name, value, expected in (("g", g, (B, T, H) if g_per == "head" else (B, T, H, K)), ("beta", beta, (B, T, H)),
+                                  ("initial_state", initial_state, (B, H, K, V)), ("doc_ids", doc_ids, (B, T))):
+        if value is None:
+            continue
+        if name != "doc_ids" and not value.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {value.dtype}")
+        if value.shape != expected:
+            raise ValueError(f"expected {name} of shape {list(expected)} for q {list(q.shape)} "
                              f"and v {list(v.shape)}, got {list(value.shape)}")
     if doc_ids is not None and doc_ids.is_floating_point():
         raise ValueError(f"doc_ids must be integers (one id per document), got {doc_ids.dtype}")
@@ -178,18 +179,23 @@ def first_order_only(fn: Callable) -> Callable:
 @no_autocast
 def recurrent_reference(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None, beta: Tensor | None = None,
                         scale: float | None = None, initial_state: Tensor | None = None,
-                        doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                        doc_ids: Tensor | None = None, state_clip: float | None = None) -> tuple[Tensor, Tensor]:
     """The recurrence token by token (see the module docstring), in fp32 (fp64 stays fp64).
 
     q, k [B, T, H, K], v [B, T, H, V], g [B, T, H] or [B, T, H, K] (log decay, ≤ 0),
     beta [B, T, H] (delta rule when given), initial_state [B, H, K, V], doc_ids [B, T]
-    -> o [B, T, H, V] in the inputs' dtype, final state [B, H, K, V] in the compute dtype."""
+    -> o [B, T, H, V] in the inputs' dtype, final state [B, H, K, V] in the compute dtype.
+    ``state_clip`` (> 0): after each token's update, and before its read, a state whose
+    Frobenius norm (per row and head) exceeds it is scaled down to it (Stuffed Mamba's state
+    normalisation, see recurrent_layer.CollapseConfig)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype, out_dtype = compute_dtype(q.dtype), v.dtype
     scale = K ** -0.5 if scale is None else scale
+    if state_clip is not None and not state_clip > 0:
+        raise ValueError(f"state_clip must be > 0 (or None), got {state_clip}")
     if T == 1:  # a decode step (doc_ids cannot matter: the first token continues the state)
-        return _one_token(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state)
+        return _one_token(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state, state_clip=state_clip)
     # one slice per token, taken once: indexing x[:, t] inside the loop would make the
     # backward add a full-size zero gradient per token (T² work)
     qs = (q.to(dtype) * scale).unsqueeze(-2).unbind(1)  # T × [B, H, 1, K]: rows for matmuls
@@ -219,30 +225,41 @@ def recurrent_reference(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = N
             # the delta rule: move what S recalls for k_t a fraction beta towards v_t
             recalled = k_rows[t] @ S  # [B, H, 1, V]
             S = S + k_t * (betas[t] * (v_t - recalled))
+        if state_clip is not None:
+            S = clip_state(S, state_clip)
         out.append(qs[t] @ S)  # [B, H, 1, V]
     o = torch.cat(out, dim=2).transpose(1, 2) if out else v.new_zeros(B, 0, H, V, dtype=dtype)  # [B, T, H, V]
     return o.to(out_dtype), S
 
 
+def clip_state(S: Tensor, limit: float) -> Tensor:
+    """S [B, H, K, V] scaled per (row, head) to a Frobenius norm of at most ``limit``."""
+    norm = S.flatten(-2).norm(dim=-1).clamp_min(limit)  # [B, H]
+    return S * (limit / norm)[..., None, None]
+
+
 def _one_token(q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None, beta: Tensor | None, scale: float,
-               initial_state: Tensor | None) -> tuple[Tensor, Tensor]:
+               initial_state: Tensor | None, state_clip: float | None = None) -> tuple[Tensor, Tensor]:
     """recurrent_reference for T = 1: the loop's one iteration, the same operations in the
     same order, on views of the single token (no per-token unbinding)."""
     B, _, H, K = q.shape
     V = v.shape[-1]
     dtype = compute_dtype(q.dtype)
-    k_t, v_t = k.to(dtype).view(B, H, K, 1), v.to(dtype).view(B, H, 1, V)
-    S = q.new_zeros(B, H, K, V, dtype=dtype) if initial_state is None else initial_state.to(dtype)
+    k, v_t = cast(k, dtype), cast(v, dtype).view(B, H, 1, V)
+    k_t = k.view(B, H, K, 1)
+    S = q.new_zeros(B, H, K, V, dtype=dtype) if initial_state is None else cast(initial_state, dtype)
     if g is not None:
-        decay = g.to(dtype).exp()  # [B, 1, H] or [B, 1, H, K]
+        decay = cast(g, dtype).exp()  # [B, 1, H] or [B, 1, H, K]
         S = S * (decay.view(B, H, 1, 1) if decay.dim() == 3 else decay.view(B, H, K, 1))
     if beta is None:
         S = S + k_t * v_t
     else:
-        recalled = k.to(dtype).view(B, H, 1, K) @ S  # [B, H, 1, V] (a row: see recurrent_reference)
-        S = S + k_t * (beta.to(dtype).view(B, H, 1, 1) * (v_t - recalled))
-    o = (q.to(dtype) * scale).view(B, H, 1, K) @ S  # [B, H, 1, V]
-    return o.view(B, 1, H, V).to(v.dtype), S
+        recalled = k.view(B, H, 1, K) @ S  # [B, H, 1, V] (a row: see recurrent_reference)
+        S = S + k_t * (cast(beta, dtype).view(B, H, 1, 1) * (v_t - recalled))
+    if state_clip is not None:
+        S = clip_state(S, state_clip)
+    o = (cast(q, dtype) * scale).view(B, H, 1, K) @ S  # [B, H, 1, V]
+    return cast(o.view(B, 1, H, V), v.dtype), S
 
 
 # ---------------------------------------------------------------- chunked

@@ -27,11 +27,12 @@ from hybridlab.core.numerics import compute_dtype
 from hybridlab.registry import hookimpl
 
 from .linear_recurrence import check_inputs, chunk_recurrence, recurrent_cases, recurrent_reference
-from .recurrent_layer import (RecurrentConfig, RecurrentState, ShortConv, inverse_softplus, l2_norm, log_uniform_,
+from .recurrent_layer import (CollapseOptions, RecurrentConfig, RecurrentState, ShortConv, collapse_state,
+                              inverse_softplus, l2_norm, log_uniform_, recur_collapsed, token_by_token_reason,
                               value_width)
 
 
-class Mamba2Config(RecurrentConfig):
+class Mamba2Config(RecurrentConfig, CollapseOptions):
     """Mamba2: h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T, y_t = h_t^T C_t + D x_t, per head.
     In the shared fields' terms head_dim is Mamba2's d_state (N, the rows of each head's
     state) and head_dim·expand_v its headdim (P); Mamba2's expand is heads·head_dim·expand_v
@@ -66,7 +67,8 @@ class Mamba2Config(RecurrentConfig):
 
 
 def ssd_reference(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, scale: float | None = None,
-                  initial_state: Tensor | None = None, doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  initial_state: Tensor | None = None, doc_ids: Tensor | None = None,
+                  state_clip: float | None = None) -> tuple[Tensor, Tensor]:
     """Mamba2's state space dual (Dao & Gu 2024, Transformers are SSMs: Generalized Models
     and Efficient Algorithms Through Structured State Space Duality), a scalar decay per
     head and token:
@@ -77,16 +79,22 @@ def ssd_reference(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, scale: float | 
     v = dt·x, g = dt·A, scale = 1 (its D·x skip is outside the op). q, k [B, T, H, K] (K is
     Mamba2's d_state), v [B, T, H, V], g [B, T, H] (log decay, ≤ 0), initial_state
     [B, H, K, V], doc_ids [B, T] (packed documents: the state restarts where the id
-    changes); scale defaults to K^-0.5 as in fla. Returns (o [B, T, H, V], final state
-    [B, H, K, V] in fp32, fp64 for fp64 inputs). Implementations: reference (token by
-    token), chunk."""
+    changes); scale defaults to K^-0.5 as in fla; state_clip (> 0) scales each head's state
+    down to that Frobenius norm after every token where it is larger (the collapse fix;
+    reference only). Returns (o [B, T, H, V], final state [B, H, K, V] in fp32, fp64 for
+    fp64 inputs). Implementations: reference (token by token), chunk."""
     check_inputs(q, k, v, g=g, initial_state=initial_state, doc_ids=doc_ids)
-    return recurrent_reference(q, k, v, g=g, scale=scale, initial_state=initial_state, doc_ids=doc_ids)
+    return recurrent_reference(q, k, v, g=g, scale=scale, initial_state=initial_state, doc_ids=doc_ids,
+                               state_clip=state_clip)
 
 
 def ssd_chunk(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, scale: float | None = None,
-              initial_state: Tensor | None = None, doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Same contract as ssd_reference; chunks of 64 tokens (32 on CPU)."""
+              initial_state: Tensor | None = None, doc_ids: Tensor | None = None,
+              state_clip: float | None = None) -> tuple[Tensor, Tensor]:
+    """Same contract as ssd_reference; chunks of 64 tokens (32 on CPU). No state_clip: a
+    chunk holds no per-token states (its supports() says so)."""
+    if state_clip is not None:
+        raise ValueError("ssd chunk: state_clip acts after every token; use impl='reference'")
     check_inputs(q, k, v, g=g, initial_state=initial_state, doc_ids=doc_ids)
     return chunk_recurrence(q, k, v, g=g, scale=scale, initial_state=initial_state, doc_ids=doc_ids)
 
@@ -171,8 +179,13 @@ class Mamba2(Dispatched, SequenceMixer):
         dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))  # [B, T, H]
         g = -self.A_log.to(dtype).exp() * dt  # log of exp(dt·A), A = -exp(A_log) < 0
         impl = self.impl_for(self.config, x, decoding=state is not None)
-        y, S = impl.fn(c, b, xs.to(dtype) * dt[..., None], g, scale=1.0,
-                       initial_state=None if state is None else state.recurrent, doc_ids=doc_ids)
+        if self.config.collapse is None:
+            y, S = impl.fn(c, b, xs.to(dtype) * dt[..., None], g, scale=1.0,
+                           initial_state=None if state is None else state.recurrent, doc_ids=doc_ids)
+            fields = {"recurrent": S}
+        else:
+            y, fields = recur_collapsed(impl.fn, self.config.collapse, c, b, xs.to(dtype) * dt[..., None], {"g": g},
+                                        state=state, doc_ids=doc_ids, scale=1.0)
         y = y + self.D.to(dtype)[:, None] * xs.to(dtype)  # [B, T, H, V]: the skip
         y = y.reshape(B, T, H * V)
         first_norm = self.norm is not None and self.config.norm_before_gate
@@ -183,7 +196,7 @@ class Mamba2(Dispatched, SequenceMixer):
         if self.norm is not None and not first_norm:
             y = self.norm(y)
         out = self.out(y.to(x.dtype))  # [B, T, D]
-        return out, None if state is None else RecurrentState(S, tail)
+        return out, None if state is None else RecurrentState(conv=tail, **fields)
 
     def init_state(self, batch, device, dtype):
         recurrent = torch.zeros(batch, self.heads, self.head_dim, self.value_dim, device=device,
@@ -191,11 +204,13 @@ class Mamba2(Dispatched, SequenceMixer):
         conv = None
         if self.conv is not None:
             conv = torch.zeros(batch, self.conv.size - 1, self.conv_channels, device=device, dtype=dtype)
-        return RecurrentState(recurrent, conv)
+        return RecurrentState(recurrent, conv, **collapse_state(self.config.collapse, recurrent))
 
     def state_bytes(self, seq_len, dtype=torch.bfloat16):
-        """Independent of seq_len: the state matrix (compute dtype) and the conv tail."""
+        """Independent of seq_len: the state matrix (compute dtype; two with collapse.window)
+        and the conv tail."""
         matrix = self.heads * self.head_dim * self.value_dim * compute_dtype(dtype).itemsize
+        matrix *= 1 if self.config.collapse is None or self.config.collapse.window is None else 2
         conv = 0 if self.conv is None else (self.conv.size - 1) * self.conv_channels * dtype.itemsize
         return matrix + conv
 
@@ -205,6 +220,9 @@ def hybridlab_register(register):
     register.kind("mixer", "mamba2", config=Mamba2Config, module=Mamba2, cases=ssd_cases,
                   examples=[{"heads": 2}, {"heads": 6, "head_dim": 5, "expand_v": 1.6, "groups": 3, "qk_norm": "l2"},
                             {"heads": 4, "conv_size": 0, "gate": False, "output_norm": False},
-                            {"heads": 3, "groups": 3, "norm_before_gate": True, "output_norm_eps": 1e-6}])
+                            {"heads": 3, "groups": 3, "norm_before_gate": True, "output_norm_eps": 1e-6},
+                            {"heads": 2, "collapse": {"forget_scale": 2.0, "insert_scale": 0.25, "window": 8}},
+                            {"heads": 4, "groups": 2, "collapse": {"state_clip": 0.2, "window": 10}}])
     register.impl("mixer", "mamba2", "reference", fn=ssd_reference, doc="token by token in fp32")
-    register.impl("mixer", "mamba2", "chunk", fn=ssd_chunk, priority=10, doc="chunks of 64 tokens (32 on CPU), PyTorch")
+    register.impl("mixer", "mamba2", "chunk", fn=ssd_chunk, priority=10, supports=token_by_token_reason,
+                  doc="chunks of 64 tokens (32 on CPU), PyTorch")

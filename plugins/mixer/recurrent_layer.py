@@ -13,6 +13,7 @@ A recurrent mixer, as in fla's layers:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,11 +22,11 @@ import torch.nn.functional as F
 from hybridlab.core.config import Config, Dims
 from hybridlab.core.dispatch import Dispatched
 from hybridlab.core.interfaces import SequenceMixer
-from hybridlab.core.numerics import compute_dtype
+from hybridlab.core.numerics import cast, compute_dtype
 from pydantic import Field
 from torch import Tensor, nn
 
-from .linear_recurrence import segments
+from .linear_recurrence import new_document, segments
 
 # ---------------------------------------------------------------- config
 
@@ -83,6 +84,77 @@ class DeltaRuleConfig(RecurrentConfig):
     "Unlocking State-Tracking in Linear RNNs Through Negative Eigenvalues")."""
 
 
+class CollapseConfig(Config):
+    """Training-free fixes for state collapse (Chen et al. 2024, "Stuffed Mamba: State
+    Collapse and State Capacity of RNN-Based Long-Context Modeling", arXiv 2410.07145): a
+    recurrence trained on short sequences never learns to forget, and past its training
+    length some state channels blow up. Each field is off at its default; they apply in
+    training too, but are meant to be switched on for evaluation and decoding of a
+    trained model (``hybridlab evaluate RUN --set model....mixer.collapse.window=64``).
+    With g the log decay and v the inserted values of the op (Mamba2: v = dt·x), one step is
+
+        g_t ← forget_scale · g_t            (decay exp(g_t) raised to forget_scale)
+        v_t ← insert_scale · v_t            (the written term scaled; a delta rule's erase is not)
+        S_t = op's update of S_{t-1}
+        S_t ← S_t · min(1, state_clip / ||S_t||_F)   per batch row and head, before the read
+    """
+
+    forget_scale: float = Field(default=1.0, ge=1, allow_inf_nan=False)
+    """Controlled forgetting: multiplies the log decay g (≤ 0), so every decay exp(g) becomes
+    exp(g)^forget_scale: more forgetting for values above 1 (the paper's scaling of Mamba2's
+    A; dt·B·x, the insertion, is unchanged). 1 is off."""
+    insert_scale: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
+    """Controlled forgetting: multiplies what each token writes into the state (the values v;
+    Mamba2's B·dt·x, the paper's scaling of B), in (0, 1]. Alone it scales a zero-started
+    linear state and so only the op's output, which an output norm mostly removes; it acts
+    together with state_clip, a carried state or Mamba2's D skip. 1 is off."""
+    state_clip: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    """State normalisation: after each token, a head's state matrix whose Frobenius norm
+    exceeds this is scaled down to this norm. Acts token by token, so only the reference
+    (token-by-token) implementation serves it; the chunked ones say so to the dispatcher.
+    null is off."""
+    window: int | None = Field(default=None, ge=1)
+    """Sliding-window state: the state read at position t (counted from the first token the
+    state has seen, or from the first token of t's packed document) holds only the tokens
+    since w·(floor(t/w) - 1), i.e. the last w+1 to 2w tokens (all of them while t < 2w),
+    restarted from zero as if a new document began there. Two staggered states restart
+    every 2w tokens, w apart; the one restarted longest ago is read. The decoding state
+    carries both and the position; a packed document restarts both and its own count, so
+    it equals its run alone. null is off."""
+
+
+class CollapseOptions(Config):
+    """The ``collapse`` field of the recurrent kinds that implement CollapseConfig's fixes
+    (gated_deltanet, mamba2): a kind's config inherits it next to its other base."""
+
+    collapse: CollapseConfig | None = None
+    """Training-free state-collapse fixes (forget_scale, insert_scale, state_clip, window),
+    applied at evaluation and decoding without retraining; null (the default) is off and
+    the layer computes exactly what it computes without the field."""
+
+    def summary_notes(self) -> str:
+        if self.collapse is None:
+            return ""
+        on = {name: value for name, value in self.collapse.model_dump().items()
+              if value != CollapseConfig.model_fields[name].default}
+        return "collapse: " + (", ".join(f"{name}={value}" for name, value in on.items()) or "all off")
+
+
+def collapse_of(config: Any) -> CollapseConfig | None:
+    """The layer's collapse fixes, or None (off, or a kind without them)."""
+    return config.collapse if isinstance(config, CollapseOptions) else None
+
+
+def token_by_token_reason(config: Any, device: str = "", dtype: Any = None) -> str | None:
+    """supports() of a chunked implementation: None, or why it cannot serve a layer whose
+    collapse.state_clip acts after every token (a chunk never holds the per-token states)."""
+    collapse = collapse_of(config)
+    if collapse is not None and collapse.state_clip is not None:
+        return ("collapse.state_clip clips the state after every token and a chunked form holds no per-token "
+                "states; the reference (token by token) serves it")
+    return None
+
+
 # ---------------------------------------------------------------- pieces
 
 
@@ -94,12 +166,17 @@ class RecurrentState:
 
     recurrent: Tensor
     conv: Tensor | None = None
+    window: Tensor | None = None
+    """With collapse.window: the second of the two staggered states [B, H, K, V] (``recurrent``
+    restarts where the absolute position is a multiple of 2w, this one w later)."""
+    position: Tensor | None = None
+    """With collapse.window: tokens each row's state has seen, [B] int64."""
 
 
 def l2_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     """x / sqrt(Σ x² + eps) over the last axis (fla's l2norm)."""
-    xf = x.to(compute_dtype(x.dtype))
-    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+    xf = cast(x, compute_dtype(x.dtype))
+    return cast(xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps), x.dtype)
 
 
 class ShortConv(nn.Module):
@@ -122,7 +199,7 @@ class ShortConv(nn.Module):
         W = self.size
         if tail is None:
             tail = x.new_zeros(B, W - 1, C)
-        xp = torch.cat([tail.to(x.dtype), x], dim=1)  # [B, W-1+T, C]
+        xp = torch.cat([cast(tail, x.dtype), x], dim=1)  # [B, W-1+T, C]
         if doc_ids is not None:
             seg = segments(doc_ids)  # the tail continues the first document
             seg = torch.cat([seg[:, :1].expand(B, W - 1), seg], dim=1)  # [B, W-1+T]
@@ -151,11 +228,64 @@ class OutputNorm(nn.Module):
 
     def forward(self, o: Tensor, gate: Tensor | None = None) -> Tensor:
         """o [B, T, H, V], gate [B, T, H, V] or None -> [B, T, H, V]"""
-        of = o.to(compute_dtype(o.dtype))
+        of = cast(o, compute_dtype(o.dtype))
         y = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
         if gate is not None:
-            y = y * F.silu(gate.to(y.dtype))
-        return y.to(o.dtype)
+            y = y * F.silu(cast(gate, y.dtype))
+        return cast(y, o.dtype)
+
+
+def recur_collapsed(fn: Callable, collapse: CollapseConfig, q: Tensor, k: Tensor, v: Tensor, gates: dict[str, Tensor],
+                    *, state: RecurrentState | None, doc_ids: Tensor | None,
+                    **options: Any) -> tuple[Tensor, dict[str, Tensor | None]]:
+    """The op ``fn(q, k, v, **gates, **options, initial_state=, doc_ids=)`` with the
+    collapse fixes (see CollapseConfig) -> (o [B, T, H, V], the new state's fields:
+    recurrent, and window and position with collapse.window)."""
+    if collapse.forget_scale != 1.0:
+        gates = {**gates, "g": gates["g"] * collapse.forget_scale}
+    if collapse.insert_scale != 1.0:
+        v = v * collapse.insert_scale
+    if collapse.state_clip is not None:
+        options = {**options, "state_clip": collapse.state_clip}
+
+    def run(initial: Tensor | None, ids: Tensor | None) -> tuple[Tensor, Tensor]:
+        return fn(q, k, v, **gates, **options, initial_state=initial, doc_ids=ids)
+
+    if collapse.window is None:
+        o, S = run(None if state is None else state.recurrent, doc_ids)
+        return o, {"recurrent": S}
+    B, T = q.shape[:2]
+    w = collapse.window
+    fresh = state is None or state.position is None  # a state from before the window was set starts at 0
+    start = torch.zeros(B, dtype=torch.long, device=q.device) if fresh else state.position  # [B]
+    steps = torch.arange(T, device=q.device)
+    where = start[:, None] + steps  # [B, T]: each token's position in its document (the state's, for the first)
+    docs = None if doc_ids is None else segments(doc_ids)  # [B, T]
+    if docs is not None:  # a packed document counts from its own first token, as if run alone
+        first_token = torch.cummax(torch.where(new_document(doc_ids), steps, 0), dim=1).values  # [B, T]
+        where = torch.where(docs == 0, where, steps - first_token)
+    outs, finals = [], []
+    for shift, initial in ((0, None if state is None else state.recurrent), (w, None if state is None else state.window)):
+        block = (where + shift) // (2 * w)  # [B, T]: this state restarts where (t + shift) is a multiple of 2w
+        ids = block if docs is None else docs * (int(block.max()) + 1) + block  # a new id is a restart
+        if initial is not None:  # a restart at the call's first token: the op would continue the state there
+            initial = initial * ((start + shift) % (2 * w) != 0).to(initial.dtype)[:, None, None, None]
+        o, S = run(initial, ids)
+        outs.append(o)
+        finals.append(S)
+    # position t in [jw, (j+1)w) reads the state restarted at (j-1)w: the first (restarts at
+    # multiples of 2w) for odd j, the second (odd multiples of w) for even j
+    odd = (where // w % 2 == 1)[:, :, None, None]  # [B, T, 1, 1]
+    return torch.where(odd, outs[0], outs[1]), {"recurrent": finals[0], "window": finals[1],
+                                                "position": where[:, -1] + 1}
+
+
+def collapse_state(collapse: CollapseConfig | None, recurrent: Tensor) -> dict[str, Tensor]:
+    """init_state's extra fields for collapse.window: the second state and the position."""
+    if collapse is None or collapse.window is None:
+        return {}
+    return {"window": torch.zeros_like(recurrent),
+            "position": torch.zeros(recurrent.shape[0], dtype=torch.long, device=recurrent.device)}
 
 
 # ---------------------------------------------------------------- the module
@@ -219,12 +349,17 @@ class RecurrentMixer(Dispatched, SequenceMixer):
         if Hv != H:  # each q/k head serves Hv / H consecutive value heads
             q, k = q.repeat_interleave(Hv // H, dim=2), k.repeat_interleave(Hv // H, dim=2)
         impl = self.impl_for(self.config, x, decoding=state is not None)
-        o, S = self.recur(impl, x, q, k, v, None if state is None else state.recurrent, doc_ids)  # [B, T, Hv, V]
+        collapse = collapse_of(self.config)
+        if collapse is None:
+            o, S = self.recur(impl, x, q, k, v, None if state is None else state.recurrent, doc_ids)  # [B, T, Hv, V]
+            fields = {"recurrent": S}
+        else:
+            o, fields = recur_collapsed(impl.fn, collapse, q, k, v, self.gates(x), state=state, doc_ids=doc_ids)
         if self.norm is not None or self.gate is not None:
             gate = None if self.gate is None else self.gate(x).view(B, T, Hv, V)
             o = self.norm(o, gate) if self.norm is not None else o * F.silu(gate)
         y = self.out(o.reshape(B, T, Hv * V))  # [B, T, D]
-        return y, None if state is None else RecurrentState(S, tail)
+        return y, None if state is None else RecurrentState(conv=tail, **fields)
 
     def init_state(self, batch, device, dtype):
         H, K, V = self.v_heads, self.head_dim, self.value_dim + self.value_extra
@@ -232,11 +367,14 @@ class RecurrentMixer(Dispatched, SequenceMixer):
         conv = None
         if self.conv is not None:
             conv = torch.zeros(batch, self.conv.size - 1, self.conv.weight.shape[0], device=device, dtype=dtype)
-        return RecurrentState(recurrent, conv)
+        return RecurrentState(recurrent, conv, **collapse_state(collapse_of(self.config), recurrent))
 
     def state_bytes(self, seq_len, dtype=torch.bfloat16):
-        """Independent of seq_len: the state matrix (compute dtype) and the conv tail."""
+        """Independent of seq_len: the state matrix (compute dtype; two with collapse.window)
+        and the conv tail."""
         matrix = self.v_heads * self.head_dim * (self.value_dim + self.value_extra) * compute_dtype(dtype).itemsize
+        collapse = collapse_of(self.config)
+        matrix *= 1 if collapse is None or collapse.window is None else 2
         conv = 0 if self.conv is None else (self.conv.size - 1) * self.conv.weight.shape[0] * dtype.itemsize
         return matrix + conv
 
@@ -257,7 +395,7 @@ class DeltaRuleMixer(RecurrentMixer):
 
     def beta_of(self, x: Tensor) -> Tensor:
         """x [B, T, D] -> beta [B, T, Hv] in (0, 1), or (0, 2) with allow_neg_eigval."""
-        beta = torch.sigmoid(self.beta(x).to(compute_dtype(x.dtype)))
+        beta = torch.sigmoid(cast(self.beta(x), compute_dtype(x.dtype)))
         return 2 * beta if self.config.allow_neg_eigval else beta
 
 

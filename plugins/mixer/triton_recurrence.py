@@ -1,17 +1,17 @@
 """Implementation ``triton`` of the linear-recurrence kinds: linear_attention,
-retention, gla, deltanet, gated_deltanet, kda and gated_deltaproduct (through n sub-tokens
-per token, as its chunk form), each an instance of the one chunked Triton template in
-kernels/linear_recurrence/ (decay: none, per head or per key channel; update: additive
-or the delta rule). Registered from this file so the kinds' own files
-stay free of Triton, which is imported on first call: without it installed these are
-listed and refused with the reason.
+retention, gla, deltanet, gated_deltanet, kda and gated_deltaproduct, each an instance
+of the one chunked Triton template in kernels/linear_recurrence/ (decay: none, per head
+or per key channel; update: additive or the delta rule; one or several Householder
+steps per token). Registered from this file so the kinds' own files stay free of
+Triton, which is imported on first call: without it installed these are listed and
+refused with the reason.
 
-Backward: linear_attention and retention have one, through the same kernel run as the
-adjoint recurrence (kernels/linear_recurrence/additive_bwd.py). GLA and the delta-rule
-kinds are forward only (``backward=False``): dispatch never picks them for training,
-and a gradient forced through the delta-rule kernels raises. They run on CUDA, and on CPU tensors under
-``TRITON_INTERPRET=1`` (tests, CI). Their priority sits below ``chunk`` until a GPU
-benchmark (benchmarks/gpu.sh) shows them faster: pin them with
+Backward, every kind: linear_attention and retention through the same kernel run as the
+adjoint recurrence (kernels/linear_recurrence/additive_bwd.py); GLA, the delta-rule
+kinds and Gated DeltaProduct by recomputation chunk by chunk from the forward's
+checkpoints (kernels/linear_recurrence/chunk_bwd.py). They run on CUDA, and on CPU
+tensors under ``TRITON_INTERPRET=1`` (tests, CI). Their priority sits below ``chunk``
+until a GPU benchmark (benchmarks/gpu.sh) shows them faster: pin them with
 ``HYBRIDLAB_IMPL=gated_deltanet=triton`` or a block's ``impl: {gated_deltanet: triton}``.
 """
 
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .gated_deltaproduct import _householder_steps
 from .linear_recurrence import check_inputs
-from .recurrent_layer import RecurrentConfig
+from .recurrent_layer import RecurrentConfig, token_by_token_reason
 from .retention import retention_decay
 
 MAX_HEAD_DIM = 256  # kernels/linear_recurrence: one program holds a [K, V-block] state
@@ -87,28 +87,22 @@ def gated_delta_product_triton(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta:
                                scale: float | None = None, initial_state: Tensor | None = None,
                                doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Same contract as gated_delta_product_reference (k, v, beta [B, T·n, H, ...]): the
-    template's gated delta rule over T·n sub-tokens, as the chunk form does: token t's
-    decay acts before its first step, its query reads after its last, and a new document
-    starts at its first step. The n - 1 unread rows per token are computed and dropped
-    (n times the output work; a HOUSEHOLDER flag in the kernel would skip them)."""
+    template's gated delta rule with n steps per token (its N_STEPS flag): token t's
+    decay acts before its first step, its query reads after its last."""
     n = _householder_steps(q, k, v, g, beta, initial_state, doc_ids)
-    B, T, H, K = q.shape
-    q_steps = torch.cat([q.new_zeros(B, T, n - 1, H, K), q[:, :, None]], dim=2).view(B, T * n, H, K)
-    g_steps = torch.cat([g[:, :, None], g.new_zeros(B, T, n - 1, H)], dim=2).view(B, T * n, H)
-    doc_steps = None if doc_ids is None else doc_ids.repeat_interleave(n, dim=1)  # [B, T·n]
-    o, state = _run(q_steps, k, v, g=g_steps, decay="head", beta=beta, scale=K ** -0.5 if scale is None else scale,
-                    initial_state=initial_state, doc_ids=doc_steps)
-    return o[:, n - 1::n], state  # [B, T, H, V]: the rows after each token's last step
+    return _run(q, k, v, g=g, decay="head", beta=beta, scale=scale, initial_state=initial_state, doc_ids=doc_ids,
+                steps=n)
 
 
 def recurrence_triton_supports(config: Any, device: str, dtype: torch.dtype) -> str | None:
     """Devices as kernels/support.py says (read per call), and head_dim ≤ MAX_HEAD_DIM when
-    the layer's config sets it (a head_dim derived from d_model is checked per call)."""
+    the layer's config sets it (a head_dim derived from d_model is checked per call), and no
+    collapse.state_clip (a per-token clip the chunked kernel cannot apply)."""
     reason = device_reason(device)
     if reason is None and isinstance(config, RecurrentConfig) and config.head_dim is not None \
             and config.head_dim > MAX_HEAD_DIM:
         reason = f"head_dim ≤ {MAX_HEAD_DIM} (one program holds a head's [K, V-block] state), got {config.head_dim}"
-    return reason
+    return reason or token_by_token_reason(config)
 
 
 OPS = {"linear_attention": linear_attn_triton, "retention": retention_triton, "gla": gla_triton,
@@ -117,20 +111,12 @@ OPS = {"linear_attention": linear_attn_triton, "retention": retention_triton, "g
 TEMPLATE = {"linear_attention": "no decay, additive", "retention": "fixed decay per head, additive",
             "gla": "decay per key channel, additive", "deltanet": "no decay, delta rule",
             "gated_deltanet": "decay per head, delta rule", "kda": "decay per key channel, delta rule",
-            "gated_deltaproduct": "decay per head, delta rule over n sub-steps per token"}
-
-
-# backward through the adjoint pass (additive_bwd.py). GLA's decay gradient there comes
-# from q·dq - k·dk, a cancelling difference: 3-10x the reference's error (verify's bar is
-# 2x), so GLA stays forward only until the decay gradient is summed pair by pair
-ADDITIVE = {"linear_attention", "retention"}
+            "gated_deltaproduct": "decay per head, delta rule, n steps per token"}
 
 
 @hookimpl
 def hybridlab_register(register):
     for kind, fn in OPS.items():
-        backward = kind in ADDITIVE
         register.impl("mixer", kind, "triton", fn=fn, priority=5, devices={"cuda", "cpu"}, dtypes=DTYPES,
-                      backward=backward, supports=recurrence_triton_supports,
-                      doc=f"Triton chunk template ({TEMPLATE[kind]}), {'fwd+bwd' if backward else 'forward only'}; "
-                          f"cuda, or cpu under TRITON_INTERPRET=1")
+                      backward=True, supports=recurrence_triton_supports,
+                      doc=f"Triton chunk template ({TEMPLATE[kind]}), fwd+bwd; cuda, or cpu under TRITON_INTERPRET=1")

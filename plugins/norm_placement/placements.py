@@ -6,6 +6,8 @@ With ``f`` the sub-layer (mixer or FFN), ``N`` the block's normalization kind an
     pre       h ← h + f(N(h))                      GPT-2 and most LLMs (the default)
     post      h ← N(h + f(h))                      the original Transformer (Vaswani et al. 2017)
     sandwich  h ← h + N_out(f(N_in(h)))            Gemma 2/3 ("pre- and post-norm" per sub-layer)
+    replace   h ← f(N(h))                          no residual: the sub-layer's output replaces its
+                                                   input (Zamba2's shared transformer block)
 
 Each sub-layer gets its own norms. With a multi-lane residual (hyper-connections, mHC),
 ``post`` normalises each lane.
@@ -40,6 +42,14 @@ class SandwichConfig(Config):
     kind: Literal["sandwich"] = "sandwich"
 
 
+class ReplaceConfig(Config):
+    """No residual: the sub-layer's output replaces its input, f(norm(h)). A block whose
+    sub-layers all replace computes ffn(norm(mixer(norm(h)))); used under ``shared:`` with
+    ``into: add`` or ``into: next`` (docs/composition.md) its output is a contribution."""
+
+    kind: Literal["replace"] = "replace"
+
+
 class Pre(NormPlacement):
     def __init__(self, config: PreConfig, dims: Dims, norm: Config) -> None:
         super().__init__()
@@ -72,8 +82,18 @@ class Sandwich(NormPlacement):
         return residual(h, lambda x: self.post_norm(sublayer(self.norm(x))))
 
 
+class Replace(NormPlacement):
+    def __init__(self, config: ReplaceConfig, dims: Dims, norm: Config) -> None:
+        super().__init__()
+        self.norm = dims.build("normalization", norm, dims.d_in or dims.d_model)  # the mixer's input may be wide
+
+    def forward(self, h: Tensor, sublayer: SubLayer, residual, ctx: RunContext) -> Tensor:
+        return sublayer(self.norm(h))
+
+
 @hookimpl
 def hybridlab_register(register):
     register.kind("norm_placement", "pre", config=PreConfig, module=Pre)
     register.kind("norm_placement", "post", config=PostConfig, module=Post)
     register.kind("norm_placement", "sandwich", config=SandwichConfig, module=Sandwich)
+    register.kind("norm_placement", "replace", config=ReplaceConfig, module=Replace)

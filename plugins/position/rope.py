@@ -5,7 +5,7 @@ from typing import Literal
 
 import torch
 from hybridlab.core.config import Config, Dims
-from hybridlab.core.numerics import compute_dtype
+from hybridlab.core.numerics import cast, compute_dtype
 from hybridlab.registry import hookimpl
 from pydantic import Field
 from torch import Tensor, nn
@@ -62,9 +62,9 @@ class RoPE(nn.Module):
         else:
             cos, sin = self.tables(offset, T, x.device, dtype)  # [T, rot/2], broadcast over [B, H]
         full = self.rot == x.shape[-1]
-        xr = (x if full else x[..., : self.rot]).to(dtype)
+        xr = cast(x if full else x[..., : self.rot], dtype)
         x1, x2 = xr.chunk(2, dim=-1)  # rotate-half convention
-        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        rotated = cast(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1), x.dtype)
         return rotated if full else torch.cat([rotated, x[..., self.rot:]], dim=-1)
 
 

@@ -179,7 +179,7 @@ def test_best_lr_by_accuracy_then_by_loss_and_by_loss_for_loss_metrics():
 def test_parse_lrs():
     assert parse_lrs("1e-3, 3e-3,1e-3") == [1e-3, 3e-3]
     assert parse_lrs(None) is None
-    for bad in ("abc", "", "0", "-1e-3", "nan"):
+    for bad in ("abc", "", "0", "-1e-3", "nan", "1e-3,,3e-3", "1e-3,"):
         with pytest.raises(HybridlabError, match="--lr"):
             parse_lrs(bad)
 

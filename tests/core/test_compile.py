@@ -49,3 +49,20 @@ def test_training_steps_at_a_fixed_shape_compile_once(model):
     with torch._dynamo.config.patch(error_on_recompile=True):
         later = [step() for _ in range(3)]
     assert later[-1] < first  # the steps trained: the same graph ran with the updated weights
+
+
+def test_dispatch_marks_its_pins_constant_as_torch_does_without_importing_dynamo():
+    import subprocess
+    import sys
+
+    from hybridlab.core import dispatch
+
+    def probe():
+        return None
+
+    marked = torch.compiler.assume_constant_result(probe)
+    own = {k: v for k, v in vars(dispatch._constant_when_compiled(lambda: None)).items()}
+    assert own == {k: v for k, v in vars(marked).items()} and own  # the same marker torch's decorator sets
+    code = "import sys, hybridlab.core.model, hybridlab.core.dispatch; print('torch._dynamo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"

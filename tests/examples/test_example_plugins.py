@@ -402,7 +402,7 @@ def test_cli_list_shows_example_kinds(example_site, workdir):
     assert len(scalenorm) == 1, proc.stdout
     for word in ["normalization", "torch", "reference", "hybridlab-plugin-example"]:
         assert word in scalenorm[0], scalenorm[0]
-    shift = [line for line in lines if " shift " in f" {line} "]
+    shift = [line for line in lines if line.split()[1:2] == ["shift"]]  # the kind column, not a description
     assert len(shift) == 1 and "mixer" in shift[0] and "hybridlab-plugin-example" in shift[0], proc.stdout
 
     proc = run(["-m", "hybridlab", "list", "mixer"], [example_site], workdir)

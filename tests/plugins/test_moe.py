@@ -25,11 +25,11 @@ ROUTING = {"out[1]": "experts", "out[4]": "load"}
 
 def test_both_implementations_pass_verification_with_identical_routing():
     report = assert_verified("moe")
-    assert {c.impl for c in report.checks} == {"reference", "grouped"}
+    assert {c.impl for c in report.checks} == {"reference", "grouped", "token"}
     assert {c.dtype for c in report.checks} == {"float32", "bfloat16", "float16"}
     routing = [c for c in report.checks if c.quantity in ROUTING]
-    # every case, every dtype: the same experts and loads as the float64 reference, exactly
-    assert len(routing) == 2 * 2 * 3 * 14 and all(c.error == 0 for c in routing)
+    # every case, every dtype, each implementation: the same experts and loads as the float64 reference, exactly
+    assert len(routing) == 3 * 2 * 3 * 14 and all(c.error == 0 for c in routing)
 
 
 def _inputs(N, E, D, H, dtype, seed=0):

@@ -1,0 +1,1 @@
+"""Model-level latents: components that run the blocks over a shorter sequence (core.interfaces.Latent)."""
