@@ -63,3 +63,48 @@ def assert_spec_runs(registry):
 def without_gradient():
     """names(module): the parameters a backward left without a (nonzero) gradient."""
     return lambda module: [n for n, p in module.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+
+
+@pytest.fixture
+def assert_packed_equals_separate():
+    """check(fn, reference, x, S0, bounds): ``fn`` over rows packed with documents (``bounds``
+    per row: document starts and the end; ids given in decreasing order, since they need not
+    increase) equals ``reference`` run on each document alone, the first from S0's row; and
+    each row's final state is its last document's."""
+    from torch.testing import assert_close
+
+    def check(fn, reference, x: dict, S0, bounds) -> None:
+        doc_ids = torch.zeros(len(bounds), bounds[0][-1], dtype=torch.long)
+        for b, cuts in enumerate(bounds):
+            for i, (s, e) in enumerate(zip(cuts, cuts[1:])):
+                doc_ids[b, s:e] = 5 - i
+        o, S = fn(**x, initial_state=S0, doc_ids=doc_ids)
+        for b, cuts in enumerate(bounds):
+            for i, (s, e) in enumerate(zip(cuts, cuts[1:])):
+                part = {n: y[b:b + 1, s:e] for n, y in x.items()}
+                o_doc, S_doc = reference(**part, initial_state=S0[b:b + 1] if i == 0 else None)
+                assert_close(o[b:b + 1, s:e], o_doc)
+            assert_close(S[b:b + 1], S_doc)
+
+    return check
+
+
+@pytest.fixture
+def assert_prefill_then_steps():
+    """check(chunk, reference, x, S0, first): ``chunk`` over the first ``first`` tokens, then
+    one token at a time from the state (alternating ``chunk`` and ``reference``) equals
+    ``chunk`` over the whole sequence, outputs and final state."""
+    from torch.testing import assert_close
+
+    def check(chunk, reference, x: dict, S0, first: int) -> None:
+        t = next(iter(x.values())).shape[1]
+        whole, S_whole = chunk(**x, initial_state=S0)
+        o, S = chunk(**{n: y[:, :first] for n, y in x.items()}, initial_state=S0)
+        outs = [o]
+        for s in range(first, t):
+            o, S = (chunk if s % 2 else reference)(**{n: y[:, s:s + 1] for n, y in x.items()}, initial_state=S)
+            outs.append(o)
+        assert_close(torch.cat(outs, 1), whole)
+        assert_close(S, S_whole)
+
+    return check

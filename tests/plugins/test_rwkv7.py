@@ -130,37 +130,16 @@ def test_chunk_matches_the_reference_forward_and_backward(t, chunk):
 
 
 @pytest.mark.parametrize("impl", ["reference", "chunk"])
-def test_packed_documents_equal_separate_runs(impl):
+def test_packed_documents_equal_separate_runs(impl, assert_packed_equals_separate):
     fn = dplr_reference if impl == "reference" else dplr_chunk
     t = 150
-    x = inputs(b=2, t=t)
-    S0 = torch.randn(2, H, K, V, dtype=f64)
-    bounds = [[0, 10, 32, 100, 101, t], [0, 77, t]]  # inside chunks, on a chunk start, one-token document
-    doc_ids = torch.zeros(2, t, dtype=torch.long)
-    for b, cuts in enumerate(bounds):
-        for i, (s, e) in enumerate(zip(cuts, cuts[1:])):
-            doc_ids[b, s:e] = 5 - i  # ids need not increase
-    o, S = fn(**x, initial_state=S0, doc_ids=doc_ids)
-    for b, cuts in enumerate(bounds):
-        for i, (s, e) in enumerate(zip(cuts, cuts[1:])):
-            part = {n: y[b:b + 1, s:e] for n, y in x.items()}
-            o_doc, S_doc = dplr_reference(**part, initial_state=S0[b:b + 1] if i == 0 else None)
-            assert_close(o[b:b + 1, s:e], o_doc)
-        assert_close(S[b:b + 1], S_doc)
+    # inside chunks, on a chunk start, one-token document
+    assert_packed_equals_separate(fn, dplr_reference, inputs(b=2, t=t), torch.randn(2, H, K, V, dtype=f64),
+                                  [[0, 10, 32, 100, 101, t], [0, 77, t]])
 
 
-def test_chunk_then_state_then_steps_equal_the_whole_sequence():
-    t, first = 90, 67
-    x = inputs(t=t)
-    S0 = torch.randn(B, H, K, V, dtype=f64)
-    whole, S_whole = dplr_chunk(**x, initial_state=S0)
-    o, S = dplr_chunk(**{n: y[:, :first] for n, y in x.items()}, initial_state=S0)
-    outs = [o]
-    for s in range(first, t):  # one token at a time, from the state, through both implementations
-        o, S = (dplr_chunk if s % 2 else dplr_reference)(**{n: y[:, s:s + 1] for n, y in x.items()}, initial_state=S)
-        outs.append(o)
-    assert_close(torch.cat(outs, 1), whole)
-    assert_close(S, S_whole)
+def test_chunk_then_state_then_steps_equal_the_whole_sequence(assert_prefill_then_steps):
+    assert_prefill_then_steps(dplr_chunk, dplr_reference, inputs(t=90), torch.randn(B, H, K, V, dtype=f64), 67)
 
 
 def test_extreme_decays_stay_finite_and_exact():
