@@ -70,8 +70,11 @@ def assert_packed_equals_separate():
     """check(fn, reference, x, S0, bounds): ``fn`` over rows packed with documents (``bounds``
     per row: document starts and the end; ids given in decreasing order, since they need not
     increase) equals ``reference`` run on each document alone, the first from S0's row; and
-    each row's final state is its last document's."""
+    each row's final state is its last document's. A state may be a tuple of tensors."""
     from torch.testing import assert_close
+
+    def row(S, b):
+        return tuple(y[b:b + 1] for y in S) if isinstance(S, tuple) else S[b:b + 1]
 
     def check(fn, reference, x: dict, S0, bounds) -> None:
         doc_ids = torch.zeros(len(bounds), bounds[0][-1], dtype=torch.long)
@@ -82,9 +85,9 @@ def assert_packed_equals_separate():
         for b, cuts in enumerate(bounds):
             for i, (s, e) in enumerate(zip(cuts, cuts[1:])):
                 part = {n: y[b:b + 1, s:e] for n, y in x.items()}
-                o_doc, S_doc = reference(**part, initial_state=S0[b:b + 1] if i == 0 else None)
+                o_doc, S_doc = reference(**part, initial_state=row(S0, b) if i == 0 else None)
                 assert_close(o[b:b + 1, s:e], o_doc)
-            assert_close(S[b:b + 1], S_doc)
+            assert_close(row(S, b), S_doc)
 
     return check
 

@@ -123,39 +123,14 @@ def test_chunk_matches_the_reference_forward_and_backward(t):
 
 
 @pytest.mark.parametrize("fn", [gsa_reference, gsa_chunk])
-def test_packed_documents_equal_separate_runs(fn):
+def test_packed_documents_equal_separate_runs(fn, assert_packed_equals_separate):
     t = 150
-    x = inputs(b=2, t=t)
-    S0 = states(2)
-    bounds = [[0, 10, 64, 100, 101, t], [0, 77, t]]  # inside chunks, on a chunk start, one-token document
-    doc_ids = torch.zeros(2, t, dtype=torch.long)
-    for b, cuts in enumerate(bounds):
-        for i, (s, e) in enumerate(zip(cuts, cuts[1:])):
-            doc_ids[b, s:e] = 5 - i  # ids need not increase
-    o, (hk, hv) = fn(**x, initial_state=S0, doc_ids=doc_ids)
-    for b, cuts in enumerate(bounds):
-        for i, (s, e) in enumerate(zip(cuts, cuts[1:])):
-            part = {n: y[b:b + 1, s:e] for n, y in x.items()}
-            o_doc, (hk_doc, hv_doc) = gsa_reference(**part, initial_state=tuple(y[b:b + 1] for y in S0)
-                                                    if i == 0 else None)
-            assert_close(o[b:b + 1, s:e], o_doc)
-        assert_close(hk[b:b + 1], hk_doc)
-        assert_close(hv[b:b + 1], hv_doc)
+    # inside chunks, on a chunk start, one-token document
+    assert_packed_equals_separate(fn, gsa_reference, inputs(b=2, t=t), states(2), [[0, 10, 64, 100, 101, t], [0, 77, t]])
 
 
-def test_chunk_then_state_then_steps_equal_the_whole_sequence():
-    t, first = 140, 67
-    x = inputs(t=t)
-    S0 = states()
-    whole, (hk_w, hv_w) = gsa_chunk(**x, initial_state=S0)
-    o, S = gsa_chunk(**{n: y[:, :first] for n, y in x.items()}, initial_state=S0)
-    outs = [o]
-    for s in range(first, t):  # one token at a time, from the state, through both implementations
-        o, S = (gsa_chunk if s % 2 else gsa_reference)(**{n: y[:, s:s + 1] for n, y in x.items()}, initial_state=S)
-        outs.append(o)
-    assert_close(torch.cat(outs, 1), whole)
-    assert_close(S[0], hk_w)
-    assert_close(S[1], hv_w)
+def test_chunk_then_state_then_steps_equal_the_whole_sequence(assert_prefill_then_steps):
+    assert_prefill_then_steps(gsa_chunk, gsa_reference, inputs(t=140), states(), 67)
 
 
 def test_extreme_decays_stay_finite_and_exact():
