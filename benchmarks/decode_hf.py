@@ -2,13 +2,15 @@
 weights.
 
     python benchmarks/decode_hf.py [--families qwen3_next qwen3_next_dense mamba2 llama] [--new 64] [--prompt 16]
-        [--repeats 5] [--threads 1] [--clock wall] [--out benchmarks/results/decode_hf.json]
+        [--repeats 5] [--threads 1] [--clock wall] [--compile none eager]
+        [--out benchmarks/results/decode_hf.json]
 
 For each family a small random transformers model (built from its config class, weights
 drawn at random) is saved with ``save_pretrained`` and imported with ``hybridlab
 import-hf``; then both decode --new tokens greedily from the same prompt, ours with
-``Model.generate`` and transformers' with ``generate(do_sample=False)``, and the tokens are
-asserted equal. Tokens/s counts the new tokens over the whole call (prefill included, the
+``Model.generate`` (once per ``--compile`` mode: ``none`` steps through the module tree,
+``eager``/``inductor`` run ``Model.compiled_step``, captured in the warm-up call) and
+transformers' with ``generate(do_sample=False)``, and the tokens are asserted equal. Tokens/s counts the new tokens over the whole call (prefill included, the
 same for both), best of --repeats rounds in which
 the two alternate. ``--clock cpu`` times with this process's CPU time instead of the wall
 clock: on a machine shared with other jobs a process waiting for a core is not charged
@@ -94,25 +96,31 @@ def run(family: str, args, transformers, work: Path) -> dict:
     prompt = torch.randint(0, FAMILIES[family][2]["vocab_size"], (1, args.prompt),
                            generator=torch.Generator().manual_seed(1))
 
-    def ours_generate():
-        with torch.inference_mode():
-            return ours.generate(prompt, args.new)
+    def ours_generate(compile):
+        def run():
+            with torch.inference_mode():
+                return ours.generate(prompt, args.new, compile=None if compile == "none" else compile)
+        return run
 
     def hf_generate():
         with torch.inference_mode():
             return hf.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
 
-    ours_generate(), hf_generate()  # warm-up: first calls allocate
+    fns = [ours_generate(mode) for mode in args.compile] + [hf_generate]
+    for fn in fns:  # warm-up: first calls allocate, and a compiled step is captured here
+        fn()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    (t_ours, t_hf), (tokens_ours, tokens_hf) = best_times([ours_generate, hf_generate], args.repeats, clock)
-    same = tokens_ours.tolist() == tokens_hf.tolist()
-    assert same, f"{family}: greedy tokens differ between ours and transformers"
-    row = {"family": family, "new_tokens": args.new, "prompt": args.prompt,
-           "ours_tokens_per_s": args.new / t_ours, "hf_tokens_per_s": args.new / t_hf,
-           "speedup": t_hf / t_ours, "same_tokens": same,
-           "parameters": sum(p.numel() for p in ours.parameters())}
-    print(f"{family:11s} ours {row['ours_tokens_per_s']:8.1f} tok/s   hf {row['hf_tokens_per_s']:8.1f} tok/s   "
-          f"x{row['speedup']:.2f}   same tokens: {same}")
+    times, outs = best_times(fns, args.repeats, clock)
+    t_hf, tokens_hf = times[-1], outs[-1]
+    row = {"family": family, "new_tokens": args.new, "prompt": args.prompt, "hf_tokens_per_s": args.new / t_hf,
+           "parameters": sum(p.numel() for p in ours.parameters()), "ours": {}}
+    line = f"{family:17s} hf {row['hf_tokens_per_s']:7.1f} tok/s"
+    for mode, t_ours, tokens_ours in zip(args.compile, times, outs):
+        same = tokens_ours.tolist() == tokens_hf.tolist()
+        assert same, f"{family}: greedy tokens differ between ours (compile {mode}) and transformers"
+        row["ours"][mode] = {"tokens_per_s": args.new / t_ours, "speedup": t_hf / t_ours, "same_tokens": same}
+        line += f"   ours[{mode}] {args.new / t_ours:7.1f} tok/s x{t_hf / t_ours:.2f}"
+    print(line)
     return row
 
 
@@ -125,6 +133,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall clock, or this process's CPU time (steadier on a shared machine, one thread)")
+    parser.add_argument("--compile", nargs="+", default=["none", "eager"], choices=["none", "eager", "inductor"],
+                        help="how our steps run: none (the module tree, eager), or Model.compiled_step's "
+                        "torch.compile backend (default: none eager)")
     parser.add_argument("--out", default="benchmarks/results/decode_hf.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -4,7 +4,7 @@ calls the same ops directly, on the same weights (logits asserted equal first).
 
     python benchmarks/overhead.py [--specs tiny-hybrid gdn-hybrid-tiny] [--batch 8] [--seq 128]
         [--decode 32] [--repeats 5] [--threads 1] [--clock wall] [--stat best] [--no-train]
-        [--ops] [--out benchmarks/results/overhead.json]
+        [--ops] [--compile eager inductor] [--out benchmarks/results/overhead.json]
 
 Measured in fp32: a training step (forward, cross-entropy, backward; the optimizer is the
 same code for both and left out) and a decode step at batch 1 (one token from the state
@@ -13,7 +13,11 @@ in which the two models alternate. ``--clock cpu`` times with this process's CPU
 instead of the wall clock (a process waiting for a core on a shared machine is not charged
 for the wait); ``--no-train`` times the decode step only; ``--ops`` also counts the
 top-level aten ops of one decode step of each model with torch.profiler (independent of
-the machine's load). The issue's targets: <= 3% per training step, <= 5% per decoded token. The
+the machine's load). The decode step is also timed through ``Model.compiled_step(backend)``
+for each ``--compile`` backend (default ``eager``: captured by Dynamo once, then run as one
+graph of ops; ``inductor``: fused generated kernels), against the same hand-written step both
+eager and through the same ``torch.compile`` backend. The issue's targets: <= 3% per training step,
+<= 5% per decoded token. The
 hand-written model covers the kinds these specs use (Gated DeltaNet with its conv, gate
 and output norm; attention with rope and GQA through SDPA; SwiGLU; pre-norm RMSNorm).
 """
@@ -174,7 +178,17 @@ def measure(name: str, args, registry) -> dict:
         torch.testing.assert_close(plain(token, state_plain)[0], model.step(token, state_ours).logits,
                                    rtol=1e-5, atol=1e-5)
         steps = [lambda: model.step(token, state_ours), lambda: plain(token, state_plain)]
-        step_ours, step_plain = map(pick, round_times(steps, args.repeats, args.decode, clock))
+        for backend in args.compile:  # Model.compiled_step: checked, and captured a second time for the
+            captured = model.compiled_step(backend)  # state's symbolic length, before timing
+            torch.testing.assert_close(captured(token, state_ours).logits, plain(token, state_plain)[0],
+                                       rtol=1e-5, atol=1e-5)
+            captured(tokens[:1, 17:18], model.step(tokens[:1, 16:17], state_ours).state)
+            steps.append(lambda captured=captured: captured(token, state_ours))
+            plain_captured = torch.compile(plain, backend=backend)  # the same capture of the hand-written step
+            plain_captured(tokens[:1, 17:18], plain(tokens[:1, 16:17], state_plain)[1])
+            plain_captured(token, state_plain)
+            steps.append(lambda plain_captured=plain_captured: plain_captured(token, state_plain))
+        step_ours, step_plain, *step_captured = map(pick, round_times(steps, args.repeats, args.decode, clock))
         if args.ops:
             ops = [top_level_ops(step) for step in steps]
             extra = ops[0] - ops[1]
@@ -183,6 +197,13 @@ def measure(name: str, args, registry) -> dict:
     row |= {"decode_step_ms": {"ours": step_ours * 1e3, "plain": step_plain * 1e3},
             "decode_overhead": step_ours / step_plain - 1}
     line += f"   decode {step_ours * 1e3:6.3f} ms vs {step_plain * 1e3:6.3f} ms ({row['decode_overhead']:+.1%})"
+    for backend, seconds, plain_seconds in zip(args.compile, step_captured[::2], step_captured[1::2]):
+        row["decode_step_ms"] |= {f"ours_compiled_{backend}": seconds * 1e3,
+                                  f"plain_compiled_{backend}": plain_seconds * 1e3}
+        row[f"decode_overhead_compiled_{backend}"] = seconds / step_plain - 1  # against the eager plain step
+        row[f"decode_overhead_both_compiled_{backend}"] = seconds / plain_seconds - 1
+        line += (f"\n{'':16s} compiled[{backend}] {seconds * 1e3:6.3f} ms ({seconds / step_plain - 1:+.1%} against "
+                 f"plain eager; plain compiled {plain_seconds * 1e3:6.3f} ms, {seconds / plain_seconds - 1:+.1%})")
     if args.ops:
         line += f"   decode ops {row['decode_ops']['ours']} vs {row['decode_ops']['plain']}"
     print(line)
@@ -203,6 +224,9 @@ def main() -> None:
     parser.add_argument("--no-train", dest="train", action="store_false", help="time the decode step only")
     parser.add_argument("--ops", action="store_true",
                         help="count the top-level aten ops of one decode step of each model (torch.profiler)")
+    parser.add_argument("--compile", nargs="*", default=["eager"], choices=["eager", "inductor"],
+                        help="also time the decode step through Model.compiled_step with these torch.compile "
+                        "backends (default: eager; none: --compile with no value)")
     parser.add_argument("--out", default="benchmarks/results/overhead.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

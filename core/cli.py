@@ -314,7 +314,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt is None:
         raise HybridlabError("generate needs --prompt TEXT (ids or token names; bytes for the text task)")
     result = decode_run(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        seed=args.seed, device=args.device, overrides=args.set, speculative=args.speculative)
+                        seed=args.seed, device=args.device, overrides=args.set, speculative=args.speculative,
+                        compile=args.compile)
     print(result.text)
     if args.speculative:  # on stderr: stdout stays the text alone, as without --speculative
         s = result.stats
@@ -661,6 +662,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--speculative", action="store_true",
                    help="draft tokens with the run's drafting objective and verify them in one forward per round: "
                    "the greedy output in fewer model forwards; prints the acceptance rate and tokens/s on stderr")
+    s.add_argument("--compile", choices=["eager", "inductor"], default=None,
+                   help="capture the decode step with torch.compile: eager (one graph of ops, no code generation; "
+                   "a second or two first) or inductor (fused kernels; a C++ compiler and tens of seconds first). "
+                   "Same tokens; in one call it pays back its capture only after thousands of tokens (docs/performance.md)")
     s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the run's spec first, e.g. model.layers[1].loop=8 (the weights must still fit)")

@@ -27,7 +27,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import ImageShaped
 from .errors import HybridlabError
 from .interfaces import Drafter
-from .model import Model
+from .model import STEP_COMPILERS, Model
 from .spec import PipelineSpec, load_pipeline
 from .objectives import Objectives, starting_model
 from .tasks import decode, encode, generator, torch_seed
@@ -104,9 +104,14 @@ class Decoded:
 
 def decode_run(run_dir: str | Path, prompt: str, *, max_new_tokens: int = 32, temperature: float = 0.0,
                seed: int = 0, device: str = "cpu", registry: Any = None, overrides: Iterable[str] = (),
-               speculative: bool = False) -> Decoded:
+               speculative: bool = False, compile: str | None = None) -> Decoded:
     """``generate`` with what the decoding measured (tokens/s; the acceptance rate when
-    ``speculative``)."""
+    ``speculative``). ``compile``: run the steps through ``Model.compiled_step(compile)``."""
+    if compile is not None and compile not in STEP_COMPILERS:
+        raise HybridlabError(f"--compile must be one of {', '.join(STEP_COMPILERS)}, got {compile!r}")
+    if compile is not None and speculative:
+        raise HybridlabError("--compile captures the one-token step; --speculative verifies drafts with forwards of "
+                             "several tokens, which it does not use: drop one of the two")
     if max_new_tokens < 0:
         raise HybridlabError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
     if not 0 <= temperature < math.inf:  # NaN fails this too
@@ -149,7 +154,8 @@ def decode_run(run_dir: str | Path, prompt: str, *, max_new_tokens: int = 32, te
     else:
         g = torch.Generator(device=device_).manual_seed(torch_seed(seed))  # 32 bits kept: larger seeds hashed
         start = time.perf_counter()
-        out = model.generate(prompt_ids, max_new_tokens, temperature=temperature, generator=g)  # [1, T + N]
+        out = model.generate(prompt_ids, max_new_tokens, temperature=temperature, generator=g,
+                             compile=compile)  # [1, T + N]
         stats = DecodeStats(tokens=max_new_tokens, seconds=_elapsed(start, device_))
     new = out[0, len(ids):].tolist()
     return Decoded(new, decode(task, ids + new), stats, speculative)

@@ -7,6 +7,7 @@ joins the sub-layer to the stream (``prenorm`` adds; hyper-connections keep seve
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -24,6 +25,7 @@ from .spec import BlockSpec, ModelSpec, Position
 
 
 BLOCK_CATEGORIES = ("mixer", "ffn", "normalization", "norm_placement", "residual", "block_wrapper")
+STEP_COMPILERS = ("eager", "inductor")  # torch.compile backends Model.compiled_step takes
 
 
 def build(registry: Any, category: str, config: Any, *args: Any) -> Any:
@@ -300,13 +302,29 @@ class Model(nn.Module):
                              condition=condition)
 
     def step(self, tokens: Tensor, state: list[State]) -> ModelOutput:
-        """One token per sequence: tokens [B] or [B, 1] -> logits [B, 1, V] and the new state."""
+        """One token per sequence: tokens [B] or [B, 1] -> logits [B, 1, V] and the new state.
+        A decoding loop can run ``compiled_step()`` instead: the same step, captured once."""
         if tokens.dim() == 1:
             tokens = tokens[:, None]
         if tokens.shape[1] != 1:
             raise ValueError(f"step takes one token per sequence, got tokens of shape {tuple(tokens.shape)}")
         with call_scope():
             return self._run(tokens, state, doc_ids=None, step=True)
+
+    def compiled_step(self, compile: str = "eager") -> Callable[[Tensor, list[State]], ModelOutput]:
+        """``step`` captured by torch.compile, for a decoding loop (docs/performance.md).
+        ``compile="eager"``: Dynamo traces the step once into one graph of tensor ops and runs
+        it op by op, so the module tree's Python (blocks, placements, residuals, dispatch
+        lookups) is paid at capture, not per token; no code is generated. ``"inductor"``
+        also fuses the ops into generated kernels (on the CPU it needs a C++ compiler, and
+        its first steps take tens of seconds). A state whose shape changes (an attention
+        cache grows by one token per step) is captured a second time with that size
+        symbolic, then no more. The implementations are those chosen at capture (pins
+        included); results equal ``step``'s to float rounding (tests/core/test_compile.py).
+        Torch keeps the captures across calls, keyed by the model and the state's layout."""
+        if compile not in STEP_COMPILERS:
+            raise ValueError(f"compile must be one of {', '.join(STEP_COMPILERS)}, got {compile!r}")
+        return torch.compile(self.step, backend=compile)
 
     def _run(self, tokens: Tensor, state: list[State] | None, *, doc_ids: Tensor | None, step: bool,
              hidden: tuple = (), with_logits: bool = True,
@@ -438,9 +456,10 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, compile: str | None = None) -> Tensor:
         """prompt [B, T] -> [B, T + max_new_tokens]; prefill in parallel, then step from state.
-        temperature 0 is greedy."""
+        temperature 0 is greedy. ``compile`` ("eager" or "inductor"): the steps run
+        ``compiled_step(compile)`` (the prefill does not)."""
         if prompt.dim() != 2 or prompt.shape[1] == 0 or prompt.is_floating_point():
             raise ValueError(f"generate takes a prompt of token ids [B, T] with T >= 1, got {prompt.dtype} "
                              f"{tuple(prompt.shape)}")
@@ -450,6 +469,7 @@ class Model(nn.Module):
         if int(prompt.min()) < 0 or int(prompt.max()) >= vocab:
             raise ValueError(f"prompt token ids must be in 0..{vocab - 1} (the model's vocabulary), got "
                              f"{int(prompt.min())}..{int(prompt.max())}")
+        step = self.step if compile is None else self.compiled_step(compile)
         state = self.init_state(prompt.shape[0], prompt.device)
         out = self.forward(prompt, state)
         tokens = [prompt]
@@ -465,7 +485,7 @@ class Model(nn.Module):
                 nxt = logits.argmax(-1, keepdim=True)
             tokens.append(nxt)
             if len(tokens) <= max_new_tokens:  # no step for the last token: its logits are not read
-                out = self.step(nxt, out.state)
+                out = step(nxt, out.state)
         return torch.cat(tokens, dim=1)
 
 

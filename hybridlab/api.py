@@ -220,12 +220,14 @@ def evaluate(run_dir: str | os.PathLike[str], overrides: Overrides = (), *, devi
 
 def generate(run_dir: str | os.PathLike[str], prompt: str | Sequence[int], *, max_new_tokens: int = 32, temperature: float = 0.0,
              seed: int = 0, device: str = "cpu", overrides: Overrides = (), registry: Any = None,
-             speculative: bool = False) -> Generation:
+             speculative: bool = False, compile: str | None = None) -> Generation:
     """Continue ``prompt`` with a trained run, decoding step by step from the model's state.
     The prompt is read by the run's task: UTF-8 text for ``text``, else whitespace-separated
     token ids (or names, for tasks that name their tokens). ``temperature`` 0 is greedy;
     ``seed`` seeds sampling. ``speculative``: draft with the run's MTP modules and verify
     (greedy only; the same tokens as without, see ``hybridlab generate --speculative``).
+    ``compile`` ("eager" or "inductor"): run the steps through ``Model.compiled_step``
+    (``hybridlab generate --compile``).
 
     Raises HybridlabError (an empty prompt, ids outside the vocabulary, a mixer that cannot
     decode, bad settings) or SpecError."""
@@ -237,7 +239,7 @@ def generate(run_dir: str | os.PathLike[str], prompt: str | Sequence[int], *, ma
         raise HybridlabError(f"prompt: expected text or a list of token ids, got {type(prompt).__name__}")
     result = decode_run(run_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                         device=_device(device), registry=_registry(registry), overrides=_overrides(overrides),
-                        speculative=bool(speculative))
+                        speculative=bool(speculative), compile=compile)
     rate = result.stats.acceptance_rate if result.speculative else None
     return Generation(result.tokens, result.text, rate, result.stats.tokens_per_second)
 

@@ -16,6 +16,8 @@ the routing decisions and the per-expert load, so ``verify`` checks them between
 - ``token``: for a call of one token (a decode step at batch 1), which ``MoE`` declares as
   its ``step_impl``: the chosen experts are read on the host and each runs on views of its
   own weights, with no sort, count or scatter, whose set-up is all the cost at one token.
+  Traced by torch.compile (``Model.compiled_step``), where host-side indices would break
+  the graph, it gathers the chosen experts' weights by index instead (same roundings).
 
 Balancing with ``balance: bias`` updates the buffer ``expert_bias`` *after* the routing of
 a training forward (module in training mode, autograd on), outside the gradient:
@@ -277,6 +279,12 @@ def moe_token(x: Tensor, router: Tensor, gate_up: Tensor, down: Tensor, bias: Te
     experts, weights, logits = route(x, router, bias, top_k=top_k, score=score, normalize=normalize, groups=groups,
                                      top_groups=top_groups)
     gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)
+    E = router.shape[0]
+    # [E] tokens per expert; not bincount, whose output size a tracer cannot know
+    load = experts.new_zeros(E).index_add_(0, experts.flatten(), torch.ones_like(experts.flatten()))
+    if torch.compiler.is_compiling():  # traced (Model.compiled_step): no host-side indices
+        return MoEOutput(_token_gathered(x, gate_up, down, experts, weights).to(x.dtype), experts, weights, logits,
+                         load)
     rows = []
     for n, chosen in enumerate(experts.tolist()):  # [K] expert ids of token n, best first
         y = None
@@ -287,8 +295,17 @@ def moe_token(x: Tensor, router: Tensor, gate_up: Tensor, down: Tensor, bias: Te
             y = part if y is None else y + part
         rows.append(y)
     out = rows[0] if len(rows) == 1 else torch.cat(rows) if rows else x.new_zeros(0, x.shape[1], dtype=weights.dtype)
-    load = torch.bincount(experts.flatten(), minlength=router.shape[0])
     return MoEOutput(out.to(x.dtype), experts, weights, logits, load)
+
+
+def _token_gathered(x: Tensor, gate_up: Tensor, down: Tensor, experts: Tensor, weights: Tensor) -> Tensor:
+    """moe_token's sum over the chosen experts with their weights gathered by index, in
+    x's dtype ([N, K, D, 2H] and [N, K, H, D] copies: shapes a tracer knows, no host
+    sync), the same roundings as the loop: the gated activation and the sum in fp32.
+    -> [N, D] fp32."""
+    gate, up = (x[:, None, None, :] @ gate_up[experts]).chunk(2, dim=-1)  # [N, K, 1, H] each
+    act = (F.silu(upcast(gate)) * upcast(up) * weights[:, :, None, None]).to(x.dtype)
+    return upcast(act @ down[experts]).sum((1, 2))  # [N, K, 1, D] -> [N, D]
 
 
 # (experts, top_k, d_model, hidden, score, with bias): softmax and sigmoid, one expert,
@@ -365,8 +382,8 @@ class MoE(Dispatched, nn.Module):
         if cfg.groups > 1:
             extra.update(groups=cfg.groups, top_groups=cfg.top_groups)
         # an FFN keeps no state, so to it a decode step is a call of one token; at batch 1
-        # that runs step_impl (under torch.compile not: its host-side indices would break the graph)
-        one_token = B * T == 1 and not torch.compiler.is_compiling()
+        # that runs step_impl (traced, moe_token gathers its experts' weights instead)
+        one_token = B * T == 1
         routed = self.impl_for(cfg, x, decoding=one_token).fn(x.reshape(B * T, D), self.router.weight, self.gate_up,
                                                               self.down, bias, top_k=cfg.top_k, score=cfg.router,
                                                               **extra)

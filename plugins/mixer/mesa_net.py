@@ -164,7 +164,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, lamb: Tenso
                              else "floating point") + f", got {value.dtype}")
     if not (q.is_floating_point() and k.is_floating_point() and v.is_floating_point()):
         raise ValueError(f"mesa_net: expected floating q, k and v, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if bool((lamb <= 0).any()):  # the regulariser keeps H + Diag(λ) positive definite (NaN is the gates' check)
+    if not torch.compiler.is_compiling() and bool((lamb <= 0).any()):  # (a host sync: eager only) the regulariser keeps H + Diag(λ) positive definite (NaN is the gates' check)
         raise ValueError(f"mesa_net: lamb must be > 0 (the ridge λ of H + Diag(λ)), got a minimum of "
                          f"{float(lamb.min()):.3g}")
     if solver not in ("cg", "exact"):

@@ -136,3 +136,20 @@ def test_errors(registry, tmp_path, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0]
+
+
+def test_generate_compile_gives_the_same_text_and_refuses_bad_combinations(registry, tmp_path, capsys):
+    """``hybridlab generate --compile eager``: the text of the uncompiled call; an unknown
+    compiler and ``--compile`` with ``--speculative`` are one-line errors, exit 2."""
+    run_dir = make_run(registry, tmp_path / "run")
+    args = ["generate", str(run_dir), "--prompt", "3 20 5 21 3", "--max-new-tokens", "5"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--compile", "eager"]) == 0
+    assert capsys.readouterr().out == plain
+    with pytest.raises(SystemExit) as exc:
+        main(args + ["--compile", "fast"])
+    assert exc.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
+    assert main(args + ["--compile", "eager", "--speculative"]) == 2
+    err = capsys.readouterr().err
+    assert "--compile captures the one-token step; --speculative" in err and "Traceback" not in err
