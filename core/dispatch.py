@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import HybridlabError
+from .errors import HybridlabError, PinCannotServe
 
 ENV = "HYBRIDLAB_IMPL"
 _FORCED: ContextVar[tuple[tuple[str, str], ...]] = ContextVar("hybridlab_forced_impls", default=())
@@ -101,7 +101,7 @@ def choose(category: str, kind: str, config: Any, device: str | torch.device, dt
                                  f"(has: {', '.join(i.name for i in impls)}); check {ENV} or the spec's impl")
         impl, reason = named[0]
         if reason is not None:
-            raise HybridlabError(f"implementation {pin!r} of {kind!r} cannot serve this layer: {reason}")
+            raise PinCannotServe(f"implementation {pin!r} of {kind!r} cannot serve this layer: {reason}")
         return Choice(impl, tuple((i.name, f"pinned to {pin}") for i, _ in reasons if i is not impl))
     if step is not None:
         preferred = [i for i, r in reasons if i.name == step and r is None]

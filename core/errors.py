@@ -25,6 +25,13 @@ def format_path(path: tuple) -> str:
     return out
 
 
+class PinCannotServe(HybridlabError):
+    """An implementation pinned by name (``HYBRIDLAB_IMPL``, a spec's ``impl:``, ``verify
+    --impl``) that declines this call (a dtype, device or option it does not support).
+    verify_model notes the checks it cannot run under the pin (its float64 decoding and
+    invariance checks) instead of failing them."""
+
+
 class CannotDecode(NotImplementedError):
     """A layer that by design has no step-by-step decoding (e.g. attention with causal:
     false). verify_model skips its decode checks with a note; a mixer that merely lacks
