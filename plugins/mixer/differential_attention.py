@@ -174,9 +174,7 @@ class DifferentialAttention(Dispatched, SequenceMixer):
         q = self.position.rotate(q.reshape(B, 2 * H, T, D), offset).view(B, 2, H, T, D)
         k = self.position.rotate(k.reshape(B, 2 * Hkv, T, D), offset).view(B, 2, Hkv, T, D)
         if state is not None:
-            past_k, past_v = state.past()
-            state = state.append(k, v)
-            k, v = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)  # time is dim -2
+            k, v, state = state.extend(k, v)  # time is dim -2
         impl = self.impl_for(self.config, x, decoding=state is not None)
         lam = self.lam().to(x.dtype)
         extra = {} if doc_ids is None else {"doc_ids": doc_ids}
