@@ -324,7 +324,21 @@ class Model(nn.Module):
         Torch keeps the captures across calls, keyed by the model and the state's layout."""
         if compile not in STEP_COMPILERS:
             raise ValueError(f"compile must be one of {', '.join(STEP_COMPILERS)}, got {compile!r}")
-        return torch.compile(self.step, backend=compile)
+        from torch._dynamo.exc import BackendCompilerFailed  # here: importing Dynamo costs seconds
+
+        compiled = torch.compile(self.step, backend=compile)
+
+        def step(tokens: Tensor, state: list[State]) -> ModelOutput:
+            try:
+                return compiled(tokens, state)
+            except BackendCompilerFailed as exc:  # e.g. inductor finding no C++ compiler: the user's setup
+                inner = getattr(exc, "inner_exception", None) or exc
+                first = str(inner).strip().splitlines()[:1]
+                raise HybridlabError(f"compile {compile!r}: torch.compile's {compile} backend failed with "
+                                     f"{type(inner).__name__}" + (f": {first[0]}" if first else "")
+                                     + (" (inductor needs a working C++ compiler on the CPU)" if compile == "inductor"
+                                        else "") + "; decode without compile, or with compile 'eager'") from exc
+        return step
 
     def _run(self, tokens: Tensor, state: list[State] | None, *, doc_ids: Tensor | None, step: bool,
              hidden: tuple = (), with_logits: bool = True,

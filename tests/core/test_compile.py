@@ -147,3 +147,20 @@ def test_moe_token_traced_gathers_the_experts_and_equals_the_reference():
         torch.testing.assert_close(ours.out, ref.out, rtol=1e-5, atol=1e-6)  # fp32 throughout, sums reordered
         assert torch.equal(ours.experts, ref.experts) and torch.equal(ours.load, ref.load)
         torch.testing.assert_close(ours.weights, ref.weights)
+
+
+def test_a_backend_that_fails_is_one_hybridlab_error_naming_it(registry):
+    """inductor without a working C++ compiler (the user's setup, not a bug of ours): one
+    HybridlabError that names the backend and the cause (the CLI prints it and exits 2),
+    not torch's BackendCompilerFailed with its traceback."""
+    import torch._inductor.config as inductor_config
+
+    from hybridlab.core.errors import HybridlabError
+
+    model = _small("tiny-hybrid", registry)
+    torch._dynamo.reset()
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",), "force_disable_caches": True}), \
+            pytest.raises(HybridlabError, match=r"compile 'inductor': torch.compile's inductor backend failed with "
+                                                r"\w+.*C\+\+ compiler"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), 2, compile="inductor")
+    torch._dynamo.reset()
