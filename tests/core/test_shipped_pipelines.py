@@ -12,7 +12,7 @@ from hybridlab.core.spec import load_model_spec, load_pipeline
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 PIPELINES = sorted([*(SPECS / "train").glob("*.yaml"), *(SPECS / "compare").glob("*.yaml"),
                     *(SPECS / "gpu").glob("*/pipeline.yaml")])
-MODELS = sorted([*(SPECS / "compare" / "models").glob("*.yaml"),
+MODELS = sorted([*(SPECS / "compare" / "models").glob("*.yaml"), *(SPECS / "compare" / "models").glob("*/*.yaml"),
                  *(p for p in (SPECS / "gpu").glob("*/*.yaml") if p.name != "pipeline.yaml"),
                  *(SPECS / "gpu").glob("*.yaml")])  # benchmark models (gdn-hybrid-350m)
 
